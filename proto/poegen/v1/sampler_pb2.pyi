@@ -1,0 +1,145 @@
+from poegen.v1 import expert_pb2 as _expert_pb2
+from poegen.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FactorSpec(_message.Message):
+    __slots__ = ("address", "weight", "condition", "region", "name")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    weight: float
+    condition: _expert_pb2.Condition
+    region: _tensor_pb2.Tensor
+    name: str
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[float] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ..., region: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class SamplerSettings(_message.Message):
+    __slots__ = ("num_particles", "num_steps", "mcmc_steps", "schedule", "shift", "sigmas", "mcmc", "step_size", "step_rule", "leapfrog_steps", "damping", "ess_threshold", "resampling", "tempering", "tempering_rate", "tempering_ess", "weighting", "max_batch", "preset")
+    NUM_PARTICLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MCMC_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
+    SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    MCMC_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_RULE_FIELD_NUMBER: _ClassVar[int]
+    LEAPFROG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    ESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    RESAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TEMPERING_FIELD_NUMBER: _ClassVar[int]
+    TEMPERING_RATE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERING_ESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    num_particles: int
+    num_steps: int
+    mcmc_steps: int
+    schedule: str
+    shift: float
+    sigmas: _containers.RepeatedScalarFieldContainer[float]
+    mcmc: str
+    step_size: float
+    step_rule: str
+    leapfrog_steps: int
+    damping: float
+    ess_threshold: float
+    resampling: str
+    tempering: str
+    tempering_rate: float
+    tempering_ess: float
+    weighting: str
+    max_batch: int
+    preset: str
+    def __init__(self, num_particles: _Optional[int] = ..., num_steps: _Optional[int] = ..., mcmc_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., shift: _Optional[float] = ..., sigmas: _Optional[_Iterable[float]] = ..., mcmc: _Optional[str] = ..., step_size: _Optional[float] = ..., step_rule: _Optional[str] = ..., leapfrog_steps: _Optional[int] = ..., damping: _Optional[float] = ..., ess_threshold: _Optional[float] = ..., resampling: _Optional[str] = ..., tempering: _Optional[str] = ..., tempering_rate: _Optional[float] = ..., tempering_ess: _Optional[float] = ..., weighting: _Optional[str] = ..., max_batch: _Optional[int] = ..., preset: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("factors", "sample_shape", "settings", "seed", "preview")
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    factors: _containers.RepeatedCompositeFieldContainer[FactorSpec]
+    sample_shape: _containers.RepeatedScalarFieldContainer[int]
+    settings: SamplerSettings
+    seed: int
+    preview: bool
+    def __init__(self, factors: _Optional[_Iterable[_Union[FactorSpec, _Mapping]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[SamplerSettings, _Mapping]] = ..., seed: _Optional[int] = ..., preview: _Optional[bool] = ...) -> None: ...
+
+class ExpertTiming(_message.Message):
+    __slots__ = ("name", "calls", "seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    calls: int
+    seconds: float
+    def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class LevelEvent(_message.Message):
+    __slots__ = ("step", "sigma", "ess", "resampled", "acceptance_rate", "log_weight_spread", "reward_scale", "timings", "preview", "log_evidence")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    ESS_FIELD_NUMBER: _ClassVar[int]
+    RESAMPLED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOG_WEIGHT_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    REWARD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    LOG_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    sigma: float
+    ess: float
+    resampled: bool
+    acceptance_rate: float
+    log_weight_spread: float
+    reward_scale: float
+    timings: _containers.RepeatedCompositeFieldContainer[ExpertTiming]
+    preview: _tensor_pb2.Tensor
+    log_evidence: float
+    def __init__(self, step: _Optional[int] = ..., sigma: _Optional[float] = ..., ess: _Optional[float] = ..., resampled: _Optional[bool] = ..., acceptance_rate: _Optional[float] = ..., log_weight_spread: _Optional[float] = ..., reward_scale: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ExpertTiming, _Mapping]]] = ..., preview: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_evidence: _Optional[float] = ...) -> None: ...
+
+class ExpertRecord(_message.Message):
+    __slots__ = ("name", "model_id", "revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_id: str
+    revision: str
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+
+class GenerateResult(_message.Message):
+    __slots__ = ("particles", "log_weights", "log_evidence", "best_index", "experts")
+    PARTICLES_FIELD_NUMBER: _ClassVar[int]
+    LOG_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    LOG_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    BEST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    particles: _tensor_pb2.Tensor
+    log_weights: _tensor_pb2.Tensor
+    log_evidence: float
+    best_index: int
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRecord]
+    def __init__(self, particles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_evidence: _Optional[float] = ..., best_index: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRecord, _Mapping]]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("level", "result")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    level: LevelEvent
+    result: GenerateResult
+    def __init__(self, level: _Optional[_Union[LevelEvent, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
