@@ -23,6 +23,7 @@ the current reward level, no tempering; the result's best particle is the paper'
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -96,8 +97,10 @@ class SamplerSettings(BaseModel):
             raise ValueError("needs at least two levels")
         if not all(math.isfinite(s) and 0 <= s <= 1 for s in sigmas):
             raise ValueError("every level must lie in [0, 1]")
-        if any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
+        if any(b >= a for a, b in itertools.pairwise(sigmas)):
             raise ValueError("must be strictly decreasing")
+        if sigmas[0] != 1:
+            raise ValueError("must start at 1 (pure noise)")
         return tuple(float(s) for s in sigmas)
 
     @model_validator(mode="after")

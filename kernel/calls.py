@@ -1,0 +1,126 @@
+"""The one place where the kernel calls experts.
+
+Every expert call of a run goes through :class:`ExpertCalls`, which
+
+* chunks each batch by the smaller of the run's ``max_batch`` and the expert's own limit,
+* calls different experts concurrently (a thread per expert, so remote experts overlap and
+  one level costs the slowest expert, not the sum); chunks of one expert run in order,
+* checks the shapes of what comes back (an expert's bug is reported with its name),
+* counts calls and wall-clock seconds per expert, read and reset once per level.
+
+Results do not depend on the concurrency: experts are deterministic functions of their
+inputs, and results are assembled in factor order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from poegen.kernel.experts import ExpertInfo
+from poegen.kernel.spec import Factor
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertStats:
+    """Calls (after chunking) and seconds spent on one expert during one level."""
+
+    calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BoundFactor:
+    """A factor with its expert's description and its name in this run."""
+
+    factor: Factor
+    info: ExpertInfo
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One batched call: ``method`` of ``bound``'s expert on ``batch`` (chunked along dim 0)
+    with ``extra`` per-sample tensors (chunked alike) and ``kwargs`` passed unchanged."""
+
+    bound: BoundFactor
+    method: str
+    batch: Tensor
+    extra: tuple[Tensor, ...] = ()
+    kwargs: dict[str, object] = field(default_factory=dict)
+    per_sample_output: bool = False  # True: output (B,); False: output shaped like batch
+
+
+class ExpertCalls:
+    """Chunked, concurrent, accounted expert calls for one sampling run."""
+
+    def __init__(self, factors: Sequence[BoundFactor], max_batch: int | None) -> None:
+        self._factors = tuple(factors)
+        self._max_batch = max_batch
+        self._stats: dict[str, ExpertStats] = {b.name: ExpertStats() for b in factors}
+        self._lock = threading.Lock()  # one expert may serve two calls of a batch at once
+        workers = max(1, len(self._factors))
+        self._executor: Executor = ThreadPoolExecutor(workers, thread_name_prefix="poegen-expert")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ExpertCalls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, calls: Sequence[Call]) -> list[Tensor]:
+        """Run the calls, one thread per distinct expert; results in the order given."""
+        if len(calls) == 1:
+            return [self._run_one(calls[0])]
+        futures = [self._executor.submit(self._run_one, c) for c in calls]
+        return [f.result() for f in futures]
+
+    def take_stats(self) -> dict[str, ExpertStats]:
+        """Per-expert counts since the last call, then reset."""
+        with self._lock:
+            stats, self._stats = self._stats, {b.name: ExpertStats() for b in self._factors}
+        return stats
+
+    def _chunk_size(self, info: ExpertInfo, batch: int) -> int:
+        limits = [m for m in (self._max_batch, info.max_batch) if m]
+        return min([batch, *limits]) if limits else batch
+
+    def _run_one(self, call: Call) -> Tensor:
+        method: Callable[..., Tensor] = getattr(call.bound.factor.expert, call.method)
+        n = call.batch.shape[0]
+        size = max(1, self._chunk_size(call.bound.info, n))
+        outputs = []
+        start = time.perf_counter()
+        for lo in range(0, n, size):
+            hi = min(lo + size, n)
+            args = (call.batch[lo:hi], *(e[lo:hi] for e in call.extra))
+            out = method(*args, **call.kwargs)
+            outputs.append(self._checked(call, out, hi - lo))
+        elapsed = time.perf_counter() - start
+        chunks = (n + size - 1) // size
+        with self._lock:
+            old = self._stats[call.bound.name]
+            self._stats[call.bound.name] = ExpertStats(old.calls + chunks, old.seconds + elapsed)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def _checked(call: Call, out: object, batch: int) -> Tensor:
+        name = call.bound.name
+        if not isinstance(out, Tensor):
+            raise TypeError(f"expert {name!r}: {call.method}() returned {type(out).__name__}")
+        want = (batch,) if call.per_sample_output else (batch, *call.batch.shape[1:])
+        if tuple(out.shape) != want:
+            raise ValueError(
+                f"expert {name!r}: {call.method}() returned shape {tuple(out.shape)}, "
+                f"expected {want}"
+            )
+        return out.to(call.batch.dtype)

@@ -1,0 +1,487 @@
+"""The annealed MCMC + SMC sampler over a product of experts.
+
+Target (see ``poegen.kernel.experts`` for the three kinds of factor)::
+
+    p(x) ∝ Π_i p_i(x)^{w_i} · Π_j exp(λ_j·r_j(x)) · Π_k 1[x ∈ C_k]
+
+Pseudo-code of :func:`sample_iter` (N particles, noise levels 1 = σ_0 > σ_1 > … > σ_L > 0)::
+
+    x ~ N(0, I)
+    for k = 1 … L:
+        x ← x + (σ_k − σ_{k−1})·v̄(x, σ_{k−1})          # transition: Euler on the combined flow
+        x ← propose/project(x, σ_k)                     # constraint experts that move particles
+        x ← MCMC^M(x; π_k)                              # π_k ∝ Π_i p_{i,σ_k}^{w_i}, summed scores
+        x̂_0 ← x − σ_k·v̄(x, σ_k)
+        φ_k ← Σ_j λ_j·s_k·r_j(x̂_0) + Σ_c log 1[x̂_0 ∈ C_c]   # s_k: reward tempering scale
+        log w ← log w + φ_k − φ_{k−1}                    # "incremental"; "level" adds φ_k
+        log Z ← log Z + log Σ_i W_i·exp(φ_k − φ_{k−1})
+        if ESS/N < threshold: resample (x, φ, v̄ follow their ancestors), log w ← 0
+    return x̂_0 at σ_L, normalised log w, log Z, the best particle, the trace
+
+Why this is exact at the end: the potentials telescope, Π_k exp(φ_k − φ_{k−1}) = exp(φ_L) with
+s_L = 1, so the weighted particles target q(x)·Π_j exp(λ_j r_j)·1[C] whatever the intermediate
+scales, where q is the terminal law of the transition + MCMC chain. The MCMC moves pull q to
+the product of the generative experts: without them the summed-score chain samples the wrong
+law (Du et al. 2023). Discriminative experts never need gradients. Intermediate constraint
+indicators are a twist, like the tempered rewards: a particle whose estimate x̂_0 leaves a
+constraint is dropped early instead of carried to the end.
+
+Combination rules for generative experts, with masks m_i (1 without a region) and
+W(c) = Σ_i w_i·m_i(c) per coordinate c (must be > 0 everywhere):
+
+* score: ∇log π_σ = Σ_i w_i·m_i ⊙ ∇log p_{i,σ} — product semantics, so overlapping regions add;
+* transition velocity: v̄ = Σ_i w_i·m_i ⊙ v_i / W, the per-coordinate weighted average
+  (MultiDiffusion's rule); with Σ_i w_i = 1 and no regions it is exactly the summed-score flow
+  (Composable Diffusion), and the MCMC corrects the rest.
+
+With ``mcmc_steps=0`` and no discriminative or constraint factor, the sampler is plain
+summed-score (Composable-Diffusion-style) Euler sampling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from poegen.kernel import mcmc, particles
+from poegen.kernel.calls import BoundFactor, Call, ExpertCalls, ExpertStats
+from poegen.kernel.experts import Capability, ExpertKind, check_expert
+from poegen.kernel.path import euler_step, score_from_velocity, x0_from_velocity
+from poegen.kernel.schedule import adaptive_scale, reward_scales, sigmas_for
+from poegen.kernel.spec import Factor, SamplerSettings
+
+
+class AllParticlesDiedError(RuntimeError):
+    """Every particle got zero weight at one level."""
+
+
+@dataclass(frozen=True, slots=True)
+class LevelTrace:
+    """What happened at one noise level (also the progress event of that level).
+
+    Attributes:
+        step: level index, 0 at the first transition.
+        sigma: noise level σ_k.
+        ess: ESS/N after reweighting, before any resampling.
+        resampled: whether the particles were resampled.
+        acceptance: mean MH acceptance rate over particles and steps; NaN when unadjusted.
+        log_weight_spread: max − min of the finite log-weights after reweighting.
+        reward_scale: the tempering scale s_k ∈ [0, 1].
+        log_evidence: running log Z estimate.
+        experts: calls and seconds per expert during this level.
+        seconds: wall-clock seconds of the level.
+        best_index: the particle with the highest current potential.
+        preview: that particle's clean estimate x̂_0, shape S.
+    """
+
+    step: int
+    sigma: float
+    ess: float
+    resampled: bool
+    acceptance: float
+    log_weight_spread: float
+    reward_scale: float
+    log_evidence: float
+    experts: Mapping[str, ExpertStats]
+    seconds: float
+    best_index: int
+    preview: Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertRecord:
+    """Which model served a factor."""
+
+    name: str
+    kind: str
+    model_id: str
+    revision: str
+
+
+@dataclass(frozen=True, slots=True)
+class SampleResult:
+    """The weighted particle set and its history.
+
+    Attributes:
+        particles: clean samples x̂_0, shape ``(N, *S)``.
+        log_weights: normalised log-weights (logsumexp = 0), shape ``(N,)``.
+        log_evidence: estimate of log E_q[Π_j exp(λ_j r_j)·Π_k 1[C_k]] under the generative
+            product q (0 without discriminative and constraint factors).
+        best_index: the living particle with the highest total log-potential (the paper's
+            output; not a sample from p).
+        trace: one entry per level.
+        experts: the experts that served the run.
+    """
+
+    particles: Tensor
+    log_weights: Tensor
+    log_evidence: float
+    best_index: int
+    trace: tuple[LevelTrace, ...]
+    experts: tuple[ExpertRecord, ...]
+
+    @property
+    def best(self) -> Tensor:
+        return self.particles[self.best_index]
+
+    @property
+    def weights(self) -> Tensor:
+        return self.log_weights.exp()
+
+    def draws(self, n: int, *, generator: torch.Generator) -> Tensor:
+        """n equally weighted draws from the weighted set (systematic resampling)."""
+        return self.particles[particles.systematic(self.log_weights, n, generator=generator)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """The validated factors of one run, split by kind, with their masks."""
+
+    generative: tuple[BoundFactor, ...]
+    potentials: tuple[BoundFactor, ...]  # discriminative and constraint
+    proposers: tuple[BoundFactor, ...]
+    masks: tuple[Tensor, ...]  # w_i·m_i per generative factor, shape S
+    total_weight: Tensor  # W(c), shape S
+    needs_log_prob: bool
+
+
+def sample(
+    factors: Sequence[Factor],
+    sample_shape: Sequence[int],
+    settings: SamplerSettings | None = None,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    callback: Callable[[LevelTrace], None] | None = None,
+) -> SampleResult:
+    """Sample from the product of ``factors``; see :func:`sample_iter`."""
+    run = sample_iter(
+        factors, sample_shape, settings, generator=generator, dtype=dtype, device=device
+    )
+    while True:
+        try:
+            event = next(run)
+        except StopIteration as done:
+            return done.value
+        if callback is not None:
+            callback(event)
+
+
+def sample_iter(
+    factors: Sequence[Factor],
+    sample_shape: Sequence[int],
+    settings: SamplerSettings | None = None,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Generator[LevelTrace, None, SampleResult]:
+    """Yield one :class:`LevelTrace` per level; return the :class:`SampleResult`.
+
+    All randomness comes from ``generator`` (drawn on the CPU, moved to ``device``), so the
+    same seed gives the same result. Closing the generator early stops the run.
+    """
+    settings = settings or SamplerSettings()
+    shape = _check_shape(sample_shape)
+    problem = _build_problem(factors, shape, settings, dtype, device)
+    sigmas = [float(s) for s in sigmas_for(settings) if s > 0]
+    if len(sigmas) < 2:
+        raise ValueError("num_steps: the noise grid needs a level strictly between 0 and 1")
+    scales = reward_scales(settings, len(sigmas) - 1).tolist()
+    n = settings.num_particles
+    with ExpertCalls([*problem.generative, *problem.potentials], settings.max_batch) as calls:
+        target_at = _target_factory(problem, calls)
+        x = torch.randn((n, *shape), generator=generator, dtype=dtype).to(device)
+        here = target_at(sigmas[0])(x)
+        log_w = torch.zeros(n, dtype=torch.float64)
+        previous = torch.zeros(n, dtype=torch.float64)  # φ_{k−1} per particle
+        log_z, scale, trace = 0.0, 0.0, []
+        for k, (sigma_prev, sigma) in enumerate(itertools.pairwise(sigmas)):
+            started = time.perf_counter()
+            x = euler_step(x, sigma_prev, sigma, here.velocity)
+            x = _propose(problem, x, sigma, generator)
+            target = target_at(sigma)
+            x, here, acceptance = _mcmc(settings, problem, x, target(x), target, sigma, generator)
+            x0 = x0_from_velocity(x, sigma, here.velocity)
+            rewards, constraints = _potentials(problem, calls, x0, k, sigma)
+            scale = _scale(settings, scales, k, log_w, rewards, constraints, previous, scale)
+            current = scale * rewards + constraints
+            inc = (
+                current
+                if settings.weighting == "level"
+                else particles.log_increment(current, previous)
+            )
+            log_z += float(particles.log_mean_weight(log_w, inc))
+            log_w = particles.sanitize(log_w + inc)
+            _check_alive(problem, calls, log_w, x0, k, sigma)
+            ess = particles.ess_fraction(log_w)
+            spread = _spread(log_w)
+            best = _best(current, log_w)
+            preview = x0[best].detach().cpu()
+            resampled = settings.ess_threshold >= 1 or ess < settings.ess_threshold
+            if resampled:
+                idx = particles.resample(settings.resampling, log_w, n, generator=generator)
+                x, x0, current = x[idx], x0[idx], current[idx]
+                here = _take(here, idx)
+                log_w = torch.zeros(n, dtype=torch.float64)
+            previous = current
+            trace.append(
+                LevelTrace(k, sigma, ess, resampled, acceptance, spread, scale, log_z,
+                           calls.take_stats(), time.perf_counter() - started, best, preview)
+            )  # fmt: skip
+            yield trace[-1]
+    log_w = particles.normalize(log_w)
+    return SampleResult(x0, log_w, log_z, _best(previous, log_w), tuple(trace), _records(problem))
+
+
+def _check_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in sample_shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"sample_shape: needs positive dimensions, got {tuple(sample_shape)}")
+    return shape
+
+
+def _build_problem(
+    factors: Sequence[Factor],
+    shape: tuple[int, ...],
+    settings: SamplerSettings,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> _Problem:
+    """Validate the factors against each other and the settings; split them by kind."""
+    bound = [_bind(i, f, shape) for i, f in enumerate(factors)]
+    names = [b.name for b in bound]
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if names.count(x) > 1})
+        raise ValueError(f"factors: duplicate factor names {dup}; give each a distinct name=")
+    generative = tuple(b for b in bound if b.info.kind == ExpertKind.GENERATIVE)
+    if not generative:
+        raise ValueError("factors: at least one generative expert is needed")
+    masks = tuple(_mask(b, shape, dtype, device) for b in generative)
+    total = torch.stack(masks).sum(0)
+    if (total <= 0).any():
+        raise ValueError(
+            "factors: every coordinate needs a positive total generative weight Σ w_i·m_i; "
+            f"{int((total <= 0).sum())} coordinates have none (check regions and weights)"
+        )
+    needs_log_prob = settings.mcmc in ("mala", "hmc") and settings.mcmc_steps > 0
+    for b in generative:
+        if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
+            raise ValueError(
+                f"mcmc: {settings.mcmc!r} needs log_prob from every generative expert; "
+                f"{b.name!r} gives none (use 'ula' or 'uhmc')"
+            )
+        if needs_log_prob and b.factor.region is not None:
+            raise ValueError(f"mcmc: {settings.mcmc!r} cannot use the regional expert {b.name!r}")
+    for b in bound:
+        if b.info.kind == ExpertKind.CONSTRAINT and b.factor.weight <= 0:
+            raise ValueError(f"weight: constraint {b.name!r} needs a positive weight")
+    potentials = tuple(b for b in bound if b.info.kind != ExpertKind.GENERATIVE)
+    proposers = tuple(
+        b
+        for b in potentials
+        if b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT)
+    )
+    return _Problem(generative, potentials, proposers, masks, total, needs_log_prob)
+
+
+def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
+    if not isinstance(factor, Factor):
+        raise TypeError(f"factors[{index}]: expected Factor, got {type(factor).__name__}")
+    info = check_expert(factor.expert)
+    if info.sample_shape is not None and tuple(info.sample_shape) != shape:
+        raise ValueError(
+            f"sample_shape: {shape} does not match expert {info.name!r}'s {info.sample_shape}"
+        )
+    if factor.region is not None and info.kind != ExpertKind.GENERATIVE:
+        raise ValueError(f"factors[{index}].region: only generative experts take a region")
+    return BoundFactor(factor, info, factor.name or info.name)
+
+
+def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """w_i·m_i over the sample shape (m_i = 1 without a region)."""
+    region = b.factor.region
+    if region is None:
+        return torch.full(shape, b.factor.weight, dtype=dtype, device=device)
+    region = torch.as_tensor(region, dtype=dtype, device=device)
+    if tuple(region.shape) != shape:
+        raise ValueError(f"region: factor {b.name!r} has shape {tuple(region.shape)}, not {shape}")
+    if not torch.isfinite(region).all() or (region < 0).any() or (region > 1).any():
+        raise ValueError(f"region: factor {b.name!r} needs values in [0, 1]")
+    return b.factor.weight * region
+
+
+def _target_factory(problem: _Problem, calls: ExpertCalls) -> Callable[[float], mcmc.Target]:
+    """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity."""
+
+    def at(sigma: float) -> mcmc.Target:
+        def evaluate(x: Tensor) -> mcmc.TargetEval:
+            sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+            jobs = [Call(b, "velocity", x, (sig,)) for b in problem.generative]
+            if problem.needs_log_prob:
+                jobs += [
+                    Call(b, "log_prob", x, (sig,), per_sample_output=True)
+                    for b in problem.generative
+                ]
+            out = calls.run(jobs)
+            velocities = out[: len(problem.generative)]
+            score = sum(
+                m * score_from_velocity(x, sig, v)
+                for m, v in zip(problem.masks, velocities, strict=True)
+            )
+            velocity = sum(m * v for m, v in zip(problem.masks, velocities, strict=True))
+            log_prob = None
+            if problem.needs_log_prob:
+                weights = [b.factor.weight for b in problem.generative]
+                lps = out[len(problem.generative) :]
+                log_prob = sum(w * lp for w, lp in zip(weights, lps, strict=True))
+            return mcmc.TargetEval(score, log_prob, velocity / problem.total_weight)
+
+        return evaluate
+
+    return at
+
+
+def _propose(problem: _Problem, x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """Constraint experts' proposals and projections at σ, in factor order."""
+    for b in problem.proposers:
+        sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        if b.info.supports(Capability.PROPOSE):
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
+            x = b.factor.expert.propose(x, sig, seed=seed)
+        if b.info.supports(Capability.PROJECT):
+            x = b.factor.expert.project(x, sig)
+        if not isinstance(x, Tensor) or not torch.isfinite(x).all():
+            raise ValueError(f"expert {b.name!r}: propose/project returned non-finite particles")
+    return x
+
+
+def _mcmc(
+    settings: SamplerSettings,
+    problem: _Problem,
+    x: Tensor,
+    here: mcmc.TargetEval,
+    target: mcmc.Target,
+    sigma: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, mcmc.TargetEval, float]:
+    """M steps of the chosen kernel at σ; returns the mean acceptance (NaN if unadjusted)."""
+    eta = mcmc.step_size(
+        settings.step_rule, settings.step_size, sigma, float(problem.total_weight.max())
+    )
+    accepted: list[Tensor] = []
+    momentum = None
+    for _ in range(settings.mcmc_steps):
+        match settings.mcmc:
+            case "ula":
+                x, here, _ = mcmc.ula(x, here, target, eta, generator=generator)
+            case "mala":
+                x, here, acc = mcmc.mala(x, here, target, eta, generator=generator)
+                accepted.append(acc)
+            case "hmc":
+                x, here, acc = mcmc.hmc(
+                    x, here, target, eta, generator=generator,
+                    leapfrog_steps=settings.leapfrog_steps,
+                )  # fmt: skip
+                accepted.append(acc)
+            case "uhmc":
+                x, here, momentum = mcmc.uhmc(
+                    x, here, target, eta, generator=generator,
+                    leapfrog_steps=settings.leapfrog_steps, damping=settings.damping,
+                    momentum=momentum,
+                )  # fmt: skip
+    rate = float(torch.stack(accepted).double().mean()) if accepted else math.nan
+    return x, here, rate
+
+
+def _potentials(
+    problem: _Problem, calls: ExpertCalls, x0: Tensor, step: int, sigma: float
+) -> tuple[Tensor, Tensor]:
+    """(Σ_j λ_j·r_j(x̂_0), Σ_c scale_c·log C_c(x̂_0)), each ``(N,)`` float64."""
+    n = x0.shape[0]
+    rewards = torch.zeros(n, dtype=torch.float64)
+    constraints = torch.zeros(n, dtype=torch.float64)
+    jobs = [Call(b, "log_potential", x0, per_sample_output=True) for b in problem.potentials]
+    for b, value in zip(problem.potentials, calls.run(jobs), strict=True):
+        value = value.detach().to("cpu", torch.float64)
+        if torch.isnan(value).any() or torch.isposinf(value).any():
+            raise ValueError(
+                f"expert {b.name!r}: log_potential returned NaN or +inf at level {step} "
+                f"(sigma={sigma:.4g})"
+            )
+        if b.info.kind == ExpertKind.DISCRIMINATIVE:
+            rewards += b.factor.weight * value
+        else:
+            constraints += torch.where(torch.isneginf(value), value, b.factor.weight * value)
+    return rewards, constraints
+
+
+def _scale(
+    settings: SamplerSettings,
+    scales: list[float],
+    k: int,
+    log_w: Tensor,
+    rewards: Tensor,
+    constraints: Tensor,
+    previous: Tensor,
+    scale_prev: float,
+) -> float:
+    """The tempering scale s_k: from the fixed schedule, or by bisection on the ESS."""
+    if settings.tempering != "adaptive" or k == len(scales) - 1:
+        return scales[k]
+
+    def log_w_at(s: float) -> Tensor:
+        return log_w + particles.log_increment(s * rewards + constraints, previous)
+
+    return adaptive_scale(log_w_at, scale_prev, settings.tempering_ess)
+
+
+def _check_alive(
+    problem: _Problem, calls: ExpertCalls, log_w: Tensor, x0: Tensor, step: int, sigma: float
+) -> None:
+    """Raise naming the level and the factor that killed the last particles."""
+    if not torch.isneginf(log_w).all():
+        return
+    jobs = [Call(b, "log_potential", x0, per_sample_output=True) for b in problem.potentials]
+    deaths = {
+        b.name: int(torch.isneginf(v).sum())
+        for b, v in zip(problem.potentials, calls.run(jobs), strict=True)
+    }
+    culprits = [name for name, d in sorted(deaths.items(), key=lambda kv: -kv[1]) if d > 0]
+    detail = ", ".join(f"{name!r} ({deaths[name]} of {x0.shape[0]})" for name in culprits)
+    raise AllParticlesDiedError(
+        f"every particle has zero weight at level {step} (sigma={sigma:.4g}); "
+        f"violated by: {detail or 'no single factor (weights underflowed)'}"
+    )
+
+
+def _spread(log_w: Tensor) -> float:
+    finite = log_w[torch.isfinite(log_w)]
+    return float(finite.max() - finite.min()) if finite.numel() else math.nan
+
+
+def _best(potential: Tensor, log_w: Tensor) -> int:
+    """The living particle with the highest potential (ties: highest weight, then lowest index)."""
+    alive = ~torch.isneginf(log_w)
+    key = torch.where(alive, potential, torch.full_like(potential, -torch.inf))
+    top = key == key.max()
+    return int(torch.argmax(torch.where(top, log_w, torch.full_like(log_w, -torch.inf))))
+
+
+def _take(evaluation: mcmc.TargetEval, idx: Tensor) -> mcmc.TargetEval:
+    log_prob = None if evaluation.log_prob is None else evaluation.log_prob[idx]
+    return mcmc.TargetEval(evaluation.score[idx], log_prob, evaluation.velocity[idx])
+
+
+def _records(problem: _Problem) -> tuple[ExpertRecord, ...]:
+    return tuple(
+        ExpertRecord(b.name, str(b.info.kind), b.info.model_id, b.info.revision)
+        for b in (*problem.generative, *problem.potentials)
+    )
