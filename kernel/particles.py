@@ -44,7 +44,7 @@ def normalize(log_w: Tensor) -> Tensor:
 
 def ess_fraction(log_w: Tensor) -> float:
     """ESS/N = (Σw)² / (N·Σw²), computed in log space; 0 when every particle is dead."""
-    log_w = sanitize(log_w)
+    log_w = sanitize(log_w).to(torch.float64)
     if torch.isneginf(log_w).all():
         return 0.0
     log_ess = 2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)

@@ -1,0 +1,159 @@
+"""Configuration of the expert host, validated with pydantic v2 (an edge: YAML and the CLI).
+
+A YAML file for ``poegen serve`` holds the host settings under ``server:``::
+
+    server:
+      host: 127.0.0.1            # bind address; 127.0.0.1 unless told otherwise
+      port: 0                    # 0 picks a free port (the CLI prints it)
+      max_message_bytes: 536870912
+      grace_s: 30                # in-flight calls get this long on SIGTERM
+      keepalive: {time_s: 60, timeout_s: 20, permit_without_calls: true}
+      tls: {cert_file: server.pem, key_file: server.key, client_ca_file: ca.pem}
+      model_root: /models        # LoadModel ids are paths under it ...
+      allowlist: [org/model]     # ... or exactly one of these
+      max_handles: 1024          # condition handles kept (LRU) ...
+      handle_ttl_s: 3600         # ... and for how long after their last use
+      shared_memory: false       # accept shared-memory tensors from co-located peers
+      metrics_port: 9464         # Prometheus /metrics over HTTP; absent: no endpoint
+
+Tokens (``token``, the bearer token every RPC but health needs; ``admin_token``, which
+``LoadModel`` needs in addition) are better given through the environment
+(``POEGEN_TOKEN``, ``POEGEN_ADMIN_TOKEN``, read by the CLI) than written in a file.
+
+Every invalid value raises :class:`ConfigError` naming the field, e.g.
+``server.port: Input should be less than or equal to 65535``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
+# gRPC keeps message limits in a C int
+_MAX_GRPC_LIMIT = (1 << 31) - 1
+# largest config file read, so a wrong path cannot make the server read a huge file
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field."""
+
+
+class KeepaliveConfig(BaseModel):
+    """HTTP/2 keepalive of the server's connections."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    time_s: float = Field(60.0, gt=0, description="ping an idle connection after this long")
+    timeout_s: float = Field(20.0, gt=0, description="close it if the ping is not answered")
+    permit_without_calls: bool = Field(True, description="allow client pings with no call open")
+    min_ping_interval_s: float = Field(10.0, gt=0, description="shortest client ping interval")
+
+
+class TLSConfig(BaseModel):
+    """Server certificate, and a client CA to require client certificates (mTLS)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cert_file: Path = Field(description="PEM certificate chain of the server")
+    key_file: Path = Field(description="PEM private key of the server")
+    client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed"
+    )
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TLSConfig:
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: not a readable file")
+        return self
+
+
+class ServerConfig(BaseModel):
+    """Settings of one expert host (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", min_length=1, description="bind address")
+    port: int = Field(0, ge=0, le=65535, description="bind port; 0 picks a free one")
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=_MAX_GRPC_LIMIT, description="largest message"
+    )
+    keepalive: KeepaliveConfig = Field(default_factory=KeepaliveConfig)
+    grace_s: float = Field(30.0, ge=0, description="drain time for in-flight calls on shutdown")
+    tls: TLSConfig | None = None
+    token: SecretStr | None = Field(None, description="bearer token every RPC but health needs")
+    admin_token: SecretStr | None = Field(None, description="token LoadModel needs; unset: off")
+    model_root: Path | None = Field(None, description="LoadModel ids are paths under it")
+    allowlist: tuple[str, ...] = Field((), description="ids LoadModel accepts verbatim")
+    max_handles: int = Field(1024, ge=1, description="condition handles kept (LRU)")
+    handle_ttl_s: float = Field(3600.0, gt=0, description="handle lifetime after its last use")
+    shared_memory: bool = Field(False, description="accept shared-memory tensors")
+    workers: int = Field(4, ge=1, le=256, description="threads running model calls")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> ServerConfig:
+        for name in ("token", "admin_token"):
+            secret = getattr(self, name)
+            if secret is not None and not secret.get_secret_value():
+                raise ValueError(f"{name}: must not be empty")
+        if (
+            self.token is not None
+            and self.admin_token is not None
+            and self.token.get_secret_value() == self.admin_token.get_secret_value()
+        ):
+            raise ValueError("admin_token: must differ from token")
+        if self.model_root is not None and not self.model_root.is_dir():
+            raise ValueError("model_root: not a directory")
+        return self
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming its field: ``server.port: <message>``."""
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        loc = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        lines.append(f"{loc or prefix or 'config'}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def parse_server_config(data: Mapping[str, Any] | None, *, prefix: str = "server") -> ServerConfig:
+    """Validate a mapping (a YAML section) into a :class:`ServerConfig`."""
+    try:
+        return ServerConfig.model_validate(dict(data or {}))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix)) from None
+
+
+def read_yaml(path: Path | str, *, field: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping (safe loader only), at most 1 MiB."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read {path}: {e.strerror}") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{field}: larger than {_MAX_CONFIG_BYTES} bytes")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{field}: not valid YAML ({e.__class__.__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{field}: must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_server_config(path: Path | str) -> ServerConfig:
+    """Read the ``server:`` section of a YAML file."""
+    return parse_server_config(read_yaml(path).get("server"))

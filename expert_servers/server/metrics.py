@@ -1,0 +1,92 @@
+"""Prometheus metrics of one expert host, in its own ``CollectorRegistry``.
+
+Each host owns a registry (never the global one), so a process may run many hosts, as the
+tests do. Exposed names:
+
+* ``poegen_rpc_latency_seconds{method}``: histogram of RPC wall time;
+* ``poegen_rpc_errors_total{method,code}``: RPCs that ended with a non-OK status;
+* ``poegen_batch_size{method}``: histogram of batch sizes of model calls;
+* ``poegen_model_serving``: 1 once a model serves, 0 before (and after shutdown began);
+* ``poegen_model_info{model_id,revision}``: 1 for the served model (one series);
+* ``poegen_model_loads_total{outcome}``: LoadModel outcomes (``ok``, ``error``);
+* ``poegen_condition_handles``: condition handles held.
+
+``serve_http(host, port)`` starts the ``/metrics`` endpoint in a daemon thread and returns the
+bound port (``port=0`` picks a free one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class ServerMetrics:
+    """The metrics of one host (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram(
+            "poegen_rpc_latency_seconds",
+            "Wall time of an RPC",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "poegen_rpc_errors_total",
+            "RPCs that ended with a non-OK status",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "poegen_batch_size",
+            "Batch size of a model call",
+            ["method"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.serving = Gauge(
+            "poegen_model_serving", "1 while a model serves", registry=self.registry
+        )
+        self.model_info = Gauge(
+            "poegen_model_info",
+            "1 for the served model id and revision",
+            ["model_id", "revision"],
+            registry=self.registry,
+        )
+        self.loads = Counter(
+            "poegen_model_loads", "LoadModel outcomes", ["outcome"], registry=self.registry
+        )
+        self.handles = Gauge(
+            "poegen_condition_handles", "Condition handles held", registry=self.registry
+        )
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def model_swapped(self, model_id: str, revision: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model_id=model_id, revision=revision).set(1)
+        self.serving.set(1)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start ``/metrics`` on ``host:port`` in a daemon thread; return the bound port."""
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http[0].server_port)
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._http = None

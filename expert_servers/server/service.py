@@ -1,0 +1,150 @@
+"""The ``poegen.v1.ExpertService`` servicer: thin transport over ``serving`` and ``models``.
+
+Every method is proto → tensors → data plane → proto. The model a call uses is taken once, at
+its start (UNAVAILABLE before the first model), and the reply carries that model's revision.
+Errors are :class:`ExpertError`\\ s turned into statuses by :func:`maps_errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from torch import Tensor
+
+from poegen.expert_servers.server.adapter import Condition
+from poegen.expert_servers.server.interceptors import check_admin
+from poegen.expert_servers.server.models import LoadedModel, ModelManager
+from poegen.expert_servers.server.serving import ExpertServing, finite_scalar
+from poegen.kernel import codec
+from poegen.kernel.errors import ExpertError, maps_errors
+from poegen.v1 import expert_pb2 as pb
+from poegen.v1 import expert_pb2_grpc, tensor_pb2
+
+_STAGES = {"queued": pb.LOAD_STAGE_QUEUED, "loading": pb.LOAD_STAGE_LOADING, "ready": pb.LOAD_STAGE_READY}
+_MODES = {pb.PROPOSE_MODE_PROPOSE: False, pb.PROPOSE_MODE_PROJECT: True}
+
+
+@dataclass(frozen=True, slots=True)
+class WireLimits:
+    """What the servicer accepts: the message size and shared-memory tensors."""
+
+    max_message_bytes: int
+    shared_memory: codec.SharedMemoryReader | None = None
+    admin_token: str | None = None
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    """``ExpertService`` over a :class:`ModelManager` and an :class:`ExpertServing`."""
+
+    def __init__(self, models: ModelManager, serving: ExpertServing, limits: WireLimits) -> None:
+        self._models = models
+        self._serving = serving
+        self._limits = limits
+
+    def _tensor(self, msg: tensor_pb2.Tensor | None, field: str) -> Tensor:
+        if msg is None:
+            raise ExpertError.invalid(field, "required")
+        return codec.decode(
+            msg,
+            field=field,
+            max_bytes=self._limits.max_message_bytes,
+            shared_memory=self._limits.shared_memory,
+        )
+
+    def _optional(self, request: object, field: str) -> tensor_pb2.Tensor | None:
+        return getattr(request, field) if request.HasField(field) else None  # type: ignore[attr-defined]
+
+    @maps_errors
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        return describe_response(self._models.require(), self._limits, self._serving)
+
+    @maps_errors
+    async def Prepare(self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext) -> pb.PrepareResponse:
+        model = self._models.require()
+        handle = await self._serving.prepare(model, self._condition(request.condition))
+        return pb.PrepareResponse(handle=handle, revision=model.revision)
+
+    @maps_errors
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        return pb.ReleaseResponse(released=self._serving.release(request.handle))
+
+    @maps_errors
+    async def Velocity(self, request: pb.VelocityRequest, context: grpc.aio.ServicerContext) -> pb.VelocityResponse:
+        model = self._models.require()
+        x = self._tensor(self._optional(request, "x"), "x")
+        sigma = self._tensor(self._optional(request, "sigma"), "sigma")
+        v = await self._serving.velocity(model, x, sigma, request.handle)
+        return pb.VelocityResponse(velocity=codec.encode(v), revision=model.revision)
+
+    @maps_errors
+    async def LogProb(self, request: pb.LogProbRequest, context: grpc.aio.ServicerContext) -> pb.LogProbResponse:
+        model = self._models.require()
+        x = self._tensor(self._optional(request, "x"), "x")
+        sigma_msg = self._optional(request, "sigma")
+        sigma = None if sigma_msg is None else self._tensor(sigma_msg, "sigma")
+        out = await self._serving.log_prob(model, x, sigma, request.handle)
+        return pb.LogProbResponse(log_prob=codec.encode(out), revision=model.revision)
+
+    @maps_errors
+    async def Propose(self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext) -> pb.ProposeResponse:
+        model = self._models.require()
+        if request.mode not in _MODES:
+            raise ExpertError.invalid("mode", "must be PROPOSE_MODE_PROPOSE or PROPOSE_MODE_PROJECT")
+        x = self._tensor(self._optional(request, "x"), "x")
+        sigma = self._tensor(self._optional(request, "sigma"), "sigma")
+        out = await self._serving.propose(
+            model, x, sigma, project=_MODES[request.mode], seed=request.seed, handle=request.handle
+        )
+        return pb.ProposeResponse(x=codec.encode(out), revision=model.revision)
+
+    @maps_errors
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        model = self._models.require()
+        latents = await self._serving.encode(model, self._tensor(self._optional(request, "pixels"), "pixels"))
+        return pb.EncodeResponse(latents=codec.encode(latents), revision=model.revision)
+
+    @maps_errors
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
+        model = self._models.require()
+        pixels = await self._serving.decode(model, self._tensor(self._optional(request, "latents"), "latents"))
+        return pb.DecodeResponse(pixels=codec.encode(pixels), revision=model.revision)
+
+    @maps_errors
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadModelResponse]:
+        check_admin(context, self._limits.admin_token)
+        async for event in self._models.load(request.model_id, dict(request.options)):
+            yield pb.LoadModelResponse(
+                stage=_STAGES[event.stage], progress=event.progress, message=event.message, revision=event.revision
+            )
+
+    def _condition(self, msg: pb.Condition) -> Condition:
+        tensors = {
+            name: codec.validate_finite(self._tensor(t, f"condition.tensors[{name}]"), f"condition.tensors[{name}]")
+            for name, t in msg.tensors.items()
+        }
+        scalars = {name: finite_scalar(name, value) for name, value in msg.scalars.items()}
+        return Condition(text=msg.text, tensors=tensors, scalars=scalars)
+
+
+def describe_response(model: LoadedModel, limits: WireLimits, serving: ExpertServing) -> pb.DescribeResponse:
+    """``DescribeResponse`` of the served model."""
+    info = model.info
+    capabilities = [pb.Capability.Value(f"CAPABILITY_{str(c).upper()}") for c in sorted(info.capabilities)]
+    if serving.has_autoencoder(model) and pb.CAPABILITY_AUTOENCODER not in capabilities:
+        capabilities.append(pb.CAPABILITY_AUTOENCODER)
+    return pb.DescribeResponse(
+        name=info.name,
+        kind=pb.ExpertKind.Value(f"EXPERT_KIND_{str(info.kind).upper()}"),
+        capabilities=capabilities,
+        sample_shape=list(info.sample_shape or ()),
+        max_batch=model.max_batch or 0,
+        model_id=model.model_id,
+        revision=model.revision,
+        latent_space=model.latent_space,
+        max_message_bytes=limits.max_message_bytes,
+        shared_memory=limits.shared_memory is not None,
+    )

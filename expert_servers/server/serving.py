@@ -1,0 +1,226 @@
+"""The data plane: validated calls of the served expert, off the event loop.
+
+Each method takes the :class:`LoadedModel` the call started with (so a hot swap never changes
+the model under a running call), checks its inputs against that model, runs the expert in the
+host's worker threads under ``torch.inference_mode()``, checks what the expert returned, and
+returns the result with the model's revision. The gRPC servicer (``service``) only converts
+protos to tensors and back.
+
+Input checks, each an :class:`ExpertError` naming the field:
+
+* ``x`` (and ``pixels``/``latents``): a floating dtype (``x.dtype``), a batch dimension of at
+  least 1 and, when the expert announces a sample shape, ``(B, *S)`` (``x.shape``); no NaN or
+  infinity (``x``); ``B`` at most the model's ``max_batch`` (RESOURCE_EXHAUSTED on ``x.shape``).
+* ``sigma``: shape ``(B,)``, floating, each in (0, 1] (see ``codec.validate_sigma``).
+* ``LogProb``: ``sigma`` required for a generative expert, absent for the other kinds.
+* the kind and capabilities: Velocity of a non-generative expert, LogProb with σ of a
+  generative expert without ``log_prob``, Propose in a mode it does not announce, Encode/Decode
+  without an autoencoder: FAILED_PRECONDITION.
+
+A result of the wrong shape, or with NaN, is the expert's bug: ``RuntimeError`` → INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from poegen.expert_servers.server.adapter import Autoencoder, Condition, Conditionable
+from poegen.expert_servers.server.handles import HandleTable
+from poegen.expert_servers.server.metrics import ServerMetrics
+from poegen.expert_servers.server.models import LoadedModel
+from poegen.kernel.codec import validate_finite, validate_sigma
+from poegen.kernel.errors import ExpertError
+from poegen.kernel.experts import Capability, Expert, ExpertKind
+
+_T = TypeVar("_T")
+AUTOENCODER = "autoencoder"  # capability value of Encode/Decode (see ExpertServing.has_autoencoder)
+
+
+def _inference(fn: Callable[..., _T], *args: Any) -> _T:
+    # inference_mode is thread-local: enter it in the worker thread
+    with torch.inference_mode():
+        return fn(*args)
+
+
+class ExpertServing:
+    """Validated, threaded calls of the served expert (see the module docstring)."""
+
+    def __init__(
+        self,
+        handles: HandleTable,
+        executor: Executor,
+        metrics: ServerMetrics,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self._handles = handles
+        self._executor = executor
+        self._metrics = metrics
+        self._max_bytes = max_message_bytes
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, _inference, fn, *args
+        )
+
+    # ------------------------------------------------------------------ conditions
+
+    async def prepare(self, model: LoadedModel, condition: Condition) -> str:
+        """A handle for ``condition`` encoded by ``model``."""
+        expert = model.expert
+        if isinstance(expert, Conditionable):
+            view = await self._run(expert.prepare, condition)
+            if not isinstance(view, Expert):
+                raise RuntimeError(f"{model.info.name}: prepare() returned no Expert")
+        elif condition.is_empty():
+            view = expert
+        else:
+            raise ExpertError.invalid("condition", "this expert takes no condition")
+        handle = self._handles.add(model.revision, view)
+        self._metrics.handles.set(len(self._handles))
+        return handle
+
+    def release(self, handle: str) -> bool:
+        if not handle:
+            raise ExpertError.invalid("handle", "must not be empty")
+        released = self._handles.release(handle)
+        self._metrics.handles.set(len(self._handles))
+        return released
+
+    def _target(self, model: LoadedModel, handle: str) -> Any:
+        return self._handles.get(handle, model.revision) if handle else model.expert
+
+    # ------------------------------------------------------------------ model calls
+
+    async def velocity(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
+        """v(x_σ, σ) of shape ``x.shape``, dtype ``x.dtype``."""
+        if model.info.kind != ExpertKind.GENERATIVE:
+            raise ExpertError.failed_precondition("x", f"a {model.info.kind} expert has no velocity")
+        batch = self._check_batch(model, x, "x", "Velocity")
+        validate_sigma(sigma, batch)
+        target = self._target(model, handle)
+        v = await self._run(target.velocity, x, sigma)
+        return _checked(v, tuple(x.shape), "velocity").to(x.dtype)
+
+    async def log_prob(
+        self, model: LoadedModel, x: Tensor, sigma: Tensor | None, handle: str
+    ) -> Tensor:
+        """Generative: log p_σ(x_σ) (needs σ). Other kinds: log-potential of x̂_0 (no σ)."""
+        generative = model.info.kind == ExpertKind.GENERATIVE
+        if generative and sigma is None:
+            raise ExpertError.invalid("sigma", "required for a generative expert")
+        if not generative and sigma is not None:
+            raise ExpertError.invalid("sigma", f"must be absent for a {model.info.kind} expert")
+        if generative and not model.info.supports(Capability.LOG_PROB):
+            raise ExpertError.failed_precondition("x", "this expert does not answer LogProb")
+        batch = self._check_batch(model, x, "x", "LogProb")
+        target = self._target(model, handle)
+        if sigma is not None:
+            validate_sigma(sigma, batch)
+            out = await self._run(target.log_prob, x, sigma)
+        else:
+            out = await self._run(target.log_potential, x)
+        out = _checked(out, (batch,), "log_prob").to(torch.float32)
+        if bool(torch.isnan(out).any()) or bool(torch.isposinf(out).any()):
+            raise RuntimeError(f"{model.info.name}: log_prob holds NaN or +inf")
+        return out
+
+    async def propose(
+        self,
+        model: LoadedModel,
+        x: Tensor,
+        sigma: Tensor,
+        *,
+        project: bool,
+        seed: int,
+        handle: str,
+    ) -> Tensor:
+        """A random move (``project=False``, seeded) or the projection of x_σ at level σ."""
+        capability = Capability.PROJECT if project else Capability.PROPOSE
+        if not model.info.supports(capability):
+            raise ExpertError.failed_precondition("mode", f"this expert does not {capability}")
+        batch = self._check_batch(model, x, "x", "Propose")
+        validate_sigma(sigma, batch)
+        target = self._target(model, handle)
+        if project:
+            out = await self._run(target.project, x, sigma)
+        else:
+            out = await self._run(target.propose, x, sigma, seed)
+        return _checked(out, tuple(x.shape), "x").to(x.dtype)
+
+    @staticmethod
+    def has_autoencoder(model: LoadedModel) -> bool:
+        # announced (kernel Capability "autoencoder") and implemented
+        announced = any(str(c) == AUTOENCODER for c in model.info.capabilities)
+        return announced and isinstance(model.expert, Autoencoder)
+
+    async def encode(self, model: LoadedModel, pixels: Tensor) -> Tensor:
+        """Latents of pixels in [-1, 1]."""
+        return await self._autoencode(model, pixels, "pixels", "Encode")
+
+    async def decode(self, model: LoadedModel, latents: Tensor) -> Tensor:
+        """Pixels in [-1, 1] of latents."""
+        return await self._autoencode(model, latents, "latents", "Decode")
+
+    async def _autoencode(self, model: LoadedModel, t: Tensor, field: str, method: str) -> Tensor:
+        if not self.has_autoencoder(model):
+            raise ExpertError.failed_precondition(field, "this expert has no autoencoder")
+        if t.ndim not in (4, 5):
+            raise ExpertError.invalid(
+                f"{field}.shape", f"{t.ndim} dimensions, expected (B, C, H, W) or (B, C, F, H, W)"
+            )
+        self._check_batch(model, t, field, method, sample_shape=False)
+        expert: Any = model.expert
+        out = await self._run(expert.encode if method == "Encode" else expert.decode, t)
+        if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != t.shape[0]:
+            raise RuntimeError(f"{model.info.name}: {method.lower()} returned a wrong batch")
+        if out.numel() * out.element_size() > self._max_bytes:
+            raise ExpertError.resource_exhausted(
+                field, "the reply would exceed the server's message size limit"
+            )
+        return out
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_batch(
+        self, model: LoadedModel, x: Tensor, field: str, method: str, *, sample_shape: bool = True
+    ) -> int:
+        """Validate a batch ``(B, *S)``; return B."""
+        if not x.is_floating_point():
+            raise ExpertError.invalid(f"{field}.dtype", f"{x.dtype}, expected f32, f16 or bf16")
+        if x.ndim < 1 or x.shape[0] < 1:
+            raise ExpertError.invalid(f"{field}.shape", "needs a batch dimension of at least 1")
+        batch = int(x.shape[0])
+        if model.max_batch is not None and batch > model.max_batch:
+            raise ExpertError.resource_exhausted(
+                f"{field}.shape", f"batch {batch} over the limit of {model.max_batch}"
+            )
+        expected = model.info.sample_shape
+        if sample_shape and expected is not None and tuple(x.shape[1:]) != tuple(expected):
+            raise ExpertError.invalid(
+                f"{field}.shape", f"sample shape {list(x.shape[1:])}, expected {list(expected)}"
+            )
+        validate_finite(x, field)
+        self._metrics.batch_size.labels(method=method).observe(batch)
+        return batch
+
+
+def _checked(out: object, shape: tuple[int, ...], what: str) -> Tensor:
+    if not isinstance(out, Tensor) or tuple(out.shape) != shape:
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RuntimeError(f"expert returned {what} of shape {got}, expected {list(shape)}")
+    return out
+
+
+def finite_scalar(name: str, value: float) -> float:
+    """A condition scalar, refused when NaN or infinite."""
+    if not math.isfinite(value):
+        raise ExpertError.invalid(f"condition.scalars[{name}]", "must be finite")
+    return float(value)

@@ -1,0 +1,497 @@
+"""The tensor codec: every tensor that crosses the wire goes through :func:`encode` / :func:`decode`.
+
+Wire format (``poegen.v1.Tensor``): a ``Dtype``, a shape (outermost first, empty for 0-d) and
+``prod(shape) * itemsize`` bytes, row-major, little-endian, no padding, either inline
+(``data``) or in a shared-memory segment (``shared_memory``, opt-in on both ends).
+
+=========  ==============  =====================================================
+Dtype      torch           bytes per element
+=========  ==============  =====================================================
+F32        float32         4, IEEE binary32
+F16        float16         2, IEEE binary16
+BF16       bfloat16        2, the raw 16-bit words (upper half of a binary32)
+U8         uint8           1
+I64        int64           8
+BOOL       bool            1, 0 or 1 (anything else is rejected)
+=========  ==============  =====================================================
+
+Encoding::
+
+    msg = encode(x)                          # any device, any strides; copies to CPU bytes
+    msg = encode(x, shared_memory=pool)      # large tensors go to `pool`'s segments
+
+Other dtypes (float64, int32, complex) raise ``TypeError``: convert explicitly first.
+
+Decoding validates before it allocates anything, and raises :class:`ExpertError` naming the
+field (``field="x"`` gives ``"x.dtype"``, ``"x.shape"``, ``"x.data"``, ``"x.shared_memory.*"``):
+
+* INVALID_ARGUMENT: dtype unset or unknown; more than :data:`MAX_DIMS` dimensions; a negative
+  dimension; ``len(data) != prod(shape) * itemsize``; a bool byte other than 0 or 1; a
+  shared-memory tensor when the reader did not opt in; a bad segment name, offset or size.
+* RESOURCE_EXHAUSTED: ``prod(shape) * itemsize`` over ``max_bytes``, or over 2**62 (checked
+  with Python integers, dimension by dimension, so ``[2**40, 2**40]`` never reaches torch).
+
+**Ownership of decoded tensors.** Inline ``data`` is not copied: the tensor is a view of the
+``bytes`` object the message returned (the upb protobuf runtime makes that object, a private
+copy of the field, on each access; it is the only copy decode causes). Python ``bytes`` are
+immutable, so the result is *read-only-backed*: never write into it in place (``x.add_(1)``,
+``x[0] = 0``, ``out=x``); use out-of-place operations or ``x.clone()`` first. Torch's one-time
+"non-writable buffer" warning is silenced for this conversion only. A tensor decoded from
+shared memory is a private, writable copy.
+
+**Shared memory** (co-located peers, same user, POSIX hosts). Off unless both ends opt in: the
+writer passes a :class:`SharedMemoryPool` to ``encode``, the reader a
+:class:`SharedMemoryReader` to ``decode``. Protocol: *the bytes a ``SharedMemoryRef`` points
+at are valid only until the RPC that carries it completes.* The reader therefore copies them
+out during ``decode`` (one copy, with ``pread``: a segment truncated under it gives an error,
+not a crash) and never keeps a view; the writer may call ``pool.reset()`` and overwrite the
+segments once the reply has arrived. Hence only *requests* carry shared-memory tensors; a
+server puts reply tensors inline (the call is over before the client decodes them). Segments
+are created mode 0600 with names ``poegen_<random>``; the reader accepts only such names, opens
+them read-only, bounds-checks offset and size against the segment, and never repeats a name
+or any host detail in an error.
+
+Helpers for request validation: :func:`validate_finite` (no NaN/inf) and
+:func:`validate_sigma` (shape ``(B,)``, each σ in (0, 1]).
+
+See DESIGN.md "The wire" and proto/poegen/v1/tensor.proto.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import sys
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import shared_memory as _shm
+from types import TracebackType
+
+import numpy as np
+import torch
+
+from poegen.kernel.errors import ExpertError
+from poegen.v1 import tensor_pb2
+
+if os.name == "posix":
+    import _posixshmem  # CPython's shm_open, as used by multiprocessing.shared_memory
+
+#: Most dimensions a decoded tensor may have.
+MAX_DIMS = 32
+#: Hard cap on one tensor's byte size, whatever ``max_bytes`` says.
+MAX_TENSOR_BYTES = 2**62
+#: Prefix of every shared-memory segment poegen creates; the reader accepts nothing else.
+SEGMENT_PREFIX = "poegen_"
+
+_SEGMENT_NAME = re.compile(re.escape(SEGMENT_PREFIX) + r"[0-9a-f]{16,64}")
+_ALIGN = 64  # byte alignment of tensors inside a segment
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One wire dtype: its proto value, torch dtype, and numpy dtype of the wire bytes.
+
+    ``carrier`` is the torch dtype with a numpy twin and the same itemsize that the bytes
+    cross numpy as (bf16 travels as int16, bool as uint8).
+    """
+
+    proto: int
+    name: str
+    torch: torch.dtype
+    wire: np.dtype
+    carrier: torch.dtype
+
+
+_KINDS = (
+    _Kind(tensor_pb2.DTYPE_F32, "f32", torch.float32, np.dtype("<f4"), torch.float32),
+    _Kind(tensor_pb2.DTYPE_F16, "f16", torch.float16, np.dtype("<f2"), torch.float16),
+    _Kind(tensor_pb2.DTYPE_BF16, "bf16", torch.bfloat16, np.dtype("<i2"), torch.int16),
+    _Kind(tensor_pb2.DTYPE_U8, "u8", torch.uint8, np.dtype("u1"), torch.uint8),
+    _Kind(tensor_pb2.DTYPE_I64, "i64", torch.int64, np.dtype("<i8"), torch.int64),
+    _Kind(tensor_pb2.DTYPE_BOOL, "bool", torch.bool, np.dtype("u1"), torch.uint8),
+)
+_BY_PROTO = {k.proto: k for k in _KINDS}
+_BY_TORCH = {k.torch: k for k in _KINDS}
+
+#: torch dtypes that :func:`encode` accepts.
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(k.torch for k in _KINDS)
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def encode(t: torch.Tensor, *, shared_memory: SharedMemoryPool | None = None) -> tensor_pb2.Tensor:
+    """``t`` as a ``poegen.v1.Tensor``: inline bytes, or a segment of ``shared_memory``.
+
+    Any device and any strides (the bytes are those of ``t.contiguous()`` on the CPU). With a
+    pool, tensors of at least ``pool.min_tensor_bytes`` go to shared memory when the pool has
+    room, the rest inline. Raises ``TypeError`` for a dtype not in :data:`SUPPORTED_DTYPES`.
+    """
+    kind = _BY_TORCH.get(t.dtype)
+    if kind is None:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"encode: dtype {t.dtype} cannot cross the wire (supported: {names})")
+    arr = _wire_array(t, kind)
+    msg = tensor_pb2.Tensor(dtype=kind.proto, shape=t.shape)  # type: ignore[arg-type]
+    ref = shared_memory.put(arr) if shared_memory is not None else None
+    if ref is not None:
+        msg.shared_memory.CopyFrom(ref)
+    else:
+        msg.data = arr.tobytes()
+    return msg
+
+
+def _wire_array(t: torch.Tensor, kind: _Kind) -> np.ndarray:
+    """The elements of ``t`` as a C-contiguous numpy array in wire byte order."""
+    host = t.detach().to(device="cpu").resolve_neg().contiguous()
+    arr = host.view(kind.carrier).numpy()
+    return arr if _LITTLE_ENDIAN_HOST else arr.astype(kind.wire)  # big-endian host: byteswap
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def checked_nbytes(
+    shape: Sequence[int], itemsize: int, *, field: str, max_bytes: int | None = None
+) -> int:
+    """``prod(shape) * itemsize``, refused before anything is allocated when too large.
+
+    Every prefix product (zero dimensions counted as 1, so an empty tensor with absurd
+    dimensions is refused too) must stay within :data:`MAX_TENSOR_BYTES`, and the total within
+    ``max_bytes``: RESOURCE_EXHAUSTED on ``"<field>.shape"``. Python integers: no overflow.
+    """
+    bound = itemsize
+    for d in shape:
+        bound *= max(int(d), 1)
+        if bound > MAX_TENSOR_BYTES:
+            raise ExpertError.resource_exhausted(
+                f"{field}.shape", f"shape {list(shape)} is larger than 2**62 bytes"
+            )
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= int(d)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ExpertError.resource_exhausted(
+            f"{field}.shape",
+            f"shape {list(shape)} needs {nbytes} bytes, over the limit of {max_bytes}",
+        )
+    return nbytes
+
+
+def decode(
+    msg: tensor_pb2.Tensor,
+    *,
+    field: str,
+    max_bytes: int | None = None,
+    shared_memory: SharedMemoryReader | None = None,
+) -> torch.Tensor:
+    """The CPU tensor in ``msg``; validated first, ``ExpertError`` naming ``field`` otherwise.
+
+    Inline data: a read-only-backed view of the message's bytes, no copy (see the module
+    docstring). Shared memory (only with a ``shared_memory`` reader): a writable copy.
+    ``max_bytes`` caps ``prod(shape) * itemsize`` (RESOURCE_EXHAUSTED above it).
+    """
+    kind = _BY_PROTO.get(msg.dtype)
+    if kind is None:
+        reason = (
+            "dtype is DTYPE_UNSPECIFIED (is the tensor missing?)"
+            if msg.dtype == tensor_pb2.DTYPE_UNSPECIFIED
+            else f"unknown dtype {int(msg.dtype)}"
+        )
+        raise ExpertError.invalid(f"{field}.dtype", reason)
+    shape = _checked_shape(msg, field)
+    nbytes = checked_nbytes(shape, kind.wire.itemsize, field=field, max_bytes=max_bytes)
+    if msg.WhichOneof("storage") == "shared_memory":
+        if shared_memory is None:
+            raise ExpertError.invalid(
+                f"{field}.shared_memory", "shared-memory tensors are not enabled on this end"
+            )
+        raw = shared_memory.read(msg.shared_memory, nbytes, field=f"{field}.shared_memory")
+        flat = raw.view(kind.wire)
+    else:
+        data = msg.data  # upb: a fresh bytes object; the tensor below views it
+        if len(data) != nbytes:
+            raise ExpertError.invalid(
+                f"{field}.data",
+                f"{len(data)} bytes, expected {nbytes} for shape {shape} of {kind.name}",
+            )
+        flat = np.frombuffer(data, dtype=kind.wire)
+    return _to_torch(flat, shape, kind, field)
+
+
+def _checked_shape(msg: tensor_pb2.Tensor, field: str) -> list[int]:
+    if len(msg.shape) > MAX_DIMS:
+        raise ExpertError.invalid(
+            f"{field}.shape", f"{len(msg.shape)} dimensions, at most {MAX_DIMS}"
+        )
+    shape = list(msg.shape)
+    for i, d in enumerate(shape):
+        if d < 0:
+            raise ExpertError.invalid(f"{field}.shape", f"dimension {i} is {d}, must be >= 0")
+    return shape
+
+
+def _to_torch(flat: np.ndarray, shape: list[int], kind: _Kind, field: str) -> torch.Tensor:
+    if not _LITTLE_ENDIAN_HOST:
+        flat = flat.astype(flat.dtype.newbyteorder("="))  # big-endian host: a swapped copy
+    if kind.torch is torch.bool and flat.size and int(flat.max()) > 1:
+        raise ExpertError.invalid(f"{field}.data", "bool elements must be 0 or 1")
+    with warnings.catch_warnings():
+        # Read-only-backed on purpose (module docstring); torch would warn once per process.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        t = torch.from_numpy(flat)
+    if kind.carrier is not kind.torch:
+        t = t.view(kind.torch)
+    return t.reshape(shape)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_finite(t: torch.Tensor, field: str) -> torch.Tensor:
+    """``t`` unchanged; INVALID_ARGUMENT on ``field`` if a floating ``t`` holds NaN or ±inf."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ExpertError.invalid(field, "contains NaN or infinity")
+    return t
+
+
+def validate_sigma(sigma: torch.Tensor, batch: int, field: str = "sigma") -> torch.Tensor:
+    """``sigma`` unchanged if it is one finite noise level in (0, 1] per sample, shape (B,).
+
+    INVALID_ARGUMENT on ``"<field>.shape"`` (not ``(batch,)``), ``"<field>.dtype"`` (not
+    floating) or ``field`` (NaN, inf, ≤ 0 or > 1).
+    """
+    if tuple(sigma.shape) != (batch,):
+        raise ExpertError.invalid(
+            f"{field}.shape", f"shape {list(sigma.shape)}, expected [{batch}]: one per sample"
+        )
+    if not sigma.is_floating_point():
+        raise ExpertError.invalid(f"{field}.dtype", f"{sigma.dtype}, expected a floating dtype")
+    validate_finite(sigma, field)
+    if not bool(((sigma > 0) & (sigma <= 1)).all()):
+        raise ExpertError.invalid(field, "each sigma must be in (0, 1]")
+    return sigma
+
+
+# --------------------------------------------------------------------------- shared memory
+
+
+class SharedMemoryPool:
+    """Writer side of shared-memory tensors: segments reused across calls, unlinked on close.
+
+    ``put`` copies a tensor's bytes into the current segment (64-byte aligned) and returns its
+    ``SharedMemoryRef``; a tensor that does not fit goes to the next segment, a new one of
+    ``max(segment_bytes, nbytes)`` if needed, as long as all segments stay within
+    ``max_bytes`` (else ``put`` returns ``None`` and ``encode`` sends the tensor inline).
+    Tensors under ``min_tensor_bytes`` always go inline.
+
+    Lifetime: refs are valid until the RPC that carries them completes. Call :meth:`reset`
+    once the replies of every call that carries refs from this pool have arrived; it makes
+    all segments free for reuse. One pool per sequence of calls (concurrent calls: one pool
+    each, or reset only when none is in flight)::
+
+        with SharedMemoryPool() as pool:
+            for sigma in levels:
+                reply = await stub.Velocity(VelocityRequest(x=encode(x, shared_memory=pool), ...))
+                pool.reset()
+
+    Thread-safe. Segments are unlinked by :meth:`close`, the context manager, garbage
+    collection of the pool, or (after a crash) Python's resource tracker.
+    """
+
+    def __init__(
+        self,
+        *,
+        segment_bytes: int = 64 << 20,
+        max_bytes: int = 4 << 30,
+        min_tensor_bytes: int = 64 << 10,
+    ) -> None:
+        if segment_bytes <= 0 or max_bytes <= 0 or min_tensor_bytes < 1:
+            raise ValueError("segment_bytes and max_bytes must be > 0, min_tensor_bytes >= 1")
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self.min_tensor_bytes = min_tensor_bytes
+        self._segments: list[_shm.SharedMemory] = []
+        self._current = 0  # index of the segment being filled
+        self._offset = 0  # first free byte in it
+        self._lock = threading.Lock()
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _unlink_all, self._segments)
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the segments held."""
+        return sum(s.size for s in self._segments)
+
+    def put(self, arr: np.ndarray) -> tensor_pb2.SharedMemoryRef | None:
+        """Copy a C-contiguous array's bytes into a segment; ``None``: send it inline."""
+        n = arr.nbytes
+        if n < self.min_tensor_bytes:
+            return None
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("SharedMemoryPool is closed")
+            found = self._place(n)
+            if found is None:
+                return None
+            segment, start = found
+            segment.buf[start : start + n] = arr.reshape(-1).view(np.uint8)
+            self._offset = start + n
+            return tensor_pb2.SharedMemoryRef(name=segment.name, offset=start, nbytes=n)
+
+    def _place(self, n: int) -> tuple[_shm.SharedMemory, int] | None:
+        # Bump allocation: the current segment, then the next ones, then a new one.
+        index, offset = self._current, self._offset
+        while index < len(self._segments):
+            start = -(-offset // _ALIGN) * _ALIGN
+            if start + n <= self._segments[index].size:
+                self._current = index
+                return self._segments[index], start
+            index, offset = index + 1, 0
+        size = max(self.segment_bytes, n)
+        if self.nbytes + size > self.max_bytes:
+            return None  # state unchanged: smaller tensors may still fit
+        name = SEGMENT_PREFIX + secrets.token_hex(8)
+        self._segments.append(_shm.SharedMemory(name=name, create=True, size=size))
+        self._current = len(self._segments) - 1
+        return self._segments[-1], 0
+
+    def reset(self) -> None:
+        """Make every segment free again; refs handed out before become invalid."""
+        with self._lock:
+            self._current, self._offset = 0, 0
+
+    def close(self) -> None:
+        """Unlink every segment (idempotent); ``put`` raises afterwards."""
+        with self._lock:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> SharedMemoryPool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _unlink_all(segments: list[_shm.SharedMemory]) -> None:
+    for segment in segments:
+        segment.close()
+        with contextlib.suppress(FileNotFoundError):  # someone else unlinked it
+            segment.unlink()
+    segments.clear()
+
+
+class SharedMemoryReader:
+    """Reader side of shared-memory tensors: opens segments read-only, copies bytes out.
+
+    Keeps at most ``max_segments`` segments open (least recently used closed first). Only
+    names ``poegen_<hex>`` are opened. :meth:`read` is what :func:`decode` calls; its errors
+    name ``field`` (``"x.shared_memory.name"``, ``".offset"``, ``".nbytes"``) and never the
+    segment. POSIX only (``shm_open``); thread-safe.
+    """
+
+    def __init__(self, *, max_segments: int = 16) -> None:
+        if os.name != "posix":
+            raise NotImplementedError("shared-memory tensors need a POSIX host")
+        if max_segments < 1:
+            raise ValueError("max_segments must be >= 1")
+        self.max_segments = max_segments
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+
+    def read(self, ref: tensor_pb2.SharedMemoryRef, nbytes: int, *, field: str) -> np.ndarray:
+        """A private, writable uint8 copy of the ``nbytes`` bytes that ``ref`` points at."""
+        if not _SEGMENT_NAME.fullmatch(ref.name):
+            raise ExpertError.invalid(f"{field}.name", "not a poegen shared-memory segment")
+        if ref.nbytes != nbytes:
+            raise ExpertError.invalid(
+                f"{field}.nbytes", f"{ref.nbytes} bytes, expected {nbytes} for the shape"
+            )
+        if ref.offset < 0:
+            raise ExpertError.invalid(f"{field}.offset", f"{ref.offset}, must be >= 0")
+        out = np.empty(nbytes, dtype=np.uint8)
+        with self._lock:
+            fd = self._open(ref.name, field)
+            if ref.offset + nbytes > os.fstat(fd).st_size:
+                raise ExpertError.invalid(f"{field}.offset", "offset + nbytes is past the segment")
+            done = 0
+            while done < nbytes:
+                got = _pread_into(fd, memoryview(out)[done:], ref.offset + done)
+                if got <= 0:  # the segment shrank under us
+                    raise ExpertError.invalid(
+                        f"{field}.offset", "offset + nbytes is past the segment"
+                    )
+                done += got
+        return out
+
+    def _open(self, name: str, field: str) -> int:
+        fd = self._fds.get(name)
+        if fd is not None:
+            self._fds.move_to_end(name)
+            return fd
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0)
+        except OSError:
+            raise ExpertError.invalid(f"{field}.name", "the segment cannot be opened") from None
+        self._fds[name] = fd
+        while len(self._fds) > self.max_segments:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        """Close every open segment (idempotent)."""
+        with self._lock:
+            self._finalizer()
+
+    def __enter__(self) -> SharedMemoryReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _close_fds(fds: OrderedDict[str, int]) -> None:
+    while fds:
+        os.close(fds.popitem()[1])
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    chunk = os.pread(fd, len(buf), offset)
+    buf[: len(chunk)] = chunk
+    return len(chunk)
+
+
+__all__ = [
+    "MAX_DIMS",
+    "MAX_TENSOR_BYTES",
+    "SEGMENT_PREFIX",
+    "SUPPORTED_DTYPES",
+    "SharedMemoryPool",
+    "SharedMemoryReader",
+    "checked_nbytes",
+    "decode",
+    "encode",
+    "validate_finite",
+    "validate_sigma",
+]

@@ -1,0 +1,559 @@
+"""An Expert backed by a remote ``ExpertService``: the kernel's gRPC client.
+
+:class:`RemoteExpert` implements the Expert protocol (:mod:`poegen.kernel.experts`) by calling
+an expert host over a synchronous gRPC channel. The kernel calls experts from worker threads
+(:class:`poegen.kernel.calls.ExpertCalls`, one thread per expert), so the API is blocking and
+thread-safe; several calls of one RemoteExpert may be in flight at once::
+
+    from poegen.kernel.remote import RemoteExpert
+    from poegen.kernel.sampler import sample
+    from poegen.kernel.spec import Factor
+
+    with RemoteExpert.connect("127.0.0.1:50051") as flow, \\
+         RemoteExpert.connect("127.0.0.1:50052", condition="a red cube") as reward:
+        result = sample([Factor(flow), Factor(reward, weight=5.0)], (16, 64, 64),
+                        generator=torch.Generator().manual_seed(0))
+        print(flow.revisions_seen)
+
+What ``connect`` does: opens the channel (TLS when ``tls`` is given; the bearer ``token`` goes
+in the ``authorization`` metadata of every call), calls ``Describe`` once (its answer is
+:meth:`RemoteExpert.describe`, so the kernel chunks batches by the server's ``max_batch``), and
+``Prepare``\\ s the condition once when one is given; every later call carries the handle.
+:meth:`RemoteExpert.close` (or leaving the ``with`` block) releases the handle and closes the
+channel.
+
+Calls and their RPCs: ``velocity(x, σ)`` → ``Velocity``; ``log_prob(x, σ)`` and
+``log_potential(x0)`` → ``LogProb`` (with and without σ); ``propose(x, σ, seed=)`` and
+``project(x, σ)`` → ``Propose``. Every reply's model revision is recorded in
+:attr:`RemoteExpert.revisions_seen` (distinct revisions, first seen first; two entries mean
+the model was hot-swapped during the run).
+
+Failures, each raised as :class:`RemoteExpertError` (an
+:class:`~poegen.kernel.errors.ExpertError`: ``.code``, ``.field``, ``.reason``, plus
+``.method`` and ``.address``):
+
+* a status the server sent with a ``BadRequest`` keeps its code and field (``"x.shape"``,
+  ``"sigma"``, ``"handle"``), read back with :func:`~poegen.kernel.errors.from_rpc_error`;
+* UNAVAILABLE (server not up yet, restarting, still loading its first model) is retried
+  ``retries`` times with exponential backoff (``backoff_s·2^k``, capped at ``max_backoff_s``)
+  and jitter drawn from the expert's own ``random.Random(jitter_seed)``; nothing else is
+  retried, since other codes will not change by asking again;
+* each attempt has its own deadline of ``deadline_s`` seconds; DEADLINE_EXCEEDED says so;
+* a handle the server no longer knows (NOT_FOUND on ``"handle"``: the server restarted or
+  evicted it; FAILED_PRECONDITION: the model was hot-swapped) is prepared again, once per call;
+* :meth:`RemoteExpert.cancel` cancels the calls in flight and refuses new ones (CANCELLED).
+
+Dtypes. What the kernel gives is what is sent: float32, float16 and bfloat16 cross the wire
+unchanged, and replies come back in the request's dtype (log-densities as float32, the wire's
+choice, or float64 for a float64 request). The wire has no float64, so a float64
+batch (or σ) is sent as float32 and the reply converted back to float64: a float64 run against
+a remote expert computes the expert in float32, and differs (at float32 rounding) from the same
+run in-process. Run the kernel in float32 (the default) and a remote expert gives *identical*
+samples to the same expert in-process for the same seed: the tensors the expert sees are the
+same bits either way, and the expert is a deterministic function of them.
+
+Tensors returned are writable, private copies (the codec's zero-copy views are read-only-backed).
+
+Shared memory (``shared_memory=True``): request tensors of at least 64 KiB go through POSIX
+shared-memory segments instead of the socket when the server also opted in (its ``Describe``
+says so) and the address is on this host (``localhost``, ``127.*``, ``[::1]`` or ``unix:``).
+Replies always come inline (see :mod:`poegen.kernel.codec`). Segments belong to this expert,
+are reused across calls and unlinked by :meth:`close`.
+
+No asyncio variant: the kernel runs experts in threads, and a sync channel there costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import torch
+from torch import Tensor
+
+from poegen.kernel import codec
+from poegen.kernel.errors import ExpertError, from_rpc_error
+from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
+from poegen.v1 import expert_pb2, expert_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+#: Default largest message sent and received, as the expert host's default.
+DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
+
+_KINDS = {
+    expert_pb2.EXPERT_KIND_GENERATIVE: ExpertKind.GENERATIVE,
+    expert_pb2.EXPERT_KIND_DISCRIMINATIVE: ExpertKind.DISCRIMINATIVE,
+    expert_pb2.EXPERT_KIND_CONSTRAINT: ExpertKind.CONSTRAINT,
+}
+# CAPABILITY_SCORE has no RPC of its own (the score comes from Velocity) and
+# CAPABILITY_AUTOENCODER is not a sampling call: neither is announced to the kernel.
+_CAPABILITIES = {
+    expert_pb2.CAPABILITY_LOG_PROB: Capability.LOG_PROB,
+    expert_pb2.CAPABILITY_PROPOSE: Capability.PROPOSE,
+    expert_pb2.CAPABILITY_PROJECT: Capability.PROJECT,
+}
+_LOOPBACK_PREFIXES = ("localhost:", "127.", "[::1]:", "unix:", "ipv4:127.", "ipv6:[::1]")
+_HANDLE_LOST = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class RemoteExpertError(ExpertError):
+    """A failed call to a remote expert: the server's code and field, and where it happened.
+
+    ``field`` and ``reason`` are the server's own (empty field for transport errors such as
+    UNAVAILABLE or DEADLINE_EXCEEDED); ``str()`` adds the RPC and the address.
+    """
+
+    def __init__(
+        self, code: grpc.StatusCode, field: str, reason: str, *, method: str, address: str
+    ) -> None:
+        super().__init__(code, field, reason)
+        self.method = method
+        self.address = address
+        detail = f"{field}: {reason}" if field else reason
+        self.args = (f"{method} on expert at {address}: {code.name}: {detail}",)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE: at most ``retries`` more attempts, waiting
+    ``uniform(½, 1)·min(max_backoff_s, backoff_s·2^k)`` before attempt ``k + 1``."""
+
+    retries: int = 5
+    backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries: must be >= 0, got {self.retries}")
+        if not (self.backoff_s > 0 and self.max_backoff_s >= self.backoff_s):
+            raise ValueError("backoff_s: needs 0 < backoff_s <= max_backoff_s")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_backoff_s, self.backoff_s * 2.0**attempt)
+        return base * (0.5 + 0.5 * rng.random())
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel options shared by poegen's clients: message limits, quick reconnects."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # gRPC's own reconnect backoff starts at 1 s; ours (RetryPolicy) paces the retries
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+class RemoteExpert:
+    """An Expert answered by a remote ``ExpertService`` (see the module docstring).
+
+    Build it with :meth:`connect`. Thread-safe; a context manager.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        address: str,
+        *,
+        condition: expert_pb2.Condition | None,
+        token: str | None,
+        deadline_s: float,
+        retry: RetryPolicy,
+        jitter_seed: int,
+        shared_memory: bool,
+    ) -> None:
+        """Use :meth:`connect`; this wraps an open channel and makes no call."""
+        if not (deadline_s > 0 and math.isfinite(deadline_s)):
+            raise ValueError(f"deadline_s: must be a positive number, got {deadline_s}")
+        self.address = address
+        self.deadline_s = deadline_s
+        self._channel = channel
+        self._stub = expert_pb2_grpc.ExpertServiceStub(channel)
+        self._condition = condition
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._retry = retry
+        self._rng = random.Random(jitter_seed)
+        self._lock = threading.Lock()
+        self._prepare_lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._closed = False
+        self._in_flight: set[grpc.Future] = set()
+        self._revisions: list[str] = []
+        self._handle = ""
+        self._info: ExpertInfo | None = None
+        self._describe: expert_pb2.DescribeResponse | None = None
+        self._want_shared_memory = shared_memory
+        self._pools: list[codec.SharedMemoryPool] = []
+        self._all_pools: list[codec.SharedMemoryPool] = []
+        self._use_shared_memory = False
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        *,
+        condition: expert_pb2.Condition | str | None = None,
+        token: str | None = None,
+        tls: grpc.ChannelCredentials | None = None,
+        deadline_s: float = 60.0,
+        retries: int = 5,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        jitter_seed: int = 0,
+        shared_memory: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> RemoteExpert:
+        """Open a channel to ``address`` (``host:port``), ``Describe`` and ``Prepare``.
+
+        Args:
+            condition: a ``poegen.v1.Condition``, or a prompt (its ``text``); prepared once.
+            token: bearer token of the expert host, if it wants one.
+            tls: channel credentials (``grpc.ssl_channel_credentials(...)``); plaintext if None.
+            deadline_s: deadline of each attempt of each call.
+            retries, backoff_s, max_backoff_s: retries of UNAVAILABLE (:class:`RetryPolicy`).
+            jitter_seed: seed of the backoff jitter's own generator.
+            shared_memory: send large request tensors through shared memory when the server
+                also opted in and is on this host.
+            max_message_bytes: largest message sent and received (as the server's option).
+
+        Raises :class:`RemoteExpertError` when the server cannot be reached or refuses.
+        """
+        if isinstance(condition, str):
+            condition = expert_pb2.Condition(text=condition)
+        options = channel_options(max_message_bytes)
+        channel = (
+            grpc.secure_channel(address, tls, options=options)
+            if tls is not None
+            else grpc.insecure_channel(address, options=options)
+        )
+        expert = cls(
+            channel,
+            address,
+            condition=condition,
+            token=token,
+            deadline_s=deadline_s,
+            retry=RetryPolicy(retries, backoff_s, max_backoff_s),
+            jitter_seed=jitter_seed,
+            shared_memory=shared_memory,
+        )
+        try:
+            expert._start()
+        except BaseException:
+            expert.close()
+            raise
+        return expert
+
+    # ------------------------------------------------------------------ Expert protocol
+
+    def describe(self) -> ExpertInfo:
+        """The server's ``Describe`` answer at connect time, as :class:`ExpertInfo`."""
+        if self._info is None:
+            raise RuntimeError("RemoteExpert: not connected (use RemoteExpert.connect)")
+        return self._info
+
+    def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """v(x_σ, σ) ``(B, *S)`` from ``Velocity``."""
+        with self._encoder() as enc:
+            request = expert_pb2.VelocityRequest(x=enc(x), sigma=enc(sigma), handle=self._handle)
+            reply = self._invoke("Velocity", request)
+        return self._decoded(reply.velocity, "Velocity", "velocity", x.shape, x.dtype)
+
+    def log_prob(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """log p_σ(x_σ) ``(B,)`` from ``LogProb`` with σ (generative experts)."""
+        with self._encoder() as enc:
+            request = expert_pb2.LogProbRequest(x=enc(x), sigma=enc(sigma), handle=self._handle)
+            reply = self._invoke("LogProb", request)
+        return self._decoded(reply.log_prob, "LogProb", "log_prob", x.shape[:1], _per_sample(x))
+
+    def log_potential(self, x0: Tensor) -> Tensor:
+        """log-potential ``(B,)`` of clean estimates from ``LogProb`` without σ."""
+        with self._encoder() as enc:
+            request = expert_pb2.LogProbRequest(x=enc(x0), handle=self._handle)
+            reply = self._invoke("LogProb", request)
+        return self._decoded(reply.log_prob, "LogProb", "log_prob", x0.shape[:1], _per_sample(x0))
+
+    def propose(self, x: Tensor, sigma: Tensor, seed: int) -> Tensor:
+        """A random move of x_σ ``(B, *S)`` from ``Propose`` (mode PROPOSE)."""
+        mode = expert_pb2.PROPOSE_MODE_PROPOSE
+        return self._propose(x, sigma, mode, seed)
+
+    def project(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """A deterministic map of x_σ ``(B, *S)`` from ``Propose`` (mode PROJECT)."""
+        return self._propose(x, sigma, expert_pb2.PROPOSE_MODE_PROJECT, 0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def revisions_seen(self) -> tuple[str, ...]:
+        """Distinct model revisions named by the replies so far, first seen first."""
+        with self._lock:
+            return tuple(self._revisions)
+
+    @property
+    def handle(self) -> str:
+        """The condition handle in use ("" for the default condition)."""
+        return self._handle
+
+    def cancel(self) -> None:
+        """Cancel the calls in flight and refuse new ones (CANCELLED); idempotent."""
+        self._cancelled.set()
+        with self._lock:
+            in_flight = list(self._in_flight)
+        for future in in_flight:
+            future.cancel()
+
+    def close(self) -> None:
+        """Release the handle, close the channel, unlink shared memory; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            handle, self._handle = self._handle, ""
+        if handle:
+            try:
+                # one short attempt: a server that is gone has forgotten the handle anyway
+                self._stub.Release(
+                    expert_pb2.ReleaseRequest(handle=handle),
+                    timeout=min(self.deadline_s, 5.0),
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError as e:
+                logger.warning("could not release a handle at %s: %s", self.address, e.code())
+        self._channel.close()
+        for pool in self._all_pools:
+            pool.close()
+
+    def __enter__(self) -> RemoteExpert:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        name = self._info.name if self._info else "?"
+        return f"RemoteExpert({name!r} at {self.address})"
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self) -> None:
+        reply: expert_pb2.DescribeResponse = self._invoke("Describe", expert_pb2.DescribeRequest())
+        self._describe = reply
+        self._info = describe_to_info(reply)
+        self._use_shared_memory = (
+            self._want_shared_memory
+            and reply.shared_memory
+            and self.address.startswith(_LOOPBACK_PREFIXES)
+        )
+        if self._want_shared_memory and not self._use_shared_memory:
+            logger.info("shared memory off for %s (server or address not eligible)", self.address)
+        if self._condition is not None:
+            self._handle = self._prepare()
+
+    def _prepare(self) -> str:
+        request = expert_pb2.PrepareRequest(condition=self._condition)
+        reply: expert_pb2.PrepareResponse = self._invoke("Prepare", request, reprepare=False)
+        return reply.handle
+
+    def _propose(self, x: Tensor, sigma: Tensor, mode: int, seed: int) -> Tensor:
+        with self._encoder() as enc:
+            request = expert_pb2.ProposeRequest(
+                x=enc(x), sigma=enc(sigma), mode=mode, seed=seed, handle=self._handle
+            )
+            reply = self._invoke("Propose", request)
+        return self._decoded(reply.x, "Propose", "x", x.shape, x.dtype)
+
+    def _encoder(self) -> _Encoder:
+        """Encodes request tensors; with shared memory, holds a pool until the reply."""
+        if not self._use_shared_memory:
+            return _Encoder(None, None)
+        with self._lock:
+            if self._pools:
+                pool = self._pools.pop()
+            else:
+                pool = codec.SharedMemoryPool()
+                self._all_pools.append(pool)
+        return _Encoder(pool, self._give_back)
+
+    def _give_back(self, pool: codec.SharedMemoryPool) -> None:
+        pool.reset()
+        with self._lock:
+            self._pools.append(pool)
+
+    def _decoded(
+        self, msg: Any, method: str, field: str, shape: Sequence[int], dtype: torch.dtype
+    ) -> Tensor:
+        try:
+            out = codec.decode(msg, field=field)
+        except ExpertError as e:
+            raise self._error(method, e.code, e.field, f"bad reply: {e.reason}") from None
+        if tuple(out.shape) != tuple(shape):
+            raise self._error(
+                method,
+                grpc.StatusCode.INTERNAL,
+                f"{field}.shape",
+                f"bad reply: shape {list(out.shape)}, expected {list(shape)}",
+            )
+        # a private, writable tensor in the caller's dtype (decode views immutable bytes)
+        return out.to(dtype, copy=True)
+
+    def _invoke(self, method: str, request: Any, *, reprepare: bool = True) -> Any:
+        """One RPC with retries of UNAVAILABLE, a deadline per attempt, errors converted."""
+        rpc = getattr(self._stub, method)
+        attempt = 0
+        while True:
+            if self._cancelled.is_set() or self._closed:
+                raise self._error(method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled")
+            try:
+                reply = self._once(rpc, request)
+            except grpc.FutureCancelledError:
+                raise self._error(
+                    method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled"
+                ) from None
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retry.retries:
+                    with self._lock:
+                        delay = self._retry.delay(attempt, self._rng)
+                    attempt += 1
+                    logger.info(
+                        "%s at %s unavailable; retry %d of %d in %.2f s",
+                        method, self.address, attempt, self._retry.retries, delay,
+                    )  # fmt: skip
+                    self._cancelled.wait(delay)
+                    continue
+                err = self._from_rpc_error(method, e, attempt)
+                if reprepare and self._lost_handle(request, err):
+                    logger.info("handle lost at %s (%s); preparing again", self.address, err.code)
+                    request.handle = self._renew_handle(request.handle)
+                    reprepare = False
+                    continue
+                raise err from None
+            self._record(getattr(reply, "revision", ""))
+            return reply
+
+    def _once(self, rpc: Any, request: Any) -> Any:
+        future = rpc.future(request, timeout=self.deadline_s, metadata=self._metadata)
+        with self._lock:
+            self._in_flight.add(future)
+        try:
+            if self._cancelled.is_set():
+                future.cancel()
+            return future.result()
+        finally:
+            with self._lock:
+                self._in_flight.discard(future)
+
+    def _renew_handle(self, stale: str) -> str:
+        """A fresh handle for the condition, prepared once however many calls lost ``stale``."""
+        with self._prepare_lock:
+            if self._handle == stale:
+                self._handle = self._prepare()
+            return self._handle
+
+    def _lost_handle(self, request: Any, err: ExpertError) -> bool:
+        return (
+            self._condition is not None
+            and bool(getattr(request, "handle", ""))
+            and err.code in _HANDLE_LOST
+            and err.field == "handle"
+        )
+
+    def _from_rpc_error(self, method: str, e: grpc.RpcError, attempts: int) -> RemoteExpertError:
+        sent = from_rpc_error(e)
+        if sent is not None:
+            return self._error(method, sent.code, sent.field, sent.reason)
+        code: grpc.StatusCode = e.code()  # type: ignore[attr-defined]
+        details = e.details() or ""  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            reason = f"no reply within deadline_s={self.deadline_s:g} s"
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            reason = f"unavailable after {attempts + 1} attempt(s): {details}"
+        else:
+            reason = details or code.name
+        return self._error(method, code, "", reason)
+
+    def _error(
+        self, method: str, code: grpc.StatusCode, field: str, reason: str
+    ) -> RemoteExpertError:
+        return RemoteExpertError(code, field, reason, method=method, address=self.address)
+
+    def _record(self, revision: str) -> None:
+        if not revision:
+            return
+        with self._lock:
+            if revision not in self._revisions:
+                if self._revisions:
+                    logger.info("expert at %s now serves revision %s", self.address, revision)
+                self._revisions.append(revision)
+
+
+class _Encoder:
+    """``enc(t)`` encodes one request tensor (float64 as float32); a context that returns
+    its shared-memory pool, reset, when the reply has arrived."""
+
+    def __init__(
+        self,
+        pool: codec.SharedMemoryPool | None,
+        give_back: Callable[[codec.SharedMemoryPool], None] | None,
+    ) -> None:
+        self._pool = pool
+        self._give_back = give_back
+
+    def __call__(self, t: Tensor) -> Any:
+        if t.dtype == torch.float64:
+            t = t.to(torch.float32)
+        return codec.encode(t, shared_memory=self._pool)
+
+    def __enter__(self) -> _Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None and self._give_back is not None:
+            self._give_back(self._pool)
+
+
+def _per_sample(x: Tensor) -> torch.dtype:
+    # log-densities come as float32 (the wire's choice); float64 runs get float64 back
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def describe_to_info(reply: expert_pb2.DescribeResponse) -> ExpertInfo:
+    """``DescribeResponse`` → :class:`ExpertInfo` (0 / empty → ``None``: no limit, any shape)."""
+    kind = _KINDS.get(reply.kind)
+    if kind is None:
+        raise ExpertError(
+            grpc.StatusCode.INTERNAL, "kind", f"bad Describe reply: kind {reply.kind}"
+        )
+    return ExpertInfo(
+        name=reply.name,
+        kind=kind,
+        capabilities=frozenset(_CAPABILITIES[c] for c in reply.capabilities if c in _CAPABILITIES),
+        sample_shape=tuple(reply.sample_shape) or None,
+        max_batch=reply.max_batch or None,
+        model_id=reply.model_id,
+        revision=reply.revision,
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "RemoteExpert",
+    "RemoteExpertError",
+    "RetryPolicy",
+    "channel_options",
+    "describe_to_info",
+]

@@ -1,0 +1,645 @@
+"""The kernel as a gRPC service: ``poegen.v1.SamplerService``.
+
+A ``Generate`` request names the factors of the product by the address of their
+``ExpertService``; the service connects a :class:`~poegen.kernel.remote.RemoteExpert` to each
+(``Describe``, ``Prepare`` of the factor's condition), runs :func:`poegen.kernel.sampler.sample_iter`
+in a thread of its own, streams one ``LevelEvent`` per noise level and ends with the
+``GenerateResult``::
+
+    host, port = create_sampler_server(SamplerServerConfig(port=0))   # binds 127.0.0.1
+    await host.start()
+    ...
+    async for reply in stub.Generate(GenerateRequest(factors=[FactorSpec(address=a)], ...)):
+        if reply.HasField("level"): print(reply.level.step, reply.level.ess)
+        else: result = reply.result
+
+Request → kernel:
+
+* ``settings``: every unset optional field takes the kernel's default, after ``preset``
+  (``"default"`` or ``"paper"``); ``max_batch = 0`` means no limit; a non-empty ``sigmas``
+  overrides the schedule. Invalid values → INVALID_ARGUMENT naming ``settings.<field>``.
+* ``factors[i]``: ``address`` (``host:port``, in ``allowed_experts`` when that list is set,
+  else PERMISSION_DENIED), ``weight`` (1 when unset), ``condition`` (prepared once when
+  present), ``region`` (shape ``sample_shape``), ``name``.
+* ``seed`` → the job's ``torch.Generator``; the kernel runs in float32 on the CPU, so a job
+  reproduces :func:`~poegen.kernel.sampler.sample` run in-process in float32 with the same
+  experts and seed, bit for bit.
+* ``preview``: each event carries the best particle's clean estimate (shape S, float32).
+
+Result → wire: particles ``(N, *S)`` float32; log-weights ``(N,)`` as float32 (the kernel
+keeps them in float64 and the wire has no float64: the float32 rounding of the normalised
+log-weights); each factor's record names the revisions its replies came from, comma-joined
+in the order first seen (two revisions: the model was hot-swapped during the job).
+
+Jobs. At most ``max_jobs`` run at once (RESOURCE_EXHAUSTED beyond), each in its own thread;
+``num_particles × prod(sample_shape)`` is capped by ``max_elements`` (RESOURCE_EXHAUSTED on
+``settings.num_particles``). Cancelling the stream (the client cancels or disconnects) stops
+the job: the experts' calls in flight are cancelled, no further call is made, the sampler's
+generator is closed and every condition handle is released. Events wait in an unbounded queue
+for a slow reader (one per level: small unless previews are large).
+
+Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.errors`):
+
+* INVALID_ARGUMENT for a bad request: ``"factors"``, ``"factors[1].address"``,
+  ``"factors[0].region.shape"``, ``"sample_shape"``, ``"settings.num_particles"``, ... and the
+  kernel's own checks (``"settings.mcmc"``: MALA with an expert without log_prob);
+* from an expert, named ``factors[i]``: unreachable or too slow → UNAVAILABLE on
+  ``factors[i].address``; its INVALID_ARGUMENT / RESOURCE_EXHAUSTED pass through (the reason
+  quotes the expert's field); a refused token → FAILED_PRECONDITION; a handle lost twice →
+  ABORTED (retry the job); anything else → FAILED_PRECONDITION quoting the expert's status;
+* every particle died (constraints unsatisfiable) → FAILED_PRECONDITION on ``factors``;
+* our own bugs → INTERNAL (traceback to the log).
+
+:func:`create_sampler_server` wires the servicer with health (``""`` and
+``poegen.v1.SamplerService``), reflection, TLS and the expert host's bearer-token interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import re
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from poegen.expert_servers.server.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    KeepaliveConfig,
+    TLSConfig,
+)
+from poegen.expert_servers.server.interceptors import TokenInterceptor
+from poegen.kernel import codec
+from poegen.kernel.errors import ExpertError, maps_errors
+from poegen.kernel.remote import RemoteExpert, RemoteExpertError
+from poegen.kernel.sampler import AllParticlesDiedError, LevelTrace, SampleResult, sample_iter
+from poegen.kernel.spec import Factor, SamplerSettings
+from poegen.v1 import sampler_pb2, sampler_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"].full_name
+_SETTINGS_FIELDS = frozenset(SamplerSettings.model_fields)
+_FIELD = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+)*$")
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class SamplerServerConfig(BaseModel):
+    """Settings of the sampler service (YAML section ``sampler:``; CLI flags)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", min_length=1, description="bind address")
+    port: int = Field(0, ge=0, le=65535, description="bind port; 0 picks a free one")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=(1 << 31) - 1)
+    keepalive: KeepaliveConfig = Field(default_factory=KeepaliveConfig)
+    grace_s: float = Field(10.0, ge=0, description="drain time for running jobs on shutdown")
+    tls: TLSConfig | None = None
+    token: SecretStr | None = Field(None, description="bearer token every RPC but health needs")
+    max_jobs: int = Field(4, ge=1, le=1024, description="jobs running at once")
+    max_elements: int = Field(1 << 28, ge=1, description="cap on num_particles × prod(S)")
+    allowed_experts: tuple[str, ...] = Field(
+        (), description="expert addresses a request may name; empty: any"
+    )
+    expert_token: SecretStr | None = Field(None, description="bearer token sent to experts")
+    expert_deadline_s: float = Field(60.0, gt=0, description="deadline of each expert call")
+    expert_retries: int = Field(5, ge=0, le=100, description="retries of UNAVAILABLE")
+    shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
+
+
+@dataclass(frozen=True, slots=True)
+class FactorPlan:
+    """One factor of a job, validated: where, with what weight, condition and region."""
+
+    address: str
+    weight: float
+    condition: Any | None  # poegen.v1.Condition
+    region: torch.Tensor | None
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """A validated ``GenerateRequest``."""
+
+    factors: tuple[FactorPlan, ...]
+    sample_shape: tuple[int, ...]
+    settings: SamplerSettings
+    seed: int
+    preview: bool
+
+
+# --------------------------------------------------------------------------- request
+
+
+def parse_request(request: sampler_pb2.GenerateRequest, config: SamplerServerConfig) -> JobPlan:
+    """Validate a ``GenerateRequest``; ``ExpertError`` naming the field otherwise."""
+    if not request.factors:
+        raise ExpertError.invalid("factors", "at least one factor is needed")
+    shape = tuple(int(s) for s in request.sample_shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise ExpertError.invalid("sample_shape", f"needs positive dimensions, got {list(shape)}")
+    settings = settings_from_proto(request.settings)
+    elements = settings.num_particles * math.prod(shape)
+    if elements > config.max_elements:
+        raise ExpertError.resource_exhausted(
+            "settings.num_particles",
+            f"num_particles × prod(sample_shape) = {elements} is over the limit of "
+            f"{config.max_elements}",
+        )
+    factors = tuple(_parse_factor(i, f, shape, config) for i, f in enumerate(request.factors))
+    return JobPlan(factors, shape, settings, int(request.seed), bool(request.preview))
+
+
+def _parse_factor(
+    i: int, spec: sampler_pb2.FactorSpec, shape: tuple[int, ...], config: SamplerServerConfig
+) -> FactorPlan:
+    where = f"factors[{i}]"
+    address = spec.address.strip()
+    if not address or ":" not in address:
+        raise ExpertError.invalid(f"{where}.address", "needs host:port of an ExpertService")
+    if config.allowed_experts and address not in config.allowed_experts:
+        raise ExpertError.permission_denied(
+            f"{where}.address", "not among the expert addresses this sampler may call"
+        )
+    weight = spec.weight if spec.HasField("weight") else 1.0
+    if not math.isfinite(weight):
+        raise ExpertError.invalid(f"{where}.weight", "must be finite")
+    region = None
+    if spec.HasField("region"):
+        region = codec.decode(
+            spec.region, field=f"{where}.region", max_bytes=config.max_message_bytes
+        )
+        if tuple(region.shape) != shape:
+            raise ExpertError.invalid(
+                f"{where}.region.shape", f"{list(region.shape)}, expected {list(shape)}"
+            )
+        region = region.to(torch.float32, copy=True)
+    condition = spec.condition if spec.HasField("condition") else None
+    return FactorPlan(address, float(weight), condition, region, spec.name or None)
+
+
+def settings_from_proto(msg: sampler_pb2.SamplerSettings) -> SamplerSettings:
+    """``SamplerSettings`` from the wire: unset fields take the preset's defaults."""
+    values: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        name = field.name
+        if name in ("sigmas", "preset") or not msg.HasField(name):
+            continue
+        values[name] = getattr(msg, name)
+    if values.get("max_batch") == 0:
+        values["max_batch"] = None
+    if msg.sigmas:
+        values["sigmas"] = tuple(msg.sigmas)
+    preset = msg.preset if msg.HasField("preset") else "default"
+    if preset not in ("default", "paper"):
+        raise ExpertError.invalid("settings.preset", f"unknown preset {preset!r} (default, paper)")
+    try:
+        return SamplerSettings.preset(preset, **values)
+    except ValidationError as e:
+        error = e.errors(include_input=False, include_url=False)[0]
+        loc = ".".join(str(p) for p in error["loc"])
+        raise ExpertError.invalid(f"settings.{loc}" if loc else "settings", error["msg"]) from None
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def level_event(trace: LevelTrace, *, preview: bool) -> sampler_pb2.GenerateResponse:
+    """The ``LevelEvent`` of one level."""
+    event = sampler_pb2.LevelEvent(
+        step=trace.step,
+        sigma=trace.sigma,
+        ess=trace.ess,
+        resampled=trace.resampled,
+        acceptance_rate=trace.acceptance,
+        log_weight_spread=trace.log_weight_spread,
+        reward_scale=trace.reward_scale,
+        log_evidence=trace.log_evidence,
+        timings=[
+            sampler_pb2.ExpertTiming(name=name, calls=stats.calls, seconds=stats.seconds)
+            for name, stats in trace.experts.items()
+        ],
+    )
+    if preview:
+        event.preview.CopyFrom(codec.encode(trace.preview.to(torch.float32)))
+    return sampler_pb2.GenerateResponse(level=event)
+
+
+def generate_result(
+    result: SampleResult, factors: Sequence[Factor], experts: Sequence[RemoteExpert]
+) -> sampler_pb2.GenerateResponse:
+    """The ``GenerateResult``; expert records in factor order with the revisions seen."""
+    records = []
+    for factor, expert in zip(factors, experts, strict=True):
+        info = expert.describe()
+        revisions = expert.revisions_seen or (info.revision,)
+        records.append(
+            sampler_pb2.ExpertRecord(
+                name=factor.name or info.name, model_id=info.model_id, revision=",".join(revisions)
+            )
+        )
+    out = sampler_pb2.GenerateResult(
+        particles=codec.encode(result.particles.to(torch.float32)),
+        log_weights=codec.encode(result.log_weights.to(torch.float32)),
+        log_evidence=result.log_evidence,
+        best_index=result.best_index,
+        experts=records,
+    )
+    return sampler_pb2.GenerateResponse(result=out)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+_END = object()
+
+
+class Job:
+    """One ``Generate`` run in its own thread, feeding an asyncio queue.
+
+    The queue receives ``GenerateResponse`` messages, then either an exception or nothing,
+    then the end marker. :meth:`stop` (any thread) stops the run between two expert calls.
+    """
+
+    def __init__(
+        self,
+        plan: JobPlan,
+        config: SamplerServerConfig,
+        loop: asyncio.AbstractEventLoop,
+        on_done: Callable[[Job], None],
+        number: int,
+    ) -> None:
+        self.plan = plan
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._config = config
+        self._loop = loop
+        self._on_done = on_done
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._experts: list[RemoteExpert] = []
+        self.finished = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=f"poegen-job-{number}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the run: cancel the experts' calls in flight, make no more."""
+        self._stop.set()
+        with self._lock:
+            experts = list(self._experts)
+        for expert in experts:
+            expert.cancel()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _emit(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _main(self) -> None:
+        outcome: Any = None
+        try:
+            outcome = self._run()
+        except BaseException as e:
+            outcome = e
+        finally:
+            with self._lock:
+                experts, self._experts = self._experts, []
+            for expert in experts:
+                expert.close()  # releases its handle before the client hears the end
+            self._on_done(self)
+            if outcome is not None:
+                self._emit(outcome)
+            self._emit(_END)
+            self.finished.set()
+
+    def _run(self) -> sampler_pb2.GenerateResponse | None:
+        """Run the sampler, emitting level events; the result, or None when stopped."""
+        experts = self._connect()
+        plan = self.plan
+        factors = [
+            Factor(expert, weight=f.weight, region=f.region, name=f.name)
+            for f, expert in zip(plan.factors, experts, strict=True)
+        ]
+        generator = torch.Generator().manual_seed(plan.seed)
+        run = sample_iter(factors, plan.sample_shape, plan.settings, generator=generator)
+        try:
+            while not self._stop.is_set():
+                try:
+                    trace = next(run)
+                except StopIteration as done:
+                    return generate_result(done.value, factors, experts)
+                self._emit(level_event(trace, preview=plan.preview))
+        finally:
+            run.close()
+        return None
+
+    def _connect(self) -> list[RemoteExpert]:
+        """Connect every factor's expert, concurrently; on failure close those connected."""
+        config, factors = self._config, self.plan.factors
+        token = config.expert_token.get_secret_value() if config.expert_token else None
+
+        def connect(i: int) -> RemoteExpert:
+            if self._stop.is_set():
+                raise RemoteExpertError(
+                    grpc.StatusCode.CANCELLED, "", "job stopped", method="Describe",
+                    address=factors[i].address,
+                )  # fmt: skip
+            expert = RemoteExpert.connect(
+                factors[i].address,
+                condition=factors[i].condition,
+                token=token,
+                deadline_s=config.expert_deadline_s,
+                retries=config.expert_retries,
+                jitter_seed=i,
+                shared_memory=config.shared_memory,
+                max_message_bytes=config.max_message_bytes,
+            )
+            with self._lock:
+                self._experts.append(expert)  # closed by _main whatever happens next
+            return expert
+
+        with ThreadPoolExecutor(len(factors), thread_name_prefix="poegen-connect") as pool:
+            futures = [pool.submit(connect, i) for i in range(len(factors))]
+            errors = [f.exception() for f in futures]
+        for i, error in enumerate(errors):
+            if error is not None:
+                raise _FactorError(i, error)
+        experts = [f.result() for f in futures]
+        if self._stop.is_set():
+            for expert in experts:
+                expert.cancel()
+        return experts
+
+
+class _FactorError(Exception):
+    """An error while connecting factor ``index``."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
+def job_error(error: BaseException, plan: JobPlan) -> BaseException:
+    """The status a failed job answers with (see the module docstring)."""
+    if isinstance(error, _FactorError):
+        inner = error.error
+        if isinstance(inner, RemoteExpertError):
+            return _expert_error(error.index, inner, connecting=True)
+        return inner
+    if isinstance(error, RemoteExpertError):
+        index = next((i for i, f in enumerate(plan.factors) if f.address == error.address), None)
+        return _expert_error(index, error, connecting=False)
+    if isinstance(error, AllParticlesDiedError):
+        return ExpertError.failed_precondition("factors", str(error))
+    if isinstance(error, ValueError | TypeError):
+        return ExpertError.invalid(*_kernel_field(str(error)))
+    return error
+
+
+def _expert_error(index: int | None, err: RemoteExpertError, *, connecting: bool) -> ExpertError:
+    where = f"factors[{index}]" if index is not None else "factors"
+    code = err.code
+    quoted = f"expert at {err.address}, {err.method}: {code.name}: {err}"
+    if code == grpc.StatusCode.CANCELLED:
+        return ExpertError(code, "", "the job was cancelled")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ExpertError.unavailable(f"{where}.address", quoted)
+    if (
+        connecting
+        and code == grpc.StatusCode.INVALID_ARGUMENT
+        and err.field.startswith("condition")
+    ):
+        return ExpertError.invalid(f"{where}.{err.field}", err.reason)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return ExpertError(code, where, quoted)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return ExpertError.failed_precondition(
+            f"{where}.address", f"the expert refused the sampler's credentials ({code.name})"
+        )
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+        return ExpertError(grpc.StatusCode.ABORTED, where, quoted + "; retry the job")
+    return ExpertError.failed_precondition(where, quoted)
+
+
+def _kernel_field(message: str) -> tuple[str, str]:
+    """(field, reason) of a kernel ``ValueError("<field>: <reason>")``, as a request path."""
+    head, sep, reason = message.partition(": ")
+    if not sep or not _FIELD.match(head):
+        return "factors", message
+    if head in _SETTINGS_FIELDS:
+        return f"settings.{head}", reason
+    if head in ("sample_shape", "factors") or head.startswith("factors["):
+        return head, reason
+    return "factors", message  # "weight: ...", "region: ..." name a factor by its name
+
+
+class JobSlots:
+    """The jobs running now, at most ``max_jobs``; thread-safe."""
+
+    def __init__(self, max_jobs: int) -> None:
+        self.max_jobs = max_jobs
+        self._jobs: set[Job] = set()
+        self._lock = threading.Lock()
+        self._count = itertools.count()
+
+    def admit(
+        self, plan: JobPlan, config: SamplerServerConfig, loop: asyncio.AbstractEventLoop
+    ) -> Job:
+        with self._lock:
+            if len(self._jobs) >= self.max_jobs:
+                raise ExpertError.resource_exhausted(
+                    "", f"{self.max_jobs} jobs are running; try again later"
+                )
+            job = Job(plan, config, loop, self._done, next(self._count))
+            self._jobs.add(job)
+        return job
+
+    def _done(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs)
+
+
+# --------------------------------------------------------------------------- servicer
+
+
+class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
+    """``SamplerService``: parse → job thread → stream (see the module docstring)."""
+
+    def __init__(self, config: SamplerServerConfig) -> None:
+        self.config = config
+        self.jobs = JobSlots(config.max_jobs)
+
+    @maps_errors
+    async def Generate(
+        self, request: sampler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[sampler_pb2.GenerateResponse]:
+        plan = parse_request(request, self.config)
+        job = self.jobs.admit(plan, self.config, asyncio.get_running_loop())
+        job.start()
+        try:
+            while (item := await job.queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise job_error(item, plan)
+                yield item
+        finally:
+            job.stop()  # a no-op after a normal end; cancels the job when the client left
+
+    async def stop_all(self, grace: float) -> None:
+        """Stop every job and wait up to ``grace`` seconds for their threads."""
+        jobs = self.jobs.running()
+        for job in jobs:
+            job.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        for job in jobs:
+            await asyncio.to_thread(job.join, max(0.0, deadline - loop.time()))
+
+
+# --------------------------------------------------------------------------- server
+
+
+def grpc_options(config: SamplerServerConfig) -> list[tuple[str, int]]:
+    keepalive = config.keepalive
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(keepalive.min_ping_interval_s * 1000)),
+        ("grpc.so_reuseport", 0),
+    ]  # fmt: skip
+
+
+class SamplerHost:
+    """The sampler's gRPC server, health, reflection and jobs."""
+
+    def __init__(self, config: SamplerServerConfig) -> None:
+        self.config = config
+        self.servicer = SamplerServicer(config)
+        self.health = health.aio.HealthServicer()
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if config.token is not None:
+            interceptors.append(TokenInterceptor(config.token.get_secret_value()))
+        self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+        sampler_pb2_grpc.add_SamplerServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self._bind()
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def _bind(self) -> int:
+        host, tls = self.config.host, self.config.tls
+        address = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
+        try:
+            if tls is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                    root_certificates=client_ca,
+                    require_client_auth=client_ca is not None,
+                )
+                port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"port: cannot bind {address}")
+        return port
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, _SERVING)
+        logger.info("sampler service on %s", self.address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new jobs, stop running ones, wait ``grace`` seconds."""
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        await self.servicer.stop_all(grace)
+        await stopping
+
+
+def create_sampler_server(
+    config: SamplerServerConfig | None = None,
+) -> tuple[SamplerHost, int]:
+    """Build and bind the sampler service (not started); return it and its port.
+
+    Call from inside the event loop that will run it. ``port=0`` binds a free port.
+    """
+    host = SamplerHost(config or SamplerServerConfig())
+    return host, host.port
+
+
+async def serve_sampler(
+    config: SamplerServerConfig, *, announce: Callable[[str], None] | None = None
+) -> int:
+    """Run the service until SIGTERM or SIGINT, then stop its jobs; return 0.
+
+    ``announce`` receives ``"poegen: serving sampler on <host>:<port>"`` once it listens
+    (the line format of ``poegen serve``).
+    """
+    host, _ = create_sampler_server(config)
+    await host.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if announce is not None:
+            announce(f"poegen: serving sampler on {host.address}")
+        await stop.wait()
+        logger.info("shutting down: stopping jobs, %.1f s grace", config.grace_s)
+        await host.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+__all__ = [
+    "FactorPlan",
+    "Job",
+    "JobPlan",
+    "SamplerHost",
+    "SamplerServerConfig",
+    "SamplerServicer",
+    "create_sampler_server",
+    "generate_result",
+    "job_error",
+    "level_event",
+    "parse_request",
+    "serve_sampler",
+    "settings_from_proto",
+]
