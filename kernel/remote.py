@@ -299,6 +299,11 @@ class RemoteExpert:
             return tuple(self._revisions)
 
     @property
+    def uses_shared_memory(self) -> bool:
+        """Whether request tensors go through shared memory (both ends opted in, same host)."""
+        return self._use_shared_memory
+
+    @property
     def handle(self) -> str:
         """The condition handle in use ("" for the default condition)."""
         return self._handle

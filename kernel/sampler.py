@@ -22,9 +22,13 @@ Why this is exact at the end: the potentials telescope, Π_k exp(φ_k − φ_{k�
 s_L = 1, so the weighted particles target q(x)·Π_j exp(λ_j r_j)·1[C] whatever the intermediate
 scales, where q is the terminal law of the transition + MCMC chain. The MCMC moves pull q to
 the product of the generative experts: without them the summed-score chain samples the wrong
-law (Du et al. 2023). Discriminative experts never need gradients. Intermediate constraint
-indicators are a twist, like the tempered rewards: a particle whose estimate x̂_0 leaves a
-constraint is dropped early instead of carried to the end.
+law (Du et al. 2023). Discriminative experts never need gradients.
+
+Hard constraints are twists too. At the last level a violated constraint gives −inf (the
+particle dies); at level k of L it gives −(k/L)·``constraint_penalty``, a finite penalty
+that grows along the path. Killing at every level would be biased: early estimates x̂_0
+are blurry averages (at σ = 1, the mean of the prior), which can lie outside a constraint that
+the final samples satisfy. ``constraint_penalty=inf`` restores the kill-at-every-level rule.
 
 Combination rules for generative experts, with masks m_i (1 without a region) and
 W(c) = Σ_i w_i·m_i(c) per coordinate c (must be > 0 everywhere):
@@ -210,7 +214,8 @@ def sample_iter(
             target = target_at(sigma)
             x, here, acceptance = _mcmc(settings, problem, x, target(x), target, sigma, generator)
             x0 = x0_from_velocity(x, sigma, here.velocity)
-            rewards, constraints = _potentials(problem, calls, x0, k, sigma)
+            penalty = _penalty(settings, k, len(scales))
+            rewards, constraints = _potentials(problem, calls, x0, k, sigma, penalty)
             scale = _scale(settings, scales, k, log_w, rewards, constraints, previous, scale)
             current = scale * rewards + constraints
             inc = (
@@ -401,10 +406,18 @@ def _mcmc(
     return x, here, rate
 
 
+def _penalty(settings: SamplerSettings, k: int, num_levels: int) -> float:
+    """What a violated hard constraint costs at level k: −inf at the last level only."""
+    if k == num_levels - 1:
+        return math.inf
+    return settings.constraint_penalty * (k + 1) / num_levels
+
+
 def _potentials(
-    problem: _Problem, calls: ExpertCalls, x0: Tensor, step: int, sigma: float
+    problem: _Problem, calls: ExpertCalls, x0: Tensor, step: int, sigma: float, penalty: float
 ) -> tuple[Tensor, Tensor]:
-    """(Σ_j λ_j·r_j(x̂_0), Σ_c scale_c·log C_c(x̂_0)), each ``(N,)`` float64."""
+    """(Σ_j λ_j·r_j(x̂_0), Σ_c w_c·log C_c(x̂_0)), each ``(N,)`` float64; a violated hard
+    constraint (−inf) counts −``penalty``."""
     n = x0.shape[0]
     rewards = torch.zeros(n, dtype=torch.float64)
     constraints = torch.zeros(n, dtype=torch.float64)
@@ -419,7 +432,8 @@ def _potentials(
         if b.info.kind == ExpertKind.DISCRIMINATIVE:
             rewards += b.factor.weight * value
         else:
-            constraints += torch.where(torch.isneginf(value), value, b.factor.weight * value)
+            violated = torch.full_like(value, -penalty)
+            constraints += torch.where(torch.isneginf(value), violated, b.factor.weight * value)
     return rewards, constraints
 
 

@@ -14,6 +14,8 @@ Defaults and why:
 * ``ess_threshold=0.5``: resample when ESS/N < ½ (0 never, 1 always).
 * ``resampling="systematic"``: lowest variance of the unbiased schemes for its cost.
 * ``tempering="linear"``: λ_k grows linearly from 0 at σ = 1 to 1 at the last level.
+* ``constraint_penalty=10``: before the last level a violated hard constraint costs
+  −(k/L)·10 in log-weight instead of −inf (see ``sampler``); ``inf`` kills at every level.
 * ``weighting="incremental"``: exact SMC bookkeeping (the telescoping potentials make the
   final target exact); ``"level"`` is the paper's sketch.
 
@@ -86,6 +88,11 @@ class SamplerSettings(BaseModel):
     tempering_rate: float = Field(0.008, gt=0, description="γ of the exponential schedule")
     tempering_ess: float = Field(0.5, gt=0, lt=1, description="target ESS of adaptive tempering")
     weighting: Literal["incremental", "level"] = "incremental"
+    constraint_penalty: float = Field(
+        10.0,
+        gt=0,
+        description="log-weight cost of a violated hard constraint before the last level",
+    )
     max_batch: int | None = Field(None, ge=1, description="largest batch per expert call")
 
     @field_validator("sigmas")

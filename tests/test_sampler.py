@@ -250,8 +250,24 @@ def test_half_space_is_never_violated():
 def test_every_particle_dying_names_the_level_and_constraint():
     far = HalfSpace([1.0, 0.0], -50.0)  # x₀ ≤ −50: unreachable
     factors = [Factor(gaussian([0.0, 0.0])), Factor(far, name="wall")]
-    with pytest.raises(AllParticlesDiedError, match=r"level 0 \(sigma=.*'wall' \(64 of 64\)"):
+    # by default violations are penalised before the last level and kill at the last one
+    with pytest.raises(AllParticlesDiedError, match=r"level 8 \(sigma=.*'wall' \(64 of 64\)"):
         run(factors)
+    with pytest.raises(AllParticlesDiedError, match=r"level 0 \(sigma=.*'wall' \(64 of 64\)"):
+        run(factors, constraint_penalty=math.inf)
+
+
+def test_intermediate_violations_do_not_kill_particles_that_end_inside():
+    """Modes at ±2, constraint x₀ ≤ −1: early estimates x̂₀ ≈ 0 all violate it, yet the
+    left mode satisfies it. Killing at every level dies at once; the default reaches it."""
+    modes = GaussianMixture([[-2.0, 0.0], [2.0, 0.0]], [[0.1, 0.1], [0.1, 0.1]], [0.5, 0.5])
+    factors = [Factor(modes), Factor(HalfSpace([1.0, 0.0], -1.0), name="left")]
+    result = run(factors, num_particles=256)
+    alive = result.log_weights > -math.inf
+    assert alive.sum() > 20
+    assert (result.particles[alive, 0] <= -1.0).all()
+    with pytest.raises(AllParticlesDiedError, match="level 0"):
+        run(factors, num_particles=256, constraint_penalty=math.inf)
 
 
 class ShiftProposal:
