@@ -107,7 +107,9 @@ def add_parser(subparsers: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m poegen.clients.sampler_cli``: the same as ``poegen sampler``."""
     parser = argparse.ArgumentParser(prog="poegen sampler", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     _add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -19,6 +19,8 @@ What ``connect`` does: opens the channel (TLS when ``tls`` is given; the bearer 
 in the ``authorization`` metadata of every call), calls ``Describe`` once (its answer is
 :meth:`RemoteExpert.describe`, so the kernel chunks batches by the server's ``max_batch``), and
 ``Prepare``\\ s the condition once when one is given; every later call carries the handle.
+``describe().max_batch`` is the server's limit, lowered when needed so that a batch of float32
+samples fits the message size limit (the smaller of ours and the server's).
 :meth:`RemoteExpert.close` (or leaving the ``with`` block) releases the handle and closes the
 channel.
 
@@ -52,7 +54,9 @@ run in-process. Run the kernel in float32 (the default) and a remote expert give
 samples to the same expert in-process for the same seed: the tensors the expert sees are the
 same bits either way, and the expert is a deterministic function of them.
 
-Tensors returned are writable, private copies (the codec's zero-copy views are read-only-backed).
+Tensors returned are the codec's zero-copy views of the reply's bytes (converted only when
+the dtype differs): *read-only-backed*, so never modify them in place (``add_``, ``out=``,
+item assignment); the kernel never does. Clone one first if you must.
 
 Shared memory (``shared_memory=True``): request tensors of at least 64 KiB go through POSIX
 shared-memory segments instead of the socket when the server also opted in (its ``Describe``
@@ -65,6 +69,7 @@ No asyncio variant: the kernel runs experts in threads, and a sync channel there
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -101,6 +106,7 @@ _CAPABILITIES = {
     expert_pb2.CAPABILITY_PROJECT: Capability.PROJECT,
 }
 _LOOPBACK_PREFIXES = ("localhost:", "127.", "[::1]:", "unix:", "ipv4:127.", "ipv6:[::1]")
+_MESSAGE_OVERHEAD = 64 << 10  # room for the fields around the tensors of a message
 _HANDLE_LOST = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
 
@@ -170,6 +176,7 @@ class RemoteExpert:
         retry: RetryPolicy,
         jitter_seed: int,
         shared_memory: bool,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         """Use :meth:`connect`; this wraps an open channel and makes no call."""
         if not (deadline_s > 0 and math.isfinite(deadline_s)):
@@ -192,6 +199,7 @@ class RemoteExpert:
         self._info: ExpertInfo | None = None
         self._describe: expert_pb2.DescribeResponse | None = None
         self._want_shared_memory = shared_memory
+        self._max_message_bytes = max_message_bytes
         self._pools: list[codec.SharedMemoryPool] = []
         self._all_pools: list[codec.SharedMemoryPool] = []
         self._use_shared_memory = False
@@ -244,6 +252,7 @@ class RemoteExpert:
             retry=RetryPolicy(retries, backoff_s, max_backoff_s),
             jitter_seed=jitter_seed,
             shared_memory=shared_memory,
+            max_message_bytes=max_message_bytes,
         )
         try:
             expert._start()
@@ -357,7 +366,11 @@ class RemoteExpert:
     def _start(self) -> None:
         reply: expert_pb2.DescribeResponse = self._invoke("Describe", expert_pb2.DescribeRequest())
         self._describe = reply
-        self._info = describe_to_info(reply)
+        info = describe_to_info(reply)
+        limit = _batch_limit(info, min(self._max_message_bytes, reply.max_message_bytes or 2**62))
+        if limit is not None and (info.max_batch is None or limit < info.max_batch):
+            info = dataclasses.replace(info, max_batch=limit)
+        self._info = info
         self._use_shared_memory = (
             self._want_shared_memory
             and reply.shared_memory
@@ -412,8 +425,8 @@ class RemoteExpert:
                 f"{field}.shape",
                 f"bad reply: shape {list(out.shape)}, expected {list(shape)}",
             )
-        # a private, writable tensor in the caller's dtype (decode views immutable bytes)
-        return out.to(dtype, copy=True)
+        # no copy when the dtype matches: a read-only-backed view (see the module docstring)
+        return out.to(dtype)
 
     def _invoke(self, method: str, request: Any, *, reprepare: bool = True) -> Any:
         """One RPC with retries of UNAVAILABLE, a deadline per attempt, errors converted."""
@@ -529,6 +542,14 @@ class _Encoder:
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None and self._give_back is not None:
             self._give_back(self._pool)
+
+
+def _batch_limit(info: ExpertInfo, max_message_bytes: int) -> int | None:
+    """The largest batch whose float32 tensors fit one message (None: any shape, no bound)."""
+    if info.sample_shape is None:
+        return None
+    per_sample = 4 * max(1, math.prod(info.sample_shape)) + 64  # + σ and framing
+    return max(1, (max_message_bytes - _MESSAGE_OVERHEAD) // per_sample)
 
 
 def _per_sample(x: Tensor) -> torch.dtype:

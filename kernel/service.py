@@ -67,6 +67,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -114,6 +115,9 @@ class SamplerServerConfig(BaseModel):
         (), description="expert addresses a request may name; empty: any"
     )
     expert_token: SecretStr | None = Field(None, description="bearer token sent to experts")
+    expert_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: call experts over TLS, trusting these roots"
+    )
     expert_deadline_s: float = Field(60.0, gt=0, description="deadline of each expert call")
     expert_retries: int = Field(5, ge=0, le=100, description="retries of UNAVAILABLE")
     shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
@@ -354,6 +358,11 @@ class Job:
         """Connect every factor's expert, concurrently; on failure close those connected."""
         config, factors = self._config, self.plan.factors
         token = config.expert_token.get_secret_value() if config.expert_token else None
+        tls = (
+            grpc.ssl_channel_credentials(config.expert_ca_file.read_bytes())
+            if config.expert_ca_file is not None
+            else None
+        )
 
         def connect(i: int) -> RemoteExpert:
             if self._stop.is_set():
@@ -365,6 +374,7 @@ class Job:
                 factors[i].address,
                 condition=factors[i].condition,
                 token=token,
+                tls=tls,
                 deadline_s=config.expert_deadline_s,
                 retries=config.expert_retries,
                 jitter_seed=i,

@@ -130,11 +130,13 @@ def test_exact_samples_noised_match_the_analytic_marginal():
         # and the analytic marginal's moments are those of the noising map
         a = 1 - sigma
         torch.testing.assert_close(noised.mean, a * gm.mean)
-        torch.testing.assert_close(noised.covariance, a * a * gm.covariance + sigma**2 * torch.eye(2, dtype=F64))
+        torch.testing.assert_close(
+            noised.covariance, a * a * gm.covariance + sigma**2 * torch.eye(2, dtype=F64)
+        )
 
 
 def test_log_prob_integrates_to_one_at_every_level():
-    u = torch.linspace(-9, 9, 721, dtype=F64)
+    u = torch.linspace(-9, 9, 241, dtype=F64)
     grid = torch.cartesian_prod(u, u)
     h = (u[1] - u[0]) ** 2
     for sigma in (0.0, 0.5, 1.0):
@@ -170,7 +172,7 @@ def test_sampling_is_reproducible_from_the_generator():
 def test_diagonal_and_full_covariances_agree(sigma):
     var = [[0.3, 1.2], [0.5, 0.05], [2.0, 0.7]]
     diag = GaussianMixture(MEANS, var, WEIGHTS)
-    full = GaussianMixture(MEANS, torch.diag_embed(torch.tensor(var)), WEIGHTS)
+    full = GaussianMixture(MEANS, torch.diag_embed(torch.tensor(var, dtype=F64)), WEIGHTS)
     assert diag.diagonal and not full.diagonal
     x, s = points(), full_sigma(sigma)
     for method in ("log_prob", "score", "velocity", "denoise"):
@@ -229,7 +231,9 @@ def test_rewards_evaluate_their_formulas():
     ref = 3.0 - 0.5 * (2 * r[:, 0] ** 2 + r[:, 0] * r[:, 1] + r[:, 1] ** 2)
     torch.testing.assert_close(quad.log_potential(x), ref)
     sig = SigmoidReward([1.0, 1.0], offset=0.5, sharpness=3.0)
-    torch.testing.assert_close(sig.log_potential(x), torch.log(torch.sigmoid(3 * (x.sum(-1) - 0.5))))
+    torch.testing.assert_close(
+        sig.log_potential(x), torch.log(torch.sigmoid(3 * (x.sum(-1) - 0.5)))
+    )
     for reward in (lin, quad, sig):
         assert check_expert(reward).kind == ExpertKind.DISCRIMINATIVE
 
@@ -244,13 +248,17 @@ def test_half_space_orientation_and_boundary():
     c = HalfSpace([1.0, 1.0], offset=1.0)
     assert check_expert(c).kind == ExpertKind.CONSTRAINT
     x = torch.tensor([[0.0, 0.0], [0.5, 0.5], [1.0, 0.5], [-5.0, 5.0]], dtype=F64)
-    torch.testing.assert_close(c.log_potential(x), torch.tensor([0.0, 0.0, -math.inf, 0.0], dtype=F64))
+    torch.testing.assert_close(
+        c.log_potential(x), torch.tensor([0.0, 0.0, -math.inf, 0.0], dtype=F64)
+    )
 
 
 def test_box_bounds_are_inclusive_and_may_be_infinite():
     box = Box([-1.0, -math.inf], [1.0, 0.0])
     x = torch.tensor([[0.0, -100.0], [1.0, 0.0], [1.01, -1.0], [0.0, 0.1]], dtype=F64)
-    torch.testing.assert_close(box.log_potential(x), torch.tensor([0.0, 0.0, -math.inf, -math.inf], dtype=F64))
+    torch.testing.assert_close(
+        box.log_potential(x), torch.tensor([0.0, 0.0, -math.inf, -math.inf], dtype=F64)
+    )
     assert Box(0.0, 1.0, sample_shape=(2, 2)).log_potential(torch.full((1, 2, 2), 0.5)).item() == 0
 
 
@@ -327,8 +335,13 @@ def test_bad_reward_and_constraint_parameters_name_their_field(build, field):
 
 
 def test_rewards_and_constraints_check_x0():
-    for expert in (LinearReward([1.0, 0.0]), QuadraticReward([1.0, 1.0]), HalfSpace([1.0, 0.0]), Box(0.0, 1.0, sample_shape=(2,))):
-        with pytest.raises(ValueError, match="^x0:"):
+    for expert in (
+        LinearReward([1.0, 0.0]),
+        QuadraticReward([1.0, 1.0]),
+        HalfSpace([1.0, 0.0]),
+        Box(0.0, 1.0, sample_shape=(2,)),
+    ):
+        with pytest.raises(ValueError, match=r"^x0:"):
             expert.log_potential(torch.zeros(4, 3))
 
 

@@ -14,9 +14,8 @@ import torch
 from remote_helpers import Jitter, LoopThread, free_port, wait_until
 from server_experts import Gaussian, HalfSpace
 
-from poegen.expert_servers.analytic.constraints import HalfSpace as AnalyticHalfSpace
-from poegen.expert_servers.analytic.mixture import GaussianMixture
-from poegen.expert_servers.analytic.rewards import LinearReward
+from poegen.expert_servers.analytic import GaussianMixture, LinearReward
+from poegen.expert_servers.analytic import HalfSpace as AnalyticHalfSpace
 from poegen.expert_servers.server import ServerConfig
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, ExpertKind
@@ -93,6 +92,17 @@ def test_describe_maps_the_servers_answer(loop: LoopThread) -> None:
     assert info.max_batch == 8
     assert info.model_id == "analytic"
     assert info.revision == served.host.models.current.revision
+
+
+def test_max_batch_respects_the_message_size_limit(loop: LoopThread) -> None:
+    served = loop.serve(Gaussian(tuple([0.0] * 4096), max_batch=None),
+                        ServerConfig(max_message_bytes=1 << 20))  # fmt: skip
+    with RemoteExpert.connect(served.address) as remote:
+        limit = remote.describe().max_batch
+        assert limit is not None and limit * 4096 * 4 < 1 << 20
+        result = sample([Factor(remote)], (4096,), SamplerSettings(num_particles=3 * limit,
+                        num_steps=2, mcmc_steps=0), generator=torch.Generator())  # fmt: skip
+    assert result.trace[-1].experts["gaussian"].calls % 3 == 0  # three chunks per round
 
 
 def test_three_experts_cost_the_slowest_not_the_sum(loop: LoopThread) -> None:
@@ -233,7 +243,6 @@ def test_dtypes_round_trip(loop: LoopThread, dtype: torch.dtype) -> None:
     wire = torch.float32 if dtype == torch.float64 else dtype
     assert torch.equal(v, expert.velocity(x.to(wire), sigma.to(wire)).to(dtype))
     assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    v.add_(1)  # replies are writable private copies
 
 
 def test_bearer_token(loop: LoopThread) -> None:

@@ -74,17 +74,26 @@ def test_first_load_makes_the_server_serve(root: Path) -> None:
     async def body() -> None:
         async with running(_config(root), adapter=ExpertFileAdapter()) as server:
             for service in ("", "poegen.v1.ExpertService"):
-                assert await _health(server.channel, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert (
+                    await _health(server.channel, service)
+                    == health_pb2.HealthCheckResponse.NOT_SERVING
+                )
             code, _ = await rpc_error(server.stub.Describe(pb.DescribeRequest()))
             assert code == grpc.StatusCode.UNAVAILABLE
             events = await _load(server.stub, "a.yaml")
-            assert [e.stage for e in events][0] == pb.LOAD_STAGE_LOADING
+            assert events[0].stage == pb.LOAD_STAGE_LOADING
             assert events[-1].stage == pb.LOAD_STAGE_READY and events[-1].progress == 1.0
             assert len({e.revision for e in events}) == 1
             for service in ("", "poegen.v1.ExpertService"):
-                assert await _health(server.channel, service) == health_pb2.HealthCheckResponse.SERVING
+                assert (
+                    await _health(server.channel, service) == health_pb2.HealthCheckResponse.SERVING
+                )
             info = await server.stub.Describe(pb.DescribeRequest())
-            assert (info.model_id, info.revision, info.latent_space) == ("a.yaml", events[-1].revision, "toy-2d")
+            assert (info.model_id, info.revision, info.latent_space) == (
+                "a.yaml",
+                events[-1].revision,
+                "toy-2d",
+            )
             _, revision = await _velocity(server.stub)
             assert revision == info.revision
 
@@ -94,8 +103,14 @@ def test_first_load_makes_the_server_serve(root: Path) -> None:
 def test_load_model_needs_the_admin_token(root: Path) -> None:
     async def body() -> None:
         async with running(_config(root), adapter=ExpertFileAdapter()) as server:
-            for metadata in ((), (("x-poegen-admin-token", "wrong"),), (("authorization", f"Bearer {ADMIN}"),)):
-                stream = server.stub.LoadModel(pb.LoadModelRequest(model_id="a.yaml"), metadata=metadata)
+            for metadata in (
+                (),
+                (("x-poegen-admin-token", "wrong"),),
+                (("authorization", f"Bearer {ADMIN}"),),
+            ):
+                stream = server.stub.LoadModel(
+                    pb.LoadModelRequest(model_id="a.yaml"), metadata=metadata
+                )
                 code, err = await rpc_error(collect(stream))
                 assert code == grpc.StatusCode.PERMISSION_DENIED
                 assert err is not None and err.field == "x-poegen-admin-token"
@@ -123,7 +138,9 @@ def test_load_model_needs_the_admin_token(root: Path) -> None:
         ("sub", grpc.StatusCode.INVALID_ARGUMENT),  # a directory, not an expert file
     ],
 )
-def test_model_ids_outside_the_root_are_rejected(root: Path, model_id: str, code: grpc.StatusCode) -> None:
+def test_model_ids_outside_the_root_are_rejected(
+    root: Path, model_id: str, code: grpc.StatusCode
+) -> None:
     outside = _write(root.parent / "outside.yaml", _mixture(9.0))
     (root / "link_out.yaml").symlink_to(outside)
     (root / "dir_out").symlink_to(root.parent, target_is_directory=True)
@@ -133,7 +150,9 @@ def test_model_ids_outside_the_root_are_rejected(root: Path, model_id: str, code
             got, err = await rpc_error(_load(server.stub, model_id))
             assert got == code
             assert err is not None and err.field == "model_id"
-            assert str(root.parent) not in err.reason and "/tmp" not in err.reason.replace(model_id, "")
+            assert str(root.parent) not in err.reason and "/tmp" not in err.reason.replace(
+                model_id, ""
+            )
             code_after, _ = await rpc_error(server.stub.Describe(pb.DescribeRequest()))
             assert code_after == grpc.StatusCode.UNAVAILABLE
 
@@ -230,7 +249,11 @@ def test_failed_load_keeps_the_old_model_serving(root: Path) -> None:
         async with running(_config(root), adapter=ExpertFileAdapter()) as server:
             revision = (await _load(server.stub, "a.yaml"))[-1].revision
             code, err = await rpc_error(_load(server.stub, "bad.yaml"))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and err is not None and err.field == "model_id"
+            assert (
+                code == grpc.StatusCode.INVALID_ARGUMENT
+                and err is not None
+                and err.field == "model_id"
+            )
             assert (await server.stub.Describe(pb.DescribeRequest())).revision == revision
             _, served_by = await _velocity(server.stub)
             assert served_by == revision
@@ -238,7 +261,9 @@ def test_failed_load_keeps_the_old_model_serving(root: Path) -> None:
 
         async with running(_config(root), adapter=GaussianFileAdapter()) as server:
             revision = (await _load(server.stub, "g.yaml"))[-1].revision
-            stream = server.stub.LoadModel(pb.LoadModelRequest(model_id="broken.yaml"), metadata=ADMIN_MD)
+            stream = server.stub.LoadModel(
+                pb.LoadModelRequest(model_id="broken.yaml"), metadata=ADMIN_MD
+            )
             seen: list[int] = []
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 async for event in stream:
@@ -258,7 +283,9 @@ def test_concurrent_loads_of_one_id_load_it_once(root: Path) -> None:
 
     async def body() -> None:
         async with running(_config(root), adapter=adapter) as server:
-            first, second = await asyncio.gather(_load(server.stub, "g.yaml"), _load(server.stub, "g.yaml"))
+            first, second = await asyncio.gather(
+                _load(server.stub, "g.yaml"), _load(server.stub, "g.yaml")
+            )
             assert first[-1].stage == second[-1].stage == pb.LOAD_STAGE_READY
             assert first[-1].revision == second[-1].revision
             queued = [pb.LOAD_STAGE_QUEUED in [e.stage for e in s] for s in (first, second)]
@@ -276,11 +303,17 @@ def test_handles_of_a_swapped_out_model_are_failed_precondition(root: Path) -> N
         async with running(_config(root), adapter=ExpertFileAdapter()) as server:
             await _load(server.stub, "a.yaml")
             handle = (await server.stub.Prepare(pb.PrepareRequest())).handle
-            request = pb.VelocityRequest(x=codec.encode(X), sigma=codec.encode(SIGMA), handle=handle)
+            request = pb.VelocityRequest(
+                x=codec.encode(X), sigma=codec.encode(SIGMA), handle=handle
+            )
             await server.stub.Velocity(request)
             await _load(server.stub, "b.yaml")
             code, err = await rpc_error(server.stub.Velocity(request))
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and err is not None and err.field == "handle"
+            assert (
+                code == grpc.StatusCode.FAILED_PRECONDITION
+                and err is not None
+                and err.field == "handle"
+            )
             assert (await server.stub.Release(pb.ReleaseRequest(handle=handle))).released
 
     run(body())
@@ -294,7 +327,9 @@ def test_load_unload_cycles_do_not_grow_memory(root: Path) -> None:
     async def cycle(server: Any, i: int) -> None:
         await _load(server.stub, f"g{1 + i % 2}.yaml")
         handle = (await server.stub.Prepare(pb.PrepareRequest())).handle
-        await server.stub.Velocity(pb.VelocityRequest(x=tensor(X), sigma=tensor(SIGMA), handle=handle))
+        await server.stub.Velocity(
+            pb.VelocityRequest(x=tensor(X), sigma=tensor(SIGMA), handle=handle)
+        )
 
     async def body() -> tuple[int, int]:
         async with running(_config(root), adapter=adapter) as server:
@@ -315,3 +350,18 @@ def test_load_unload_cycles_do_not_grow_memory(root: Path) -> None:
     growth, alive = run(body(), timeout=60)
     assert alive <= 1, f"{alive} experts still alive after 35 loads"
     assert growth < 200_000, f"memory grew by {growth} bytes over 30 load cycles"
+
+
+def test_stopping_during_a_load_cancels_it_cleanly(root: Path) -> None:
+    _write(root / "g.yaml", {"mean": [1.0, 0.0]})
+
+    async def body() -> None:
+        async with running(_config(root), adapter=GaussianFileAdapter(load_delay_s=0.5)) as server:
+            stream = server.stub.LoadModel(
+                pb.LoadModelRequest(model_id="g.yaml"), metadata=ADMIN_MD
+            )
+            assert (await stream.read()).stage == pb.LOAD_STAGE_LOADING
+            await server.host.stop(0)
+            assert not server.host.models._jobs
+
+    run(body())

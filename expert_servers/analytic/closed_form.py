@@ -70,13 +70,13 @@ class _Terms:
                       torch.zeros(1, dtype=F64), True)  # fmt: skip
 
     def times(self, other: _Terms) -> _Terms:
-        """The product: one term per pair (k, l), parameters added."""
-        k, l = self.log_scale.numel(), other.log_scale.numel()
+        """The product: one term per pair of components, parameters added."""
+        k1, k2 = self.log_scale.numel(), other.log_scale.numel()
         d = self.shift.shape[-1]
         return _Terms(
-            (self.precision[:, None] + other.precision[None]).reshape(k * l, d, d),
-            (self.shift[:, None] + other.shift[None]).reshape(k * l, d),
-            (self.log_scale[:, None] + other.log_scale[None]).reshape(k * l),
+            (self.precision[:, None] + other.precision[None]).reshape(k1 * k2, d, d),
+            (self.shift[:, None] + other.shift[None]).reshape(k1 * k2, d),
+            (self.log_scale[:, None] + other.log_scale[None]).reshape(k1 * k2),
             self.diagonal and other.diagonal,
         )
 

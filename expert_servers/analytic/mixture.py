@@ -131,33 +131,31 @@ class GaussianMixture:
     def log_prob(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """log p_σ(x) = logsumexp_k(log π_k + log N_k(x)), normalised; ``(B,)``."""
         flat, s = self._inputs(x, sigma)
-        return torch.logsumexp(self._terms(flat, s)[0], dim=-1)
+        return torch.logsumexp(self._terms(flat, s)[0], dim=0)
 
     def score(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """∇log p_σ(x) = −Σ_k r_k C_k⁻¹(x − α μ_k); ``(B, *S)``, exact also at σ = 0."""
         flat, s = self._inputs(x, sigma)
         log_joint, y, c = self._terms(flat, s)
-        out = -self._mix(log_joint.softmax(-1), y / c)
+        out = -self._mix(log_joint.softmax(0), y / c)
         return out.reshape(x.shape).to(x.dtype)
 
     def denoise(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """x̂₀ = E[x₀ | x_σ] = Σ_k r_k (μ_k + α Σ_k C_k⁻¹(x − α μ_k)); ``(B, *S)``."""
         flat, s = self._inputs(x, sigma)
         log_joint, y, c = self._terms(flat, s)
-        r = log_joint.softmax(-1)
-        alpha = (1 - s)[:, None, None]
-        lam = self._eigvals.to(flat)
-        out = r @ self._means.to(flat) + self._mix(r, alpha * lam * y / c)
+        r = log_joint.softmax(0)
+        gain = (1 - s) * self._eigvals.to(flat)[..., None] / c
+        out = r.T @ self._means.to(flat) + self._mix(r, gain * y)
         return out.reshape(x.shape).to(x.dtype)
 
     def velocity(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """v = E[ε − x₀ | x_σ] = Σ_k r_k (U_k((σ − αλ_k) y/c) − μ_k); ``(B, *S)``."""
         flat, s = self._inputs(x, sigma)
         log_joint, y, c = self._terms(flat, s)
-        r = log_joint.softmax(-1)
-        alpha, sig = (1 - s)[:, None, None], s[:, None, None]
-        gain = (sig - alpha * self._eigvals.to(flat)) / c
-        out = self._mix(r, gain * y) - r @ self._means.to(flat)
+        r = log_joint.softmax(0)
+        gain = (s - (1 - s) * self._eigvals.to(flat)[..., None]) / c
+        out = self._mix(r, gain * y) - r.T @ self._means.to(flat)
         return out.reshape(x.shape).to(x.dtype)
 
     # --- the clean law -----------------------------------------------------------------------
@@ -179,7 +177,7 @@ class GaussianMixture:
         """Index of the most responsible component of each clean sample, ``(n,)`` long."""
         flat = flat_batch(x, self._sample_shape, None)
         zero = torch.zeros(flat.shape[0], dtype=flat.dtype, device=flat.device)
-        return self._terms(flat, zero)[0].argmax(dim=-1)
+        return self._terms(flat, zero)[0].argmax(dim=0)
 
     def noised(self, sigma: float) -> GaussianMixture:
         """The law of x_σ as a mixture: means α μ_k, covariances α² Σ_k + σ² I."""
@@ -272,20 +270,23 @@ class GaussianMixture:
         return flat, batch_sigma(sigma, flat.shape[0], flat)
 
     def _terms(self, flat: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """log π_k + log N_k(x) ``(B, K)``, rotated residuals y and variances c ``(B, K, d)``."""
-        alpha = (1 - s)[:, None, None]
-        y = flat[:, None, :] - alpha * self._means.to(flat)
+        """log π_k + log N_k(x) ``(K, B)``; rotated residuals y, variances c ``(K, d, B)``.
+
+        The batch is the innermost dimension: elementwise work over tiny K and d stays fast.
+        """
+        alpha = 1 - s
+        y = flat.T - self._means.to(flat)[..., None] * alpha
         if self._eigvecs is not None:
-            y = torch.einsum("kji,bkj->bki", self._eigvecs.to(flat), y)
-        c = alpha**2 * self._eigvals.to(flat) + (s * s)[:, None, None]
-        log_n = -0.5 * ((y * y / c).sum(-1) + c.log().sum(-1) + self.dim * LOG_2PI)
-        return self._log_weights.to(flat) + log_n, y, c
+            y = self._eigvecs.to(flat).mT @ y
+        c = self._eigvals.to(flat)[..., None] * alpha**2 + s * s
+        log_n = -0.5 * ((y * y / c).sum(1) + c.log().sum(1) + self.dim * LOG_2PI)
+        return self._log_weights.to(flat)[:, None] + log_n, y, c
 
     def _mix(self, r: Tensor, w: Tensor) -> Tensor:
-        """Σ_k r_k U_k w_k for responsibilities ``(B, K)`` and eigen-coordinates ``(B, K, d)``."""
-        if self._eigvecs is None:
-            return torch.einsum("bk,bki->bi", r, w)
-        return torch.einsum("bk,kij,bkj->bi", r, self._eigvecs.to(w), w)
+        """Σ_k r_k U_k w_k ``(B, d)`` for responsibilities ``(K, B)``, coordinates ``(K, d, B)``."""
+        if self._eigvecs is not None:
+            w = self._eigvecs.to(w) @ w
+        return (r[:, None, :] * w).sum(0).T
 
 
 def mixture_covariance(weights: Tensor, means: Tensor, covariances: Tensor) -> Tensor:

@@ -32,19 +32,29 @@ def log1mexp(x: Tensor) -> Tensor:
 
 
 def log_ndtri(log_p: Tensor) -> Tensor:
-    """Φ⁻¹(exp(log p)), also where exp(log p) underflows.
+    """Φ⁻¹(exp(log p)), also where exp(log p) underflows or rounds to 1.
 
-    Above the smallest normal float: ``ndtri(exp(log p))``. Below it: start from the asymptote
+    For p > ½: −Φ⁻¹(1 − p) with 1 − p = −expm1(log p). For p between the smallest normal
+    float and ½: ``ndtri(exp(log p))``. Below: start from the asymptote
     log Φ(z) ≈ −z²/2 − log(−z) − ½log 2π, i.e. z₀ = −√(t − log t − log 2π) with t = −2 log p,
     then Newton on log Φ(z) = log p (slope φ(z)/Φ(z)); four steps reach machine precision.
     """
+    upper = -torch.special.ndtri(-torch.expm1(log_p))
+    z = torch.where(log_p > -math.log(2), upper, torch.special.ndtri(log_p.exp()))
     deep = log_p < math.log(torch.finfo(log_p.dtype).tiny) + 1
-    t = torch.where(deep, -2 * log_p, torch.full_like(log_p, 10.0))
+    if deep.any():
+        z = z.clone()
+        z[deep] = _newton_log_ndtri(log_p[deep])
+    return z
+
+
+def _newton_log_ndtri(log_p: Tensor) -> Tensor:
+    t = -2 * log_p
     z = -torch.sqrt(t - torch.log(t) - 2 * LOG_SQRT_2PI)
     for _ in range(4):
         log_cdf = torch.special.log_ndtr(z)
         z = z - (log_cdf - log_p) * torch.exp(log_cdf - log_phi(z))
-    return torch.where(deep, z, torch.special.ndtri(log_p.exp()))
+    return z
 
 
 def _mirror(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -281,7 +281,9 @@ class ProjectedTiltTarget:
         g = self._gain
         means = self.base.mixture.means + g * (mean_u - self._m)[:, None]
         scale = var_u - self._s**2
-        covs = self.base.mixture.full_covariances + scale[:, None, None] * g[:, :, None] * g[:, None]
+        covs = (
+            self.base.mixture.full_covariances + scale[:, None, None] * g[:, :, None] * g[:, None]
+        )
         return means, covs
 
     @property
@@ -454,7 +456,9 @@ def _expected_sigmoid(target: ExactTarget, reward: SigmoidReward) -> Tensor:
         t = target.direction
         scale = (a @ t) / (t @ t)
         if torch.allclose(a, scale * t, rtol=1e-9, atol=1e-12 * float(a.abs().max())):
-            values = target.tilt.expect(target._m, target._s, lambda u: reward.of_projection(scale * u))
+            values = target.tilt.expect(
+                target._m, target._s, lambda u: reward.of_projection(scale * u)
+            )
             return target.component_weights @ values
     raise NotImplementedError(
         "expected_reward: a sigmoid reward needs a Gaussian-mixture target or one tilted along "

@@ -75,7 +75,9 @@ class ExpertFileAdapter:
             spec = parse_expert_file(read_yaml(ref.path, field="expert file"))
         except ConfigError as e:
             # read_yaml names the file in its message: answer with the id only
-            raise ExpertError.invalid("model_id", f"{ref.model_id!r}: {_without(e, ref.path)}")
+            raise ExpertError.invalid(
+                "model_id", f"{ref.model_id!r}: {_without(e, ref.path)}"
+            ) from None
         progress(0.5, f"building {spec.expert}")
         try:
             return build_expert(spec)

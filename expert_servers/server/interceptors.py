@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hmac
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -121,12 +122,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     self._observe(method, context, start)
 
             return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-        if handler.unary_stream:
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             stream_behavior = handler.unary_stream
 
-            async def stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 start = time.perf_counter()
                 try:
                     async for reply in stream_behavior(request, context):
@@ -135,6 +134,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     self._observe(method, context, start)
 
             return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+        if handler.unary_stream:
+            # a stream written with context.write() (health Watch): a coroutine, not a generator
+            write_behavior = handler.unary_stream
+
+            async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
+                start = time.perf_counter()
+                try:
+                    await write_behavior(request, context)
+                finally:
+                    self._observe(method, context, start)
+
+            return grpc.unary_stream_rpc_method_handler(written, **kwargs)
         return handler  # client-streaming RPCs (reflection): not timed
 
     def _observe(self, method: str, context: grpc.aio.ServicerContext, start: float) -> None:

@@ -8,7 +8,6 @@ tests do. Exposed names:
 * ``poegen_batch_size{method}``: histogram of batch sizes of model calls;
 * ``poegen_model_serving``: 1 once a model serves, 0 before (and after shutdown began);
 * ``poegen_model_info{model_id,revision}``: 1 for the served model (one series);
-* ``poegen_model_loads_total{outcome}``: LoadModel outcomes (``ok``, ``error``);
 * ``poegen_condition_handles``: condition handles held.
 
 ``serve_http(host, port)`` starts the ``/metrics`` endpoint in a daemon thread and returns the
@@ -62,9 +61,6 @@ class ServerMetrics:
             "1 for the served model id and revision",
             ["model_id", "revision"],
             registry=self.registry,
-        )
-        self.loads = Counter(
-            "poegen_model_loads", "LoadModel outcomes", ["outcome"], registry=self.registry
         )
         self.handles = Gauge(
             "poegen_condition_handles", "Condition handles held", registry=self.registry

@@ -197,6 +197,13 @@ class ModelManager:
         assert job.task is not None
         await asyncio.shield(job.task)  # re-raises a failed load's error
 
+    async def close(self) -> None:
+        """Cancel the loads still running (at shutdown); their threads finish unobserved."""
+        tasks = [job.task for job in self._jobs.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _run(
         self,
         key: tuple[str, tuple[tuple[str, str], ...]],
@@ -265,9 +272,7 @@ class ModelManager:
             self._generation += 1
             revision = f"{self._instance}.{self._generation}"
         max_batch = served.max_batch if served.max_batch is not None else info.max_batch
-        return LoadedModel(
-            served.expert, info, model_id, revision, served.latent_space, max_batch
-        )
+        return LoadedModel(served.expert, info, model_id, revision, served.latent_space, max_batch)
 
     async def _swap(self, model: LoadedModel) -> None:
         self._current = model

@@ -29,8 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from grpc_health.v1 import health, health_pb2
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from poegen.expert_servers.server.adapter import ModelAdapter, ServedModel
@@ -61,7 +60,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(keepalive.min_ping_interval_s * 1000)),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            int(keepalive.min_ping_interval_s * 1000),
+        ),
         ("grpc.http2.max_pings_without_data", 0),
         # never share a port with another process (port 0 must mean a port of our own)
         ("grpc.so_reuseport", 0),
@@ -165,6 +167,7 @@ class ExpertHost:
         await self.health.enter_graceful_shutdown()
         self.metrics.serving.set(0)
         await self.server.stop(grace)
+        await self.models.close()
         self._shutdown_executors()
         self.metrics.close()
         if self._reader is not None:

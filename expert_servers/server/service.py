@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from torch import Tensor
@@ -22,7 +23,11 @@ from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.v1 import expert_pb2 as pb
 from poegen.v1 import expert_pb2_grpc, tensor_pb2
 
-_STAGES = {"queued": pb.LOAD_STAGE_QUEUED, "loading": pb.LOAD_STAGE_LOADING, "ready": pb.LOAD_STAGE_READY}
+_STAGES = {
+    "queued": pb.LOAD_STAGE_QUEUED,
+    "loading": pb.LOAD_STAGE_LOADING,
+    "ready": pb.LOAD_STAGE_READY,
+}
 _MODES = {pb.PROPOSE_MODE_PROPOSE: False, pb.PROPOSE_MODE_PROJECT: True}
 
 
@@ -43,9 +48,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._serving = serving
         self._limits = limits
 
-    def _tensor(self, msg: tensor_pb2.Tensor | None, field: str) -> Tensor:
-        if msg is None:
-            raise ExpertError.invalid(field, "required")
+    def _decode(self, msg: tensor_pb2.Tensor, field: str) -> Tensor:
         return codec.decode(
             msg,
             field=field,
@@ -53,63 +56,83 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             shared_memory=self._limits.shared_memory,
         )
 
-    def _optional(self, request: object, field: str) -> tensor_pb2.Tensor | None:
-        return getattr(request, field) if request.HasField(field) else None  # type: ignore[attr-defined]
+    def _tensor(self, request: Any, field: str) -> Tensor:
+        """The required tensor ``field`` of ``request``."""
+        if not request.HasField(field):
+            raise ExpertError.invalid(field, "required")
+        return self._decode(getattr(request, field), field)
 
     @maps_errors
-    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+    async def Describe(
+        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeResponse:
         return describe_response(self._models.require(), self._limits, self._serving)
 
     @maps_errors
-    async def Prepare(self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext) -> pb.PrepareResponse:
+    async def Prepare(
+        self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrepareResponse:
         model = self._models.require()
         handle = await self._serving.prepare(model, self._condition(request.condition))
         return pb.PrepareResponse(handle=handle, revision=model.revision)
 
     @maps_errors
-    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
         return pb.ReleaseResponse(released=self._serving.release(request.handle))
 
     @maps_errors
-    async def Velocity(self, request: pb.VelocityRequest, context: grpc.aio.ServicerContext) -> pb.VelocityResponse:
+    async def Velocity(
+        self, request: pb.VelocityRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VelocityResponse:
         model = self._models.require()
-        x = self._tensor(self._optional(request, "x"), "x")
-        sigma = self._tensor(self._optional(request, "sigma"), "sigma")
+        x = self._tensor(request, "x")
+        sigma = self._tensor(request, "sigma")
         v = await self._serving.velocity(model, x, sigma, request.handle)
-        return pb.VelocityResponse(velocity=codec.encode(v), revision=model.revision)
+        return pb.VelocityResponse(velocity=await self._serving.wire(v), revision=model.revision)
 
     @maps_errors
-    async def LogProb(self, request: pb.LogProbRequest, context: grpc.aio.ServicerContext) -> pb.LogProbResponse:
+    async def LogProb(
+        self, request: pb.LogProbRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LogProbResponse:
         model = self._models.require()
-        x = self._tensor(self._optional(request, "x"), "x")
-        sigma_msg = self._optional(request, "sigma")
-        sigma = None if sigma_msg is None else self._tensor(sigma_msg, "sigma")
+        x = self._tensor(request, "x")
+        sigma = self._tensor(request, "sigma") if request.HasField("sigma") else None
         out = await self._serving.log_prob(model, x, sigma, request.handle)
-        return pb.LogProbResponse(log_prob=codec.encode(out), revision=model.revision)
+        return pb.LogProbResponse(log_prob=await self._serving.wire(out), revision=model.revision)
 
     @maps_errors
-    async def Propose(self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext) -> pb.ProposeResponse:
+    async def Propose(
+        self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ProposeResponse:
         model = self._models.require()
         if request.mode not in _MODES:
-            raise ExpertError.invalid("mode", "must be PROPOSE_MODE_PROPOSE or PROPOSE_MODE_PROJECT")
-        x = self._tensor(self._optional(request, "x"), "x")
-        sigma = self._tensor(self._optional(request, "sigma"), "sigma")
+            raise ExpertError.invalid(
+                "mode", "must be PROPOSE_MODE_PROPOSE or PROPOSE_MODE_PROJECT"
+            )
+        x = self._tensor(request, "x")
+        sigma = self._tensor(request, "sigma")
         out = await self._serving.propose(
             model, x, sigma, project=_MODES[request.mode], seed=request.seed, handle=request.handle
         )
-        return pb.ProposeResponse(x=codec.encode(out), revision=model.revision)
+        return pb.ProposeResponse(x=await self._serving.wire(out), revision=model.revision)
 
     @maps_errors
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+    async def Encode(
+        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EncodeResponse:
         model = self._models.require()
-        latents = await self._serving.encode(model, self._tensor(self._optional(request, "pixels"), "pixels"))
-        return pb.EncodeResponse(latents=codec.encode(latents), revision=model.revision)
+        latents = await self._serving.encode(model, self._tensor(request, "pixels"))
+        return pb.EncodeResponse(latents=await self._serving.wire(latents), revision=model.revision)
 
     @maps_errors
-    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
+    async def Decode(
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DecodeResponse:
         model = self._models.require()
-        pixels = await self._serving.decode(model, self._tensor(self._optional(request, "latents"), "latents"))
-        return pb.DecodeResponse(pixels=codec.encode(pixels), revision=model.revision)
+        pixels = await self._serving.decode(model, self._tensor(request, "latents"))
+        return pb.DecodeResponse(pixels=await self._serving.wire(pixels), revision=model.revision)
 
     @maps_errors
     async def LoadModel(
@@ -118,22 +141,31 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         check_admin(context, self._limits.admin_token)
         async for event in self._models.load(request.model_id, dict(request.options)):
             yield pb.LoadModelResponse(
-                stage=_STAGES[event.stage], progress=event.progress, message=event.message, revision=event.revision
+                stage=_STAGES[event.stage],
+                progress=event.progress,
+                message=event.message,
+                revision=event.revision,
             )
 
     def _condition(self, msg: pb.Condition) -> Condition:
         tensors = {
-            name: codec.validate_finite(self._tensor(t, f"condition.tensors[{name}]"), f"condition.tensors[{name}]")
+            name: codec.validate_finite(
+                self._decode(t, f"condition.tensors[{name}]"), f"condition.tensors[{name}]"
+            )
             for name, t in msg.tensors.items()
         }
         scalars = {name: finite_scalar(name, value) for name, value in msg.scalars.items()}
         return Condition(text=msg.text, tensors=tensors, scalars=scalars)
 
 
-def describe_response(model: LoadedModel, limits: WireLimits, serving: ExpertServing) -> pb.DescribeResponse:
+def describe_response(
+    model: LoadedModel, limits: WireLimits, serving: ExpertServing
+) -> pb.DescribeResponse:
     """``DescribeResponse`` of the served model."""
     info = model.info
-    capabilities = [pb.Capability.Value(f"CAPABILITY_{str(c).upper()}") for c in sorted(info.capabilities)]
+    capabilities = [
+        pb.Capability.Value(f"CAPABILITY_{str(c).upper()}") for c in sorted(info.capabilities)
+    ]
     if serving.has_autoencoder(model) and pb.CAPABILITY_AUTOENCODER not in capabilities:
         capabilities.append(pb.CAPABILITY_AUTOENCODER)
     return pb.DescribeResponse(

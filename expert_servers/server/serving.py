@@ -10,7 +10,7 @@ Input checks, each an :class:`ExpertError` naming the field:
 
 * ``x`` (and ``pixels``/``latents``): a floating dtype (``x.dtype``), a batch dimension of at
   least 1 and, when the expert announces a sample shape, ``(B, *S)`` (``x.shape``); no NaN or
-  infinity (``x``); ``B`` at most the model's ``max_batch`` (RESOURCE_EXHAUSTED on ``x.shape``).
+  infinity (``x``, checked in the worker thread); ``B`` at most the model's ``max_batch`` (RESOURCE_EXHAUSTED on ``x.shape``).
 * ``sigma``: shape ``(B,)``, floating, each in (0, 1] (see ``codec.validate_sigma``).
 * ``LogProb``: ``sigma`` required for a generative expert, absent for the other kinds.
 * the kind and capabilities: Velocity of a non-generative expert, LogProb with σ of a
@@ -35,15 +35,20 @@ from poegen.expert_servers.server.adapter import Autoencoder, Condition, Conditi
 from poegen.expert_servers.server.handles import HandleTable
 from poegen.expert_servers.server.metrics import ServerMetrics
 from poegen.expert_servers.server.models import LoadedModel
-from poegen.kernel.codec import validate_finite, validate_sigma
+from poegen.kernel.codec import encode, validate_finite, validate_sigma
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertKind
+from poegen.v1 import tensor_pb2
 
 _T = TypeVar("_T")
+_ENCODE_INLINE_BYTES = 1 << 20  # replies at least this large are encoded in a worker thread
 AUTOENCODER = "autoencoder"  # capability value of Encode/Decode (see ExpertServing.has_autoencoder)
 
 
-def _inference(fn: Callable[..., _T], *args: Any) -> _T:
+def _inference(fn: Callable[..., _T], finite: tuple[Tensor, str] | None, *args: Any) -> _T:
+    # O(n) checks of large tensors belong off the event loop too
+    if finite is not None:
+        validate_finite(*finite)
     # inference_mode is thread-local: enter it in the worker thread
     with torch.inference_mode():
         return fn(*args)
@@ -65,10 +70,19 @@ class ExpertServing:
         self._metrics = metrics
         self._max_bytes = max_message_bytes
 
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _run(
+        self, fn: Callable[..., _T], finite: tuple[Tensor, str] | None, *args: Any
+    ) -> _T:
+        """``fn(*args)`` in a worker thread, after checking that ``finite[0]`` is finite."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, _inference, fn, *args
+            self._executor, _inference, fn, finite, *args
         )
+
+    async def wire(self, t: Tensor) -> tensor_pb2.Tensor:
+        """``codec.encode(t)``, in a worker thread when ``t`` is large (a copy of its bytes)."""
+        if t.numel() * t.element_size() < _ENCODE_INLINE_BYTES:
+            return encode(t)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, encode, t)
 
     # ------------------------------------------------------------------ conditions
 
@@ -76,7 +90,7 @@ class ExpertServing:
         """A handle for ``condition`` encoded by ``model``."""
         expert = model.expert
         if isinstance(expert, Conditionable):
-            view = await self._run(expert.prepare, condition)
+            view = await self._run(expert.prepare, None, condition)
             if not isinstance(view, Expert):
                 raise RuntimeError(f"{model.info.name}: prepare() returned no Expert")
         elif condition.is_empty():
@@ -102,11 +116,13 @@ class ExpertServing:
     async def velocity(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
         """v(x_σ, σ) of shape ``x.shape``, dtype ``x.dtype``."""
         if model.info.kind != ExpertKind.GENERATIVE:
-            raise ExpertError.failed_precondition("x", f"a {model.info.kind} expert has no velocity")
+            raise ExpertError.failed_precondition(
+                "x", f"a {model.info.kind} expert has no velocity"
+            )
         batch = self._check_batch(model, x, "x", "Velocity")
         validate_sigma(sigma, batch)
         target = self._target(model, handle)
-        v = await self._run(target.velocity, x, sigma)
+        v = await self._run(target.velocity, (x, "x"), x, sigma)
         return _checked(v, tuple(x.shape), "velocity").to(x.dtype)
 
     async def log_prob(
@@ -124,9 +140,9 @@ class ExpertServing:
         target = self._target(model, handle)
         if sigma is not None:
             validate_sigma(sigma, batch)
-            out = await self._run(target.log_prob, x, sigma)
+            out = await self._run(target.log_prob, (x, "x"), x, sigma)
         else:
-            out = await self._run(target.log_potential, x)
+            out = await self._run(target.log_potential, (x, "x"), x)
         out = _checked(out, (batch,), "log_prob").to(torch.float32)
         if bool(torch.isnan(out).any()) or bool(torch.isposinf(out).any()):
             raise RuntimeError(f"{model.info.name}: log_prob holds NaN or +inf")
@@ -150,9 +166,9 @@ class ExpertServing:
         validate_sigma(sigma, batch)
         target = self._target(model, handle)
         if project:
-            out = await self._run(target.project, x, sigma)
+            out = await self._run(target.project, (x, "x"), x, sigma)
         else:
-            out = await self._run(target.propose, x, sigma, seed)
+            out = await self._run(target.propose, (x, "x"), x, sigma, seed)
         return _checked(out, tuple(x.shape), "x").to(x.dtype)
 
     @staticmethod
@@ -178,7 +194,7 @@ class ExpertServing:
             )
         self._check_batch(model, t, field, method, sample_shape=False)
         expert: Any = model.expert
-        out = await self._run(expert.encode if method == "Encode" else expert.decode, t)
+        out = await self._run(expert.encode if method == "Encode" else expert.decode, (t, field), t)
         if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != t.shape[0]:
             raise RuntimeError(f"{model.info.name}: {method.lower()} returned a wrong batch")
         if out.numel() * out.element_size() > self._max_bytes:
@@ -207,7 +223,6 @@ class ExpertServing:
             raise ExpertError.invalid(
                 f"{field}.shape", f"sample shape {list(x.shape[1:])}, expected {list(expected)}"
             )
-        validate_finite(x, field)
         self._metrics.batch_size.labels(method=method).observe(batch)
         return batch
 

@@ -1,0 +1,260 @@
+"""poegen and its baselines, run through the kernel's public API at one expert-call budget.
+
+**Budget.** One *evaluation* is one particle through one expert call: a generative expert's
+velocity at one particle, or a discriminative/constraint expert's log-potential at one
+particle (a batched call of B particles costs B). poegen with N particles, L transitions and
+M MCMC steps per level costs, per particle,
+
+    G·(1 + L·(1 + M))  +  P·L        (G generative experts, P reward and constraint experts)
+
+(one velocity evaluation at σ = 1, then per level one after the transition and one per ULA
+step; one potential evaluation per level). Each baseline gets the same total by choosing its
+particle count; :func:`evaluations` checks every run's count against the kernel's trace.
+
+Baselines (configuration of :func:`poegen.kernel.sample`, not reimplementations):
+
+* ``summation``: Composable Diffusion (Liu et al. 2022): the kernel with ``mcmc_steps=0`` and
+  only the generative factors, i.e. Euler on the combined velocity and nothing else. It cannot
+  use a black-box reward or a constraint, so it samples the generative product alone.
+* ``best_of_k``: best-of-N search (Ma et al. 2025) as a distribution: draw N from the generative
+  product (poegen's chain without the potentials), score each draw once, split the draws into
+  N/k groups of k and keep each group's best (total log-potential Σλr + Σlog 1_C). The returned
+  set has N/k equally weighted samples; k = 4 (FK steering's particle count). Each returned
+  sample is a draw of the best-of-k law, which is what a user of best-of-k gets per request.
+* ``fk``: FK steering (Singhal et al. 2025) with its ``diff`` potential (increments of the
+  reward of x̂_0 at λ = 1 throughout: ``tempering="constant"``), multinomial resampling when
+  ESS/N < ½, weights carried in log space (the "fixed" FK), and no MCMC (``mcmc_steps=0``).
+  The kernel's transition is deterministic (Euler), so resampled copies stay identical until
+  the end: FK's stochastic DDIM step has no counterpart here (reported as a missing knob).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from poegen.bench.tasks import Task
+from poegen.kernel import Factor, SamplerSettings, sample
+from poegen.kernel.schedule import sigmas_for
+
+METHODS = ("poegen", "summation", "best_of_k", "fk")
+BEST_OF_K = 4
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a method returned, with its cost.
+
+    Attributes:
+        method: one of ``METHODS``.
+        particles: ``(n, *S)``.
+        log_weights: normalised log-weights ``(n,)``, or ``None`` for equal weights.
+        log_evidence: the kernel's log Z estimate (NaN where the method has none).
+        best: the returned best particle ``(*S,)`` (poegen: the kernel's best index).
+        evaluations: evaluations per expert name (see the module docstring).
+        num_particles: particles the method ran (before any best-of selection).
+        seconds: wall-clock seconds.
+    """
+
+    method: str
+    particles: Tensor
+    log_weights: Tensor | None
+    log_evidence: float
+    best: Tensor | None
+    evaluations: dict[str, int]
+    num_particles: int
+    seconds: float
+
+    @property
+    def total_evaluations(self) -> int:
+        return sum(self.evaluations.values())
+
+
+def num_transitions(settings: SamplerSettings) -> int:
+    """L: the kernel runs one transition between consecutive positive noise levels."""
+    return sum(1 for s in sigmas_for(settings).tolist() if s > 0) - 1
+
+
+def cost_per_particle(settings: SamplerSettings, generative: int, potentials: int) -> int:
+    """Evaluations per particle of one kernel run: G·(1 + L(1 + M)) + P·L."""
+    levels = num_transitions(settings)
+    return generative * (1 + levels * (1 + settings.mcmc_steps)) + potentials * levels
+
+
+def budget(task: Task, settings: SamplerSettings | None = None) -> int:
+    """poegen's total evaluations on ``task``."""
+    settings = settings or task.settings
+    per = cost_per_particle(settings, len(task.generative), len(task.factors) - len(task.generative))
+    return settings.num_particles * per
+
+
+def evaluations(result, num_particles: int) -> dict[str, int]:
+    """Evaluations per expert from the kernel's trace: batched calls × particles (no chunking)."""
+    totals: dict[str, int] = {}
+    for level in result.trace:
+        for name, stats in level.experts.items():
+            totals[name] = totals.get(name, 0) + stats.calls * num_particles
+    return totals
+
+
+def _sample(
+    factors: tuple[Factor, ...], task: Task, settings: SamplerSettings, seed: int, dtype
+):
+    return sample(
+        factors,
+        task.sample_shape,
+        settings,
+        generator=torch.Generator().manual_seed(seed),
+        dtype=dtype,
+    )
+
+
+def _checked(result, task: Task, settings: SamplerSettings, potentials: int) -> dict[str, int]:
+    got = evaluations(result, settings.num_particles)
+    want = settings.num_particles * cost_per_particle(
+        settings, len(task.generative), potentials
+    )
+    if sum(got.values()) != want:
+        raise RuntimeError(f"budget accounting: trace has {got}, expected {want} in total")
+    return got
+
+
+def run_poegen(
+    task: Task, seed: int, settings: SamplerSettings | None = None, *, dtype=torch.float64
+) -> Run:
+    settings = settings or task.settings
+    start = time.perf_counter()
+    result = _sample(task.factors, task, settings, seed, dtype)
+    seconds = time.perf_counter() - start
+    potentials = len(task.factors) - len(task.generative)
+    return Run(
+        "poegen",
+        result.particles,
+        result.log_weights,
+        result.log_evidence,
+        result.best,
+        _checked(result, task, settings, potentials),
+        settings.num_particles,
+        seconds,
+    )
+
+
+def _particles_for(total: int, per_particle: int, multiple: int = 1) -> int:
+    n = max(multiple, total // per_particle)
+    return n - n % multiple
+
+
+def run_summation(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
+    """Composable Diffusion: generative factors only, ``mcmc_steps=0``, same budget."""
+    base = task.settings.model_copy(update={"mcmc_steps": 0})
+    n = _particles_for(total, cost_per_particle(base, len(task.generative), 0))
+    settings = base.model_copy(update={"num_particles": n})
+    start = time.perf_counter()
+    result = _sample(task.generative, task, settings, seed, dtype)
+    seconds = time.perf_counter() - start
+    return Run(
+        "summation",
+        result.particles,
+        None,
+        math.nan,
+        None,
+        _checked(result, task, settings, 0),
+        n,
+        seconds,
+    )
+
+
+def log_potential(task: Task, x: Tensor) -> Tensor:
+    """Σ_j λ_j r_j(x) + Σ_c log 1_C(x) per sample, ``(n,)`` float64 (the tilt of the target)."""
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    for f in (*task.rewards, *task.constraints):
+        value = f.expert.log_potential(x).to(torch.float64)
+        total += torch.where(torch.isneginf(value), value, f.weight * value)
+    return total
+
+
+def run_best_of_k(
+    task: Task, seed: int, total: int, *, k: int = BEST_OF_K, dtype=torch.float64
+) -> Run:
+    """Best-of-k per returned sample, from poegen's chain on the generative product."""
+    potentials = task.rewards + task.constraints
+    per = cost_per_particle(task.settings, len(task.generative), 0) + len(potentials)
+    n = _particles_for(total, per, multiple=k)
+    settings = task.settings.model_copy(update={"num_particles": n})
+    start = time.perf_counter()
+    result = _sample(task.generative, task, settings, seed, dtype)
+    draws = result.particles  # no potentials: equal weights, never resampled
+    score = log_potential(task, draws)
+    groups = score.reshape(n // k, k)
+    keep = torch.arange(n // k) * k + groups.argmax(1)
+    seconds = time.perf_counter() - start
+    calls = _checked(result, task, settings, 0)
+    calls |= {f.name or f.expert.describe().name: n for f in potentials}
+    chosen = draws[keep]
+    return Run(
+        "best_of_k",
+        chosen,
+        None,
+        math.nan,
+        chosen[int(score[keep].argmax())],
+        calls,
+        n,
+        seconds,
+    )
+
+
+def fk_settings(task: Task, num_particles: int) -> SamplerSettings:
+    return task.settings.model_copy(
+        update={
+            "mcmc_steps": 0,
+            "tempering": "constant",
+            "resampling": "multinomial",
+            "ess_threshold": 0.5,
+            "num_particles": num_particles,
+        }
+    )
+
+
+def run_fk(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
+    """FK steering (diff potential, multinomial, ESS < ½, no MCMC) at the same budget."""
+    potentials = len(task.factors) - len(task.generative)
+    probe = fk_settings(task, 1)
+    n = _particles_for(total, cost_per_particle(probe, len(task.generative), potentials))
+    settings = fk_settings(task, n)
+    start = time.perf_counter()
+    result = _sample(task.factors, task, settings, seed, dtype)
+    seconds = time.perf_counter() - start
+    return Run(
+        "fk",
+        result.particles,
+        result.log_weights,
+        result.log_evidence,
+        result.best,
+        _checked(result, task, settings, potentials),
+        n,
+        seconds,
+    )
+
+
+def applicable(task: Task) -> tuple[str, ...]:
+    """Methods that differ on this task: without potentials, best-of-k and FK are undefined."""
+    if task.rewards or task.constraints:
+        return METHODS
+    return ("poegen", "summation")
+
+
+def run(method: str, task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
+    match method:
+        case "poegen":
+            return run_poegen(task, seed, dtype=dtype)
+        case "summation":
+            return run_summation(task, seed, total, dtype=dtype)
+        case "best_of_k":
+            return run_best_of_k(task, seed, total, dtype=dtype)
+        case "fk":
+            return run_fk(task, seed, total, dtype=dtype)
+    raise ValueError(f"method: unknown method {method!r} (known: {', '.join(METHODS)})")
