@@ -16,6 +16,9 @@ kinds of factor in the product
   value ≤ 0 for a soft constraint), and optionally ``propose(x, sigma, seed)`` (a random move of
   x_σ at level σ) and ``project(x, sigma)`` (a deterministic map of x_σ at level σ).
 
+Any kind may also answer ``encode(pixels)`` and ``decode(latents)`` (capability
+``AUTOENCODER``), the VAE of its latent space.
+
 Shapes: ``x`` and ``x0`` are ``(B, *S)`` with ``S`` the sample shape, ``sigma`` is ``(B,)``,
 log-densities and log-potentials are ``(B,)``. Experts are deterministic functions of their
 inputs; an expert that needs randomness takes the ``seed`` the kernel draws from its own
@@ -59,6 +62,16 @@ class Capability(enum.StrEnum):
     LOG_PROB = "log_prob"
     PROPOSE = "propose"
     PROJECT = "project"
+    AUTOENCODER = "autoencoder"
+
+
+CAPABILITY_METHODS = {
+    Capability.SCORE: ("score",),
+    Capability.LOG_PROB: ("log_prob",),
+    Capability.PROPOSE: ("propose",),
+    Capability.PROJECT: ("project",),
+    Capability.AUTOENCODER: ("encode", "decode"),
+}
 
 
 REQUIRED_METHOD = {
@@ -80,6 +93,8 @@ class ExpertInfo:
         max_batch: the largest batch one call may carry, or ``None`` for no limit.
         model_id: which model answers (a path, hub id or ``"analytic"``).
         revision: the model's revision; changes when the model is swapped.
+        latent_space: name of the latent space the expert works in (e.g. ``"flux-vae-16"``);
+            generative experts summed in one run must share it. Empty: unnamed.
     """
 
     name: str
@@ -89,6 +104,7 @@ class ExpertInfo:
     max_batch: int | None = None
     model_id: str = ""
     revision: str = ""
+    latent_space: str = ""
 
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities
@@ -130,10 +146,11 @@ def check_expert(expert: object) -> ExpertInfo:
     if not callable(getattr(expert, method, None)):
         raise TypeError(f"expert {info.name!r}: a {info.kind} expert must implement {method}()")
     for capability in info.capabilities:
-        if not callable(getattr(expert, capability.value, None)):
-            raise TypeError(
-                f"expert {info.name!r}: announces {capability.value!r} but has no such method"
-            )
+        for name in CAPABILITY_METHODS[Capability(capability)]:
+            if not callable(getattr(expert, name, None)):
+                raise TypeError(
+                    f"expert {info.name!r}: announces {capability.value!r} but has no {name}()"
+                )
     return info
 
 

@@ -269,6 +269,11 @@ def _build_problem(
     generative = tuple(b for b in bound if b.info.kind == ExpertKind.GENERATIVE)
     if not generative:
         raise ValueError("factors: at least one generative expert is needed")
+    spaces = {b.info.latent_space for b in generative if b.info.latent_space}
+    if len(spaces) > 1:
+        raise ValueError(
+            f"factors: generative experts must share one latent space, got {sorted(spaces)}"
+        )
     masks = tuple(_mask(b, shape, dtype, device) for b in generative)
     total = torch.stack(masks).sum(0)
     if (total <= 0).any():

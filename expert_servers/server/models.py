@@ -272,7 +272,8 @@ class ModelManager:
             self._generation += 1
             revision = f"{self._instance}.{self._generation}"
         max_batch = served.max_batch if served.max_batch is not None else info.max_batch
-        return LoadedModel(served.expert, info, model_id, revision, served.latent_space, max_batch)
+        latent_space = served.latent_space or info.latent_space
+        return LoadedModel(served.expert, info, model_id, revision, latent_space, max_batch)
 
     async def _swap(self, model: LoadedModel) -> None:
         self._current = model

@@ -42,7 +42,7 @@ from poegen.v1 import tensor_pb2
 
 _T = TypeVar("_T")
 _ENCODE_INLINE_BYTES = 1 << 20  # replies at least this large are encoded in a worker thread
-AUTOENCODER = "autoencoder"  # capability value of Encode/Decode (see ExpertServing.has_autoencoder)
+AUTOENCODER = Capability.AUTOENCODER.value  # capability of Encode/Decode (see has_autoencoder)
 
 
 def _inference(fn: Callable[..., _T], finite: tuple[Tensor, str] | None, *args: Any) -> _T:
