@@ -383,3 +383,33 @@ def test_broken_experts_are_named():
         run([Factor(WrongShape())])
     with pytest.raises(TypeError, match="describe"):
         run([Factor(object())])
+
+
+class InSpace:
+    def __init__(self, name, space):
+        self.name, self.space = name, space
+
+    def describe(self):
+        return ExpertInfo(self.name, ExpertKind.GENERATIVE, latent_space=self.space)
+
+    def velocity(self, x, sigma):
+        return x
+
+
+def test_generative_experts_must_share_a_latent_space():
+    with pytest.raises(ValueError, match=r"one latent space, got \['flux-vae-16', 'sd3-vae-16'\]"):
+        run([Factor(InSpace("a", "flux-vae-16")), Factor(InSpace("b", "sd3-vae-16"))])
+    run([Factor(InSpace("a", "flux-vae-16")), Factor(InSpace("b", ""))], mcmc_steps=0)
+
+
+class AnnouncesWithoutMethods:
+    def describe(self):
+        return ExpertInfo("liar", ExpertKind.GENERATIVE, frozenset({Capability.AUTOENCODER}))
+
+    def velocity(self, x, sigma):
+        return x
+
+
+def test_announced_capabilities_need_their_methods():
+    with pytest.raises(TypeError, match=r"announces 'autoencoder' but has no encode\(\)"):
+        run([Factor(AnnouncesWithoutMethods())])

@@ -19,6 +19,8 @@ PARAM_DTYPE = torch.float64
 def as_param(value: object, field: str, *, allow_inf: bool = False) -> Tensor:
     """A float64 CPU copy of ``value``; ``ValueError`` naming ``field`` if not numeric/finite."""
     try:
+        if isinstance(value, Tensor):
+            value = value.detach()
         t = torch.as_tensor(value, dtype=PARAM_DTYPE, device="cpu").clone()
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{field}: not a numeric array ({err})") from None

@@ -129,7 +129,8 @@ class Box(_Constraint):
             shape = torch.broadcast_shapes(lo.shape, hi.shape, tuple(sample_shape or ()))
         except RuntimeError:
             raise ValueError(
-                f"high: shape {tuple(hi.shape)} does not broadcast with low {tuple(lo.shape)}"
+                f"high: shapes {tuple(lo.shape)} (low) and {tuple(hi.shape)} (high) do not "
+                f"broadcast to one sample shape {tuple(sample_shape or ())}"
             ) from None
         if not shape:
             raise ValueError("sample_shape: scalar bounds need a sample_shape")

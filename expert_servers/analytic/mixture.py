@@ -113,6 +113,13 @@ class GaussianMixture:
         self._name = str(name)
         self._max_batch = as_max_batch(max_batch)
 
+    def __repr__(self) -> str:
+        kind = "diagonal" if self.diagonal else "full"
+        return (
+            f"GaussianMixture(name={self._name!r}, components={self.num_components}, "
+            f"dim={self.dim}, covariances={kind}, sample_shape={self._sample_shape})"
+        )
+
     # --- the Expert protocol -----------------------------------------------------------------
 
     def describe(self) -> ExpertInfo:
