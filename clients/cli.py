@@ -16,7 +16,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("poegen.expert_servers.server.cli",)
+COMMANDS: tuple[str, ...] = (
+    "poegen.expert_servers.server.cli",
+    "poegen.clients.sampler_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

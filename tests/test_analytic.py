@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import multivariate_normal
 
 from poegen.expert_servers.analytic import (
@@ -86,10 +88,10 @@ def test_clean_log_prob_matches_scipy():
 @pytest.mark.parametrize("sigma", [0.0, 0.3, 0.8])
 def test_noised_log_prob_is_the_mixture_of_noised_components(sigma):
     x, a = points(), 1 - sigma
-    ref = sum(
-        w / 10 * multivariate_normal([a * v for v in m], a * a * torch.tensor(c) + sigma**2 * torch.eye(2)).pdf(x.numpy())
-        for m, c, w in zip(MEANS, COVS, WEIGHTS, strict=True)
-    )  # fmt: skip
+    ref = 0.0
+    for m, c, w in zip(MEANS, COVS, WEIGHTS, strict=True):
+        cov = a * a * torch.tensor(c, dtype=F64) + sigma**2 * torch.eye(2, dtype=F64)
+        ref = ref + w / 10 * multivariate_normal([a * v for v in m], cov).pdf(x.numpy())
     torch.testing.assert_close(mixture().log_prob(x, sigma), torch.log(torch.tensor(ref)))
 
 
@@ -359,3 +361,35 @@ def assert_moments(samples, mean, cov, z=5.0):
     prods = c[:, :, None] * c[:, None, :]
     se = prods.std(0) / math.sqrt(n)
     assert ((prods.mean(0) - cov).abs() <= z * se + 1e-12).all(), (prods.mean(0), cov, se)
+
+
+# --- properties over random mixtures -----------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(1, 4),
+    st.integers(1, 5),
+    st.booleans(),
+    st.floats(0.0, 1.0),
+)
+def test_identities_hold_for_random_mixtures(seed, k, d, diagonal, sigma):
+    g = torch.Generator().manual_seed(seed)
+    means = 3 * torch.randn(k, d, generator=g, dtype=F64)
+    if diagonal:
+        cov = 0.05 + torch.rand(k, d, generator=g, dtype=F64)
+    else:
+        f = torch.randn(k, d, d, generator=g, dtype=F64)
+        cov = f @ f.mT / d + 0.05 * torch.eye(d, dtype=F64)
+    gm = GaussianMixture(means, cov, torch.rand(k, generator=g, dtype=F64) + 0.1)
+    x = 2 * torch.randn(16, d, generator=g, dtype=F64)
+    s = torch.full((16,), sigma, dtype=F64)
+    xg = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(gm.log_prob(xg, s).sum(), xg)
+    score = gm.score(x, s)
+    torch.testing.assert_close(score, grad)
+    if sigma > 1e-6:
+        v = gm.velocity(x, s)
+        torch.testing.assert_close(path.score_from_velocity(x, s, v), score, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(path.x0_from_velocity(x, s, v), gm.denoise(x, s))

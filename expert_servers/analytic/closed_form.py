@@ -66,8 +66,8 @@ class _Terms:
 
     @staticmethod
     def one(d: int) -> _Terms:
-        return _Terms(torch.zeros(1, d, d, dtype=F64), torch.zeros(1, d, dtype=F64),
-                      torch.zeros(1, dtype=F64), True)  # fmt: skip
+        zero = torch.zeros
+        return _Terms(zero(1, d, d, dtype=F64), zero(1, d, dtype=F64), zero(1, dtype=F64), True)
 
     def times(self, other: _Terms) -> _Terms:
         """The product: one term per pair of components, parameters added."""
@@ -183,9 +183,8 @@ def _reward_terms(reward: LinearReward | QuadraticReward, lam: float) -> _Terms:
     """exp(λ r) as one Gaussian term."""
     if isinstance(reward, LinearReward):
         d = reward.dim
-        shift = lam * reward.direction
-        return _Terms(torch.zeros(1, d, d, dtype=F64), shift[None],
-                      torch.tensor([lam * reward.offset], dtype=F64), True)  # fmt: skip
+        offset = torch.tensor([lam * reward.offset], dtype=F64)
+        return _Terms(torch.zeros(1, d, d, dtype=F64), lam * reward.direction[None], offset, True)
     a, c = lam * reward.precision, reward.center
     log_scale = lam * reward.offset - 0.5 * c @ a @ c
     return _Terms(a[None], (a @ c)[None], log_scale[None], reward.diagonal)

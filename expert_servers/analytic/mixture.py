@@ -112,6 +112,7 @@ class GaussianMixture:
         self._sample_shape = resolve_shape(sample_shape, mu.shape[1], "sample_shape")
         self._name = str(name)
         self._max_batch = as_max_batch(max_batch)
+        self._revision = revision(mu, cov, self._log_weights, extra=str(self._sample_shape))
 
     def __repr__(self) -> str:
         kind = "diagonal" if self.diagonal else "full"
@@ -130,9 +131,7 @@ class GaussianMixture:
             sample_shape=self._sample_shape,
             max_batch=self._max_batch,
             model_id="analytic",
-            revision=revision(
-                self._means, self._covariances, self._log_weights, extra=str(self._sample_shape)
-            ),
+            revision=self._revision,
         )
 
     def log_prob(self, x: Tensor, sigma: Tensor | float) -> Tensor:

@@ -30,6 +30,7 @@ tilt; those factors keep the same modes and change their weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -188,7 +189,7 @@ class SigmoidTilt:
         """log ∫ N(u; m, s²) e^{t(u)} du, ``(K,)``."""
         return torch.logsumexp(self._log_weights(m, s)[1], dim=-1)
 
-    def expect(self, m: Tensor, s: Tensor, fn) -> Tensor:
+    def expect(self, m: Tensor, s: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """E[fn(u)] under each component's tilted law, ``(K,)``."""
         u, log_w = self._log_weights(m, s)
         return (log_w.softmax(-1) * fn(u)).sum(-1)
@@ -319,6 +320,12 @@ class ProjectedTiltTarget:
         """The tilt multiplies every component alike, so the base responsibilities decide."""
         return self.base.assign(x)
 
+    def expect_projection(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """E[fn(aᵀx)] under the target, by quadrature (sigmoid tilts only)."""
+        if not isinstance(self.tilt, SigmoidTilt):
+            raise NotImplementedError("expect_projection: needs a sigmoid tilt")
+        return self.component_weights @ self.tilt.expect(self._m, self._s, fn)
+
 
 def _component_draws(mix: GaussianMixture, k: Tensor, generator: torch.Generator) -> Tensor:
     """z_i ~ N(μ_{k_i}, Σ_{k_i}), ``(n, d)`` float64 (Cholesky factors of the chosen components)."""
@@ -434,6 +441,9 @@ def expected_reward(target: ExactTarget, reward: object) -> Tensor:
       sigmoid-tilted along a parallel direction.
     Anything else raises ``NotImplementedError``.
     """
+    d = math.prod(target.sample_shape)
+    if getattr(reward, "dim", d) != d:
+        raise ValueError(f"reward: has {reward.dim} coordinates, the target {d}")
     if isinstance(reward, LinearReward):
         return target.mean.reshape(-1) @ reward.direction + reward.offset
     if isinstance(reward, QuadraticReward):
@@ -456,10 +466,7 @@ def _expected_sigmoid(target: ExactTarget, reward: SigmoidReward) -> Tensor:
         t = target.direction
         scale = (a @ t) / (t @ t)
         if torch.allclose(a, scale * t, rtol=1e-9, atol=1e-12 * float(a.abs().max())):
-            values = target.tilt.expect(
-                target._m, target._s, lambda u: reward.of_projection(scale * u)
-            )
-            return target.component_weights @ values
+            return target.expect_projection(lambda u: reward.of_projection(scale * u))
     raise NotImplementedError(
         "expected_reward: a sigmoid reward needs a Gaussian-mixture target or one tilted along "
         "the same direction"
