@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from poegen.bench import metrics
 from poegen.bench.tasks import Task
 from poegen.kernel import Factor, SamplerSettings, sample
 from poegen.kernel.schedule import sigmas_for
@@ -88,22 +89,19 @@ def cost_per_particle(settings: SamplerSettings, generative: int, potentials: in
 def budget(task: Task, settings: SamplerSettings | None = None) -> int:
     """poegen's total evaluations on ``task``."""
     settings = settings or task.settings
-    per = cost_per_particle(settings, len(task.generative), len(task.factors) - len(task.generative))
+    per = cost_per_particle(
+        settings, len(task.generative), len(task.factors) - len(task.generative)
+    )
     return settings.num_particles * per
 
 
 def evaluations(result, num_particles: int) -> dict[str, int]:
     """Evaluations per expert from the kernel's trace: batched calls × particles (no chunking)."""
-    totals: dict[str, int] = {}
-    for level in result.trace:
-        for name, stats in level.experts.items():
-            totals[name] = totals.get(name, 0) + stats.calls * num_particles
-    return totals
+    calls = metrics.expert_calls(result.trace, num_particles)
+    return {name: c["evaluations"] for name, c in calls.items()}
 
 
-def _sample(
-    factors: tuple[Factor, ...], task: Task, settings: SamplerSettings, seed: int, dtype
-):
+def _sample(factors: tuple[Factor, ...], task: Task, settings: SamplerSettings, seed: int, dtype):
     return sample(
         factors,
         task.sample_shape,
@@ -115,9 +113,7 @@ def _sample(
 
 def _checked(result, task: Task, settings: SamplerSettings, potentials: int) -> dict[str, int]:
     got = evaluations(result, settings.num_particles)
-    want = settings.num_particles * cost_per_particle(
-        settings, len(task.generative), potentials
-    )
+    want = settings.num_particles * cost_per_particle(settings, len(task.generative), potentials)
     if sum(got.values()) != want:
         raise RuntimeError(f"budget accounting: trace has {got}, expected {want} in total")
     return got

@@ -157,9 +157,7 @@ class Reference:
         got = mode_weights(self.modes(x), log_w, self.num_modes)
         return 0.5 * float((got - self.mode_weights).abs().sum())
 
-    def noise_floor(
-        self, n: int, *, repeats: int, generator: torch.Generator
-    ) -> dict[str, Floor]:
+    def noise_floor(self, n: int, *, repeats: int, generator: torch.Generator) -> dict[str, Floor]:
         """ED and mode TV of ``repeats`` fresh exact sets of size n against this reference."""
         if self.sampler is None:
             raise ValueError("sampler: a Reference needs a sampler to measure noise floors")
@@ -231,6 +229,4 @@ def expert_calls(trace: tuple, num_particles: int) -> dict[str, dict[str, int]]:
         stats: Mapping = level.experts
         for name, s in stats.items():
             totals[name] = totals.get(name, 0) + s.calls
-    return {
-        name: {"calls": c, "evaluations": c * num_particles} for name, c in totals.items()
-    }
+    return {name: {"calls": c, "evaluations": c * num_particles} for name, c in totals.items()}

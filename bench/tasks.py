@@ -5,13 +5,14 @@ sample shape, the exact target (closed form, from ``poegen.expert_servers.analyt
 law of the generative factors alone (for log Z), and poegen's settings for the task.
 
 * **T1** (d = 2): R3's ring of 8 × bar (Du et al. 2023), the classic failure of score summation.
-  R3's ring (radius 0.5, std 0.03) is so sharp that the annealed chain's mode weights freeze
-  at noise levels where the product of the noised experts still differs from the noised
-  product (both poegen and summation then put ~8% of the mass on the ±45° modes that the exact
-  product gives 3%: see ``bench/README`` in the report). We use std 0.08, the
-  bar of R3 (uniform on [−0.2, 0.2] × [−1, 1], moment-matched): the product has two main
-  modes at (0, ±0.5) with 45% each and four side modes with 2.3% each; summation spreads
-  mass over all eight (mode TV ≈ 0.45), poegen recovers the two.
+  R3's own ring (radius 0.5, std 0.03) is so sharp that every annealed chain's mode weights
+  freeze at noise levels where the product of the noised experts still differs from the noised
+  product: the exact product puts 0.7% on each ±45° mode, summation ~10%, and poegen still
+  ~3.8% even with 20 MCMC steps at 100 levels (only importance weights on the generative
+  factors could fix that). We use std 0.08 with R3's bar (uniform on [−0.2, 0.2] × [−1, 1],
+  moment-matched): the product has two main modes at (0, ±0.5) with 45% each and four side
+  modes with 2.3% each; summation spreads mass over all eight (mode TV ≈ 0.45, energy distance
+  ≈ 50× the floor), poegen recovers the two (mode TV ≈ 0.09, energy distance 3–4× the floor).
 * **T2** (d = 2, 8): three mixtures over the same four mode locations whose mode weights
   disagree; the product's weights are the normalised products of theirs.
 * **T3** (d = 2): a ring prior × a linear reward exp(aᵀx) used as a black box (no gradient):
@@ -218,9 +219,7 @@ def t5() -> Task:
     """A 3 × 3 grid (spacing 2, std 0.5) restricted to x₁ + x₂ ≤ 0.5."""
     prior = grid_of_gaussians(3, 2.0, 0.5, name="prior")
     constraint = HalfSpace([1.0, 1.0], 0.5, name="half_space")
-    return make_task(
-        "T5", "3x3 grid x 1[x1+x2<=0.5], d=2", [Factor(prior), Factor(constraint)]
-    )
+    return make_task("T5", "3x3 grid x 1[x1+x2<=0.5], d=2", [Factor(prior), Factor(constraint)])
 
 
 # --- registry --------------------------------------------------------------------------------

@@ -68,10 +68,11 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory as _shm
 from types import TracebackType
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -116,6 +117,7 @@ _KINDS = (
     _Kind(tensor_pb2.DTYPE_U8, "u8", torch.uint8, np.dtype("u1"), torch.uint8),
     _Kind(tensor_pb2.DTYPE_I64, "i64", torch.int64, np.dtype("<i8"), torch.int64),
     _Kind(tensor_pb2.DTYPE_BOOL, "bool", torch.bool, np.dtype("u1"), torch.uint8),
+    _Kind(tensor_pb2.DTYPE_F64, "f64", torch.float64, np.dtype("<f8"), torch.float64),
 )
 _BY_PROTO = {k.proto: k for k in _KINDS}
 _BY_TORCH = {k.torch: k for k in _KINDS}
@@ -134,10 +136,7 @@ def encode(t: torch.Tensor, *, shared_memory: SharedMemoryPool | None = None) ->
     pool, tensors of at least ``pool.min_tensor_bytes`` go to shared memory when the pool has
     room, the rest inline. Raises ``TypeError`` for a dtype not in :data:`SUPPORTED_DTYPES`.
     """
-    kind = _BY_TORCH.get(t.dtype)
-    if kind is None:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-        raise TypeError(f"encode: dtype {t.dtype} cannot cross the wire (supported: {names})")
+    kind = _kind_of(t)
     arr = _wire_array(t, kind)
     msg = tensor_pb2.Tensor(dtype=kind.proto, shape=t.shape)  # type: ignore[arg-type]
     ref = shared_memory.put(arr) if shared_memory is not None else None
@@ -146,6 +145,110 @@ def encode(t: torch.Tensor, *, shared_memory: SharedMemoryPool | None = None) ->
     else:
         msg.data = arr.tobytes()
     return msg
+
+
+def encode_into(
+    t: torch.Tensor, ref: tensor_pb2.SharedMemoryRef, peer: SharedMemoryReader, *, field: str
+) -> tensor_pb2.Tensor:
+    """``t`` written into a peer's reply room ``ref`` (see :meth:`SharedMemoryReader.write`);
+    returns the ``Tensor`` that points at it. ``ExpertError`` on ``field`` for a bad room."""
+    kind = _kind_of(t)
+    arr = _wire_array(t, kind)
+    peer.write(ref, arr, field=field)
+    msg = tensor_pb2.Tensor(dtype=kind.proto, shape=t.shape)  # type: ignore[arg-type]
+    msg.shared_memory.CopyFrom(ref)
+    return msg
+
+
+def _kind_of(t: torch.Tensor) -> _Kind:
+    kind = _BY_TORCH.get(t.dtype)
+    if kind is None:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"encode: dtype {t.dtype} cannot cross the wire (supported: {names})")
+    return kind
+
+
+class WireMessage:
+    """A proto message plus tensors whose bytes are serialised straight from their memory.
+
+    ``codec.encode`` builds ``bytes`` (one copy), protobuf copies them into the message (two)
+    and serialising the request copies them again (three). A WireMessage sets only each
+    tensor's header (``dtype``, ``shape``) in ``message`` and, in :meth:`SerializeToString`,
+    appends the data as a second occurrence of the tensor field holding just ``data``: a parser
+    merges the two occurrences of a message field (protobuf's rule for a repeated singular
+    message field), so the bytes on the wire decode to exactly what ``encode`` would give, and
+    the tensor's bytes are copied once, into the serialised message::
+
+        request = WireMessage(pb.VelocityRequest(handle=h), {"x": x, "sigma": sigma})
+        reply = rpcs["Velocity"](request)        # transport.unary_methods: any SerializeToString
+
+    ``fields`` maps names of singular ``Tensor`` fields of ``message`` to tensors (any device,
+    any strides). A CPU-contiguous tensor's memory is read when the message is serialised, not
+    before: do not modify it in place until the call is sent. With ``shared_memory``, large
+    tensors go to the pool as in :func:`encode`. ``message`` may still be changed (a handle)
+    before serialising.
+    """
+
+    __slots__ = ("_raw", "message")
+
+    def __init__(
+        self,
+        message: Any,
+        fields: Mapping[str, torch.Tensor],
+        *,
+        shared_memory: SharedMemoryPool | None = None,
+    ) -> None:
+        self.message = message
+        self._raw: list[tuple[bytes, np.ndarray]] = []
+        for name, t in fields.items():
+            descriptor = message.DESCRIPTOR.fields_by_name.get(name)
+            if descriptor is None or descriptor.message_type is not tensor_pb2.Tensor.DESCRIPTOR:
+                raise ValueError(f"{name}: not a Tensor field of {message.DESCRIPTOR.name}")
+            kind = _kind_of(t)
+            arr = _wire_array(t, kind)
+            sub = getattr(message, name)
+            sub.Clear()
+            sub.dtype = kind.proto
+            sub.shape.extend(t.shape)
+            ref = shared_memory.put(arr) if shared_memory is not None else None
+            if ref is not None:
+                sub.shared_memory.CopyFrom(ref)
+            else:
+                self._raw.append((_varint(descriptor.number << 3 | 2), arr))
+
+    def SerializeToString(self) -> bytes:
+        """The message's bytes, tensor data appended (one copy of each tensor)."""
+        parts: list[Any] = [self.message.SerializeToString()]
+        for tag, arr in self._raw:
+            head = _DATA_TAG + _varint(arr.nbytes)
+            parts += (tag, _varint(len(head) + arr.nbytes), head, _byte_view(arr))
+        return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Serialized:
+    """A message already serialised (e.g. in a worker thread); gRPC sends ``data`` as is."""
+
+    data: bytes
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+
+_DATA_TAG = bytes([3 << 3 | 2])  # Tensor.data: field 3, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _byte_view(arr: np.ndarray) -> memoryview:
+    return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def _wire_array(t: torch.Tensor, kind: _Kind) -> np.ndarray:
@@ -190,12 +293,14 @@ def decode(
     *,
     field: str,
     max_bytes: int | None = None,
-    shared_memory: SharedMemoryReader | None = None,
+    shared_memory: SharedMemorySource | None = None,
 ) -> torch.Tensor:
     """The CPU tensor in ``msg``; validated first, ``ExpertError`` naming ``field`` otherwise.
 
     Inline data: a read-only-backed view of the message's bytes, no copy (see the module
-    docstring). Shared memory (only with a ``shared_memory`` reader): a writable copy.
+    docstring). Shared memory (only with a ``shared_memory`` source: a
+    :class:`SharedMemoryReader` for a peer's segments, or the :class:`SharedMemoryPool` whose
+    room a reply was written to): a writable copy.
     ``max_bytes`` caps ``prod(shape) * itemsize`` (RESOURCE_EXHAUSTED above it).
     """
     kind = _BY_PROTO.get(msg.dtype)
@@ -257,9 +362,22 @@ def _to_torch(flat: np.ndarray, shape: list[int], kind: _Kind, field: str) -> to
 
 def validate_finite(t: torch.Tensor, field: str) -> torch.Tensor:
     """``t`` unchanged; INVALID_ARGUMENT on ``field`` if a floating ``t`` holds NaN or ±inf."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and t.numel() and not all_finite(t):
         raise ExpertError.invalid(field, "contains NaN or infinity")
     return t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating ``t`` holds neither NaN nor ±inf, in one reduction when it does not.
+
+    A sum is finite only if every term is (NaN and ±inf propagate through IEEE additions, in
+    any order), so a finite sum proves the tensor finite; ``torch.isfinite(t).all()`` costs
+    several times more (a bool tensor, then a reduction). A sum of finite terms may still
+    overflow, so a non-finite sum falls back to the exact elementwise check. float16 sums
+    accumulate into float32 (their range is small).
+    """
+    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 def validate_sigma(sigma: torch.Tensor, batch: int, field: str = "sigma") -> torch.Tensor:
@@ -281,6 +399,14 @@ def validate_sigma(sigma: torch.Tensor, batch: int, field: str = "sigma") -> tor
 
 
 # --------------------------------------------------------------------------- shared memory
+
+
+class SharedMemorySource(Protocol):
+    """What :func:`decode` reads shared-memory tensors through."""
+
+    def read(self, ref: tensor_pb2.SharedMemoryRef, nbytes: int, *, field: str) -> np.ndarray:
+        """A private, writable uint8 copy of the ``nbytes`` bytes ``ref`` points at."""
+        ...
 
 
 class SharedMemoryPool:
@@ -321,9 +447,10 @@ class SharedMemoryPool:
         self._segments: list[_shm.SharedMemory] = []
         self._current = 0  # index of the segment being filled
         self._offset = 0  # first free byte in it
+        self._fds: dict[str, int] = {}  # read-only descriptors of our segments (read())
         self._lock = threading.Lock()
         self._closed = False
-        self._finalizer = weakref.finalize(self, _unlink_all, self._segments)
+        self._finalizer = weakref.finalize(self, _unlink_all, self._segments, self._fds)
 
     @property
     def nbytes(self) -> int:
@@ -363,6 +490,51 @@ class SharedMemoryPool:
         self._current = len(self._segments) - 1
         return self._segments[-1], 0
 
+    def reserve(self, nbytes: int) -> tensor_pb2.SharedMemoryRef | None:
+        """Room for ``nbytes`` that a peer will write (a reply); ``None``: take it inline.
+
+        Placed and limited as in :meth:`put` (``None`` under ``min_tensor_bytes`` or without
+        room); valid, like a ref from ``put``, until :meth:`reset`. Read it back with
+        :meth:`read` (``decode(..., shared_memory=pool)``) once the reply has arrived.
+        """
+        if nbytes < self.min_tensor_bytes:
+            return None
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("SharedMemoryPool is closed")
+            found = self._place(nbytes)
+            if found is None:
+                return None
+            segment, start = found
+            self._offset = start + nbytes
+            return tensor_pb2.SharedMemoryRef(name=segment.name, offset=start, nbytes=nbytes)
+
+    def read(self, ref: tensor_pb2.SharedMemoryRef, nbytes: int, *, field: str) -> np.ndarray:
+        """A private, writable uint8 copy of ``nbytes`` bytes at ``ref`` in one of our segments.
+
+        For replies a peer wrote into room from :meth:`reserve`. Read with ``pread``, never
+        through the mapping, so a segment truncated by the peer gives an error, not a crash.
+        Errors name ``field``, never the segment.
+        """
+        if ref.nbytes != nbytes:
+            raise ExpertError.invalid(
+                f"{field}.nbytes", f"{ref.nbytes} bytes, expected {nbytes} for the shape"
+            )
+        with self._lock:
+            segment = next((s for s in self._segments if s.name == ref.name), None)
+            if self._closed or segment is None:
+                raise ExpertError.invalid(f"{field}.name", "not a segment of this pool")
+            if ref.offset < 0 or ref.offset + nbytes > segment.size:
+                raise ExpertError.invalid(f"{field}.offset", "offset + nbytes is past the segment")
+            fd = self._fds.get(segment.name)
+            if fd is None:
+                fd = self._fds[segment.name] = _posixshmem.shm_open(
+                    "/" + segment.name, os.O_RDONLY, mode=0
+                )
+            out = np.empty(nbytes, dtype=np.uint8)
+            _pread_all(fd, out, ref.offset, field)
+        return out
+
     def reset(self) -> None:
         """Make every segment free again; refs handed out before become invalid."""
         with self._lock:
@@ -386,7 +558,9 @@ class SharedMemoryPool:
         self.close()
 
 
-def _unlink_all(segments: list[_shm.SharedMemory]) -> None:
+def _unlink_all(segments: list[_shm.SharedMemory], fds: dict[str, int]) -> None:
+    while fds:
+        os.close(fds.popitem()[1])
     for segment in segments:
         segment.close()
         with contextlib.suppress(FileNotFoundError):  # someone else unlinked it
@@ -410,8 +584,9 @@ class SharedMemoryReader:
             raise ValueError("max_segments must be >= 1")
         self.max_segments = max_segments
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._writable: OrderedDict[str, int] = OrderedDict()  # reply rooms (write())
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds, self._writable)
 
     def read(self, ref: tensor_pb2.SharedMemoryRef, nbytes: int, *, field: str) -> np.ndarray:
         """A private, writable uint8 copy of the ``nbytes`` bytes that ``ref`` points at."""
@@ -425,31 +600,60 @@ class SharedMemoryReader:
             raise ExpertError.invalid(f"{field}.offset", f"{ref.offset}, must be >= 0")
         out = np.empty(nbytes, dtype=np.uint8)
         with self._lock:
-            fd = self._open(ref.name, field)
+            fd = self._open(ref.name, field, self._fds, os.O_RDONLY)
             if ref.offset + nbytes > os.fstat(fd).st_size:
                 raise ExpertError.invalid(f"{field}.offset", "offset + nbytes is past the segment")
-            done = 0
-            while done < nbytes:
-                got = _pread_into(fd, memoryview(out)[done:], ref.offset + done)
-                if got <= 0:  # the segment shrank under us
-                    raise ExpertError.invalid(
-                        f"{field}.offset", "offset + nbytes is past the segment"
-                    )
-                done += got
+            _pread_all(fd, out, ref.offset, field)
         return out
 
-    def _open(self, name: str, field: str) -> int:
-        fd = self._fds.get(name)
+    def check_room(self, ref: tensor_pb2.SharedMemoryRef, nbytes: int, *, field: str) -> None:
+        """Refuse, before any work, a reply room a :meth:`write` of ``nbytes`` could not fill.
+
+        INVALID_ARGUMENT on ``"<field>.name"`` (not ``poegen_<hex>``, or not openable for
+        writing), ``".nbytes"`` (not ``nbytes``) or ``".offset"`` (negative, or past the end).
+        """
+        with self._lock:
+            self._room(ref, nbytes, field)
+
+    def write(self, ref: tensor_pb2.SharedMemoryRef, arr: np.ndarray, *, field: str) -> None:
+        """Copy a C-contiguous array's bytes into a peer's reply room ``ref`` (``pwrite``).
+
+        Checked as in :meth:`check_room` (again: the peer owns the segment). Never maps the
+        segment, so a peer that truncates it cannot crash this process.
+        """
+        view = memoryview(arr.reshape(-1).view(np.uint8))
+        with self._lock:
+            fd = self._room(ref, len(view), field)
+            done = 0
+            while done < len(view):
+                done += os.pwritev(fd, [view[done:]], ref.offset + done)
+
+    def _room(self, ref: tensor_pb2.SharedMemoryRef, nbytes: int, field: str) -> int:
+        if not _SEGMENT_NAME.fullmatch(ref.name):
+            raise ExpertError.invalid(f"{field}.name", "not a poegen shared-memory segment")
+        if ref.nbytes != nbytes:
+            raise ExpertError.invalid(
+                f"{field}.nbytes", f"{ref.nbytes} bytes, expected {nbytes} for the reply"
+            )
+        if ref.offset < 0:
+            raise ExpertError.invalid(f"{field}.offset", f"{ref.offset}, must be >= 0")
+        fd = self._open(ref.name, field, self._writable, os.O_RDWR)
+        if ref.offset + nbytes > os.fstat(fd).st_size:
+            raise ExpertError.invalid(f"{field}.offset", "offset + nbytes is past the segment")
+        return fd
+
+    def _open(self, name: str, field: str, cache: OrderedDict[str, int], flags: int) -> int:
+        fd = cache.get(name)
         if fd is not None:
-            self._fds.move_to_end(name)
+            cache.move_to_end(name)
             return fd
         try:
-            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0)
+            fd = _posixshmem.shm_open("/" + name, flags, mode=0)
         except OSError:
             raise ExpertError.invalid(f"{field}.name", "the segment cannot be opened") from None
-        self._fds[name] = fd
-        while len(self._fds) > self.max_segments:
-            os.close(self._fds.popitem(last=False)[1])
+        cache[name] = fd
+        while len(cache) > self.max_segments:
+            os.close(cache.popitem(last=False)[1])
         return fd
 
     def close(self) -> None:
@@ -469,9 +673,20 @@ class SharedMemoryReader:
         self.close()
 
 
-def _close_fds(fds: OrderedDict[str, int]) -> None:
-    while fds:
-        os.close(fds.popitem()[1])
+def _close_fds(*caches: OrderedDict[str, int]) -> None:
+    for fds in caches:
+        while fds:
+            os.close(fds.popitem()[1])
+
+
+def _pread_all(fd: int, out: np.ndarray, offset: int, field: str) -> None:
+    """Fill ``out`` (uint8) from ``fd`` at ``offset``; a short read is a bounds error."""
+    view, done = memoryview(out), 0
+    while done < len(view):
+        got = _pread_into(fd, view[done:], offset + done)
+        if got <= 0:  # the segment shrank under us
+            raise ExpertError.invalid(f"{field}.offset", "offset + nbytes is past the segment")
+        done += got
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> int:

@@ -45,24 +45,29 @@ Failures, each raised as :class:`RemoteExpertError` (an
   evicted it; FAILED_PRECONDITION: the model was hot-swapped) is prepared again, once per call;
 * :meth:`RemoteExpert.cancel` cancels the calls in flight and refuses new ones (CANCELLED).
 
-Dtypes. What the kernel gives is what is sent: float32, float16 and bfloat16 cross the wire
-unchanged, and replies come back in the request's dtype (log-densities as float32, the wire's
-choice, or float64 for a float64 request). The wire has no float64, so a float64
-batch (or σ) is sent as float32 and the reply converted back to float64: a float64 run against
-a remote expert computes the expert in float32, and differs (at float32 rounding) from the same
-run in-process. Run the kernel in float32 (the default) and a remote expert gives *identical*
-samples to the same expert in-process for the same seed: the tensors the expert sees are the
-same bits either way, and the expert is a deterministic function of them.
+Dtypes. What the kernel gives is what is sent: float32, float16, bfloat16 and float64 cross
+the wire unchanged, and replies come back in the request's dtype (log-densities as float32, or
+float64 for a float64 request). A float64 batch that would not fit one message (the limit in
+``describe().max_batch`` counts float32) is sent in chunks. For the same seed, a remote expert
+gives *identical* samples to the same expert in-process, in float32 and in float64 alike: the
+tensors the expert sees are the same bits either way, and the expert is a deterministic
+function of them. (A server older than ``DTYPE_F64`` refuses float64 batches as an unknown
+dtype: run the kernel in float32 against it.)
 
 Tensors returned are the codec's zero-copy views of the reply's bytes (converted only when
 the dtype differs): *read-only-backed*, so never modify them in place (``add_``, ``out=``,
-item assignment); the kernel never does. Clone one first if you must.
+item assignment); the kernel never does. Clone one first if you must. Requests are
+:class:`~poegen.kernel.codec.WireMessage`\\ s: each tensor's bytes are copied once, straight
+into the serialised request.
 
-Shared memory (``shared_memory=True``): request tensors of at least 64 KiB go through POSIX
-shared-memory segments instead of the socket when the server also opted in (its ``Describe``
-says so) and the address is on this host (``localhost``, ``127.*``, ``[::1]`` or ``unix:``).
-Replies always come inline (see :mod:`poegen.kernel.codec`). Segments belong to this expert,
-are reused across calls and unlinked by :meth:`close`.
+Shared memory (``shared_memory=True``): when the server also opted in (its ``Describe`` says
+so) and the address is on this host (``localhost``, ``127.*``, ``[::1]`` or ``unix:``),
+request tensors of at least 64 KiB go through POSIX shared-memory segments instead of the
+socket, and ``Velocity`` / ``Propose`` offer the server a room in the same segments for the
+reply (``reply_shared_memory``), which this client copies out (one ``pread``) before the
+segment is reused: then neither direction's tensor crosses the socket. Segments belong to this
+expert, are reused across calls and unlinked by :meth:`close`; those of a call that failed
+(its server may still write the reply room late) are unlinked at once, never reused.
 
 No asyncio variant: the kernel runs experts in threads, and a sync channel there costs nothing.
 """
@@ -86,12 +91,15 @@ from torch import Tensor
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError, from_rpc_error
 from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
-from poegen.v1 import expert_pb2, expert_pb2_grpc
+from poegen.kernel.transport import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    bearer_metadata,
+    channel_options,
+    unary_methods,
+)
+from poegen.v1 import expert_pb2
 
 logger = logging.getLogger(__name__)
-
-#: Default largest message sent and received, as the expert host's default.
-DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 
 _KINDS = {
     expert_pb2.EXPERT_KIND_GENERATIVE: ExpertKind.GENERATIVE,
@@ -147,18 +155,6 @@ class RetryPolicy:
         return base * (0.5 + 0.5 * rng.random())
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Channel options shared by poegen's clients: message limits, quick reconnects."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # gRPC's own reconnect backoff starts at 1 s; ours (RetryPolicy) paces the retries
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
-
-
 class RemoteExpert:
     """An Expert answered by a remote ``ExpertService`` (see the module docstring).
 
@@ -184,9 +180,9 @@ class RemoteExpert:
         self.address = address
         self.deadline_s = deadline_s
         self._channel = channel
-        self._stub = expert_pb2_grpc.ExpertServiceStub(channel)
+        self._rpcs = unary_methods(channel, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"])
         self._condition = condition
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._retry = retry
         self._rng = random.Random(jitter_seed)
         self._lock = threading.Lock()
@@ -200,6 +196,7 @@ class RemoteExpert:
         self._describe: expert_pb2.DescribeResponse | None = None
         self._want_shared_memory = shared_memory
         self._max_message_bytes = max_message_bytes
+        self._message_bytes = max_message_bytes  # the smaller of ours and the server's
         self._pools: list[codec.SharedMemoryPool] = []
         self._all_pools: list[codec.SharedMemoryPool] = []
         self._use_shared_memory = False
@@ -229,8 +226,8 @@ class RemoteExpert:
             deadline_s: deadline of each attempt of each call.
             retries, backoff_s, max_backoff_s: retries of UNAVAILABLE (:class:`RetryPolicy`).
             jitter_seed: seed of the backoff jitter's own generator.
-            shared_memory: send large request tensors through shared memory when the server
-                also opted in and is on this host.
+            shared_memory: send large request tensors, and take large replies, through shared
+                memory when the server also opted in and is on this host.
             max_message_bytes: largest message sent and received (as the server's option).
 
         Raises :class:`RemoteExpertError` when the server cannot be reached or refuses.
@@ -271,24 +268,19 @@ class RemoteExpert:
 
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         """v(x_σ, σ) ``(B, *S)`` from ``Velocity``."""
-        with self._encoder() as enc:
-            request = expert_pb2.VelocityRequest(x=enc(x), sigma=enc(sigma), handle=self._handle)
-            reply = self._invoke("Velocity", request)
-        return self._decoded(reply.velocity, "Velocity", "velocity", x.shape, x.dtype)
+        request = expert_pb2.VelocityRequest()
+        return self._call("Velocity", request, {"x": x, "sigma": sigma}, "velocity", x, x.dtype)
 
     def log_prob(self, x: Tensor, sigma: Tensor) -> Tensor:
         """log p_σ(x_σ) ``(B,)`` from ``LogProb`` with σ (generative experts)."""
-        with self._encoder() as enc:
-            request = expert_pb2.LogProbRequest(x=enc(x), sigma=enc(sigma), handle=self._handle)
-            reply = self._invoke("LogProb", request)
-        return self._decoded(reply.log_prob, "LogProb", "log_prob", x.shape[:1], _per_sample(x))
+        request = expert_pb2.LogProbRequest()
+        tensors = {"x": x, "sigma": sigma}
+        return self._call("LogProb", request, tensors, "log_prob", x, _per_sample(x))
 
     def log_potential(self, x0: Tensor) -> Tensor:
         """log-potential ``(B,)`` of clean estimates from ``LogProb`` without σ."""
-        with self._encoder() as enc:
-            request = expert_pb2.LogProbRequest(x=enc(x0), handle=self._handle)
-            reply = self._invoke("LogProb", request)
-        return self._decoded(reply.log_prob, "LogProb", "log_prob", x0.shape[:1], _per_sample(x0))
+        request = expert_pb2.LogProbRequest()
+        return self._call("LogProb", request, {"x": x0}, "log_prob", x0, _per_sample(x0))
 
     def propose(self, x: Tensor, sigma: Tensor, seed: int) -> Tensor:
         """A random move of x_σ ``(B, *S)`` from ``Propose`` (mode PROPOSE)."""
@@ -309,7 +301,7 @@ class RemoteExpert:
 
     @property
     def uses_shared_memory(self) -> bool:
-        """Whether request tensors go through shared memory (both ends opted in, same host)."""
+        """Whether tensors go through shared memory (both ends opted in, same host)."""
         return self._use_shared_memory
 
     @property
@@ -335,7 +327,7 @@ class RemoteExpert:
         if handle:
             try:
                 # one short attempt: a server that is gone has forgotten the handle anyway
-                self._stub.Release(
+                self._rpcs["Release"](
                     expert_pb2.ReleaseRequest(handle=handle),
                     timeout=min(self.deadline_s, 5.0),
                     metadata=self._metadata,
@@ -367,7 +359,8 @@ class RemoteExpert:
         reply: expert_pb2.DescribeResponse = self._invoke("Describe", expert_pb2.DescribeRequest())
         self._describe = reply
         info = describe_to_info(reply)
-        limit = _batch_limit(info, min(self._max_message_bytes, reply.max_message_bytes or 2**62))
+        self._message_bytes = min(self._max_message_bytes, reply.max_message_bytes or 2**62)
+        limit = _batch_limit(info, self._message_bytes)
         if limit is not None and (info.max_batch is None or limit < info.max_batch):
             info = dataclasses.replace(info, max_batch=limit)
         self._info = info
@@ -387,12 +380,47 @@ class RemoteExpert:
         return reply.handle
 
     def _propose(self, x: Tensor, sigma: Tensor, mode: int, seed: int) -> Tensor:
+        request = expert_pb2.ProposeRequest(mode=mode, seed=seed)  # type: ignore[arg-type]
+        return self._call("Propose", request, {"x": x, "sigma": sigma}, "x", x, x.dtype)
+
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        tensors: dict[str, Tensor],
+        field: str,
+        x: Tensor,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """One model call for the batch ``x`` (in ``tensors``); the reply's ``field`` tensor.
+
+        The reply has x's shape (Velocity, Propose: then it may come back through a room in
+        our shared memory) or one value per sample (LogProb). A batch wider than float32 that
+        would not fit one message is sent in chunks (``describe().max_batch`` counts float32).
+        """
+        limit = self._wide_limit(x)
+        if limit is not None and x.shape[0] > limit:
+            parts = []
+            for i in range(0, x.shape[0], limit):
+                chunk = type(request)()
+                chunk.CopyFrom(request)
+                part = {k: t[i : i + limit] for k, t in tensors.items()}
+                parts.append(self._call(method, chunk, part, field, x[i : i + limit], dtype))
+            return torch.cat(parts)
+        same_shape = field != "log_prob"
+        shape = tuple(x.shape) if same_shape else tuple(x.shape[:1])
+        request.handle = self._handle
         with self._encoder() as enc:
-            request = expert_pb2.ProposeRequest(
-                x=enc(x), sigma=enc(sigma), mode=mode, seed=seed, handle=self._handle
-            )
-            reply = self._invoke("Propose", request)
-        return self._decoded(reply.x, "Propose", "x", x.shape, x.dtype)
+            wire = enc.request(request, tensors, reply_nbytes=_nbytes(x) if same_shape else None)
+            reply = self._invoke(method, wire, on_failure=enc.spoil)
+            # inside the block: a reply in our shared memory is read before the pool is reused
+            return self._decoded(getattr(reply, field), method, field, shape, dtype, enc)
+
+    def _wide_limit(self, x: Tensor) -> int | None:
+        """The largest batch of a dtype wider than float32 that fits one message, or None."""
+        if x.element_size() <= 4 or self._info is None:
+            return None
+        return _batch_limit(self._info, self._message_bytes, x.element_size())
 
     def _encoder(self) -> _Encoder:
         """Encodes request tensors; with shared memory, holds a pool until the reply."""
@@ -406,16 +434,36 @@ class RemoteExpert:
                 self._all_pools.append(pool)
         return _Encoder(pool, self._give_back)
 
-    def _give_back(self, pool: codec.SharedMemoryPool) -> None:
-        pool.reset()
+    def _give_back(self, pool: codec.SharedMemoryPool, reusable: bool) -> None:
+        if reusable:
+            pool.reset()
+            with self._lock:
+                self._pools.append(pool)
+            return
+        # a failed call's server may still write its reply room: never reuse that memory
         with self._lock:
-            self._pools.append(pool)
+            self._all_pools.remove(pool)
+        pool.close()
 
     def _decoded(
-        self, msg: Any, method: str, field: str, shape: Sequence[int], dtype: torch.dtype
+        self,
+        msg: Any,
+        method: str,
+        field: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        enc: _Encoder,
     ) -> Tensor:
+        in_room = msg.WhichOneof("storage") == "shared_memory"
+        if in_room and (enc.room is None or msg.shared_memory != enc.room):
+            raise self._error(
+                method,
+                grpc.StatusCode.INTERNAL,
+                f"{field}.shared_memory",
+                "bad reply: shared memory this client did not offer",
+            )
         try:
-            out = codec.decode(msg, field=field)
+            out = codec.decode(msg, field=field, shared_memory=enc.pool if in_room else None)
         except ExpertError as e:
             raise self._error(method, e.code, e.field, f"bad reply: {e.reason}") from None
         if tuple(out.shape) != tuple(shape):
@@ -428,9 +476,21 @@ class RemoteExpert:
         # no copy when the dtype matches: a read-only-backed view (see the module docstring)
         return out.to(dtype)
 
-    def _invoke(self, method: str, request: Any, *, reprepare: bool = True) -> Any:
-        """One RPC with retries of UNAVAILABLE, a deadline per attempt, errors converted."""
-        rpc = getattr(self._stub, method)
+    def _invoke(
+        self,
+        method: str,
+        request: Any,
+        *,
+        reprepare: bool = True,
+        on_failure: Callable[[], None] | None = None,
+    ) -> Any:
+        """One RPC with retries of UNAVAILABLE, a deadline per attempt, errors converted.
+
+        ``request`` is a message or a :class:`codec.WireMessage`; ``on_failure`` runs after
+        every failed attempt (before a retry, or before raising).
+        """
+        rpc = self._rpcs[method]
+        message = getattr(request, "message", request)
         attempt = 0
         while True:
             if self._cancelled.is_set() or self._closed:
@@ -438,10 +498,14 @@ class RemoteExpert:
             try:
                 reply = self._once(rpc, request)
             except grpc.FutureCancelledError:
+                if on_failure is not None:
+                    on_failure()
                 raise self._error(
                     method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled"
                 ) from None
             except grpc.RpcError as e:
+                if on_failure is not None:
+                    on_failure()
                 code = e.code()  # type: ignore[attr-defined]
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retry.retries:
                     with self._lock:
@@ -454,9 +518,9 @@ class RemoteExpert:
                     self._cancelled.wait(delay)
                     continue
                 err = self._from_rpc_error(method, e, attempt)
-                if reprepare and self._lost_handle(request, err):
+                if reprepare and self._lost_handle(message, err):
                     logger.info("handle lost at %s (%s); preparing again", self.address, err.code)
-                    request.handle = self._renew_handle(request.handle)
+                    message.handle = self._renew_handle(message.handle)
                     reprepare = False
                     continue
                 raise err from None
@@ -520,35 +584,60 @@ class RemoteExpert:
 
 
 class _Encoder:
-    """``enc(t)`` encodes one request tensor (float64 as float32); a context that returns
-    its shared-memory pool, reset, when the reply has arrived."""
+    """Builds one call's request; with shared memory, holds a pool until the reply is read.
+
+    :meth:`request` puts large request tensors in the pool and offers a room in it for the
+    reply (``reply_shared_memory``). After a failed attempt (:meth:`spoil`) the server may
+    still write that room late, so later attempts take their reply inline and the pool is
+    closed, not reused, when the block ends.
+    """
 
     def __init__(
         self,
         pool: codec.SharedMemoryPool | None,
-        give_back: Callable[[codec.SharedMemoryPool], None] | None,
+        give_back: Callable[[codec.SharedMemoryPool, bool], None] | None,
     ) -> None:
-        self._pool = pool
+        self.pool = pool
+        self.room: Any = None  # the SharedMemoryRef offered for the reply
         self._give_back = give_back
+        self._request: Any = None
+        self._spoiled = False
 
-    def __call__(self, t: Tensor) -> Any:
-        if t.dtype == torch.float64:
-            t = t.to(torch.float32)
-        return codec.encode(t, shared_memory=self._pool)
+    def request(
+        self, message: Any, tensors: dict[str, Tensor], *, reply_nbytes: int | None
+    ) -> codec.WireMessage:
+        wire = codec.WireMessage(message, tensors, shared_memory=self.pool)
+        if self.pool is not None and reply_nbytes is not None:
+            self.room = self.pool.reserve(reply_nbytes)
+            if self.room is not None:
+                message.reply_shared_memory.CopyFrom(self.room)
+        self._request = message
+        return wire
+
+    def spoil(self) -> None:
+        if self.room is not None:
+            self._request.ClearField("reply_shared_memory")
+            self.room = None
+            self._spoiled = True
 
     def __enter__(self) -> _Encoder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None and self._give_back is not None:
-            self._give_back(self._pool)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self.pool is not None and self._give_back is not None:
+            self._give_back(self.pool, exc_type is None and not self._spoiled)
 
 
-def _batch_limit(info: ExpertInfo, max_message_bytes: int) -> int | None:
-    """The largest batch whose float32 tensors fit one message (None: any shape, no bound)."""
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _batch_limit(info: ExpertInfo, max_message_bytes: int, itemsize: int = 4) -> int | None:
+    """The largest batch whose tensors (float32 by default) fit one message (None: any
+    shape, no bound)."""
     if info.sample_shape is None:
         return None
-    per_sample = 4 * max(1, math.prod(info.sample_shape)) + 64  # + σ and framing
+    per_sample = itemsize * max(1, math.prod(info.sample_shape)) + 64  # + σ and framing
     return max(1, (max_message_bytes - _MESSAGE_OVERHEAD) // per_sample)
 
 

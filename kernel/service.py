@@ -24,12 +24,13 @@ Request → kernel:
 * ``seed`` → the job's ``torch.Generator``; the kernel runs in float32 on the CPU, so a job
   reproduces :func:`~poegen.kernel.sampler.sample` run in-process in float32 with the same
   experts and seed, bit for bit.
-* ``preview``: each event carries the best particle's clean estimate (shape S, float32).
+* ``preview``: each event carries the best particle's clean estimate (shape S, the job's
+  dtype).
 
-Result → wire: particles ``(N, *S)`` float32; log-weights ``(N,)`` as float32 (the kernel
-keeps them in float64 and the wire has no float64: the float32 rounding of the normalised
-log-weights); each factor's record names the revisions its replies came from, comma-joined
-in the order first seen (two revisions: the model was hot-swapped during the job).
+Result → wire: particles ``(N, *S)`` in the job's dtype (float32: the service runs the kernel
+in float32); log-weights ``(N,)`` in float64, the kernel's own precision, unrounded; each
+factor's record names the first revision its replies came from (``revision``) and all of them
+in the order first seen (``revisions``; two: the model was hot-swapped during the job).
 
 Jobs. At most ``max_jobs`` run at once (RESOURCE_EXHAUSTED beyond), each in its own thread;
 ``num_particles × prod(sample_shape)`` is capped by ``max_elements`` (RESOURCE_EXHAUSTED on
@@ -51,7 +52,9 @@ Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.er
 * our own bugs → INTERNAL (traceback to the log).
 
 :func:`create_sampler_server` wires the servicer with health (``""`` and
-``poegen.v1.SamplerService``), reflection, TLS and the expert host's bearer-token interceptor.
+``poegen.v1.SamplerService``), reflection, TLS and the bearer-token interceptor, all from
+:mod:`poegen.kernel.transport` (shared with the expert host; the kernel imports nothing from
+``poegen.expert_servers``).
 """
 
 from __future__ import annotations
@@ -76,22 +79,30 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from poegen.expert_servers.server.config import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    KeepaliveConfig,
-    TLSConfig,
-)
-from poegen.expert_servers.server.interceptors import TokenInterceptor
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.kernel.sampler import AllParticlesDiedError, LevelTrace, SampleResult, sample_iter
 from poegen.kernel.spec import Factor, SamplerSettings
+from poegen.kernel.transport import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_GRPC_LIMIT,
+    KeepaliveConfig,
+    TLSConfig,
+    TokenInterceptor,
+    add_service,
+    bind,
+    channel_credentials,
+    format_address,
+    server_options,
+    tune_allocator,
+)
 from poegen.v1 import sampler_pb2, sampler_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"].full_name
+_SERVICE = sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"]
+SERVICE_NAME = _SERVICE.full_name
 _SETTINGS_FIELDS = frozenset(SamplerSettings.model_fields)
 _FIELD = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+)*$")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -104,7 +115,7 @@ class SamplerServerConfig(BaseModel):
 
     host: str = Field("127.0.0.1", min_length=1, description="bind address")
     port: int = Field(0, ge=0, le=65535, description="bind port; 0 picks a free one")
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=(1 << 31) - 1)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=MAX_GRPC_LIMIT)
     keepalive: KeepaliveConfig = Field(default_factory=KeepaliveConfig)
     grace_s: float = Field(10.0, ge=0, description="drain time for running jobs on shutdown")
     tls: TLSConfig | None = None
@@ -238,7 +249,7 @@ def level_event(trace: LevelTrace, *, preview: bool) -> sampler_pb2.GenerateResp
         ],
     )
     if preview:
-        event.preview.CopyFrom(codec.encode(trace.preview.to(torch.float32)))
+        event.preview.CopyFrom(codec.encode(trace.preview))
     return sampler_pb2.GenerateResponse(level=event)
 
 
@@ -252,12 +263,15 @@ def generate_result(
         revisions = expert.revisions_seen or (info.revision,)
         records.append(
             sampler_pb2.ExpertRecord(
-                name=factor.name or info.name, model_id=info.model_id, revision=",".join(revisions)
+                name=factor.name or info.name,
+                model_id=info.model_id,
+                revision=revisions[0],
+                revisions=revisions,
             )
         )
     out = sampler_pb2.GenerateResult(
-        particles=codec.encode(result.particles.to(torch.float32)),
-        log_weights=codec.encode(result.log_weights.to(torch.float32)),
+        particles=codec.encode(result.particles),
+        log_weights=codec.encode(result.log_weights),
         log_evidence=result.log_evidence,
         best_index=result.best_index,
         experts=records,
@@ -358,11 +372,7 @@ class Job:
         """Connect every factor's expert, concurrently; on failure close those connected."""
         config, factors = self._config, self.plan.factors
         token = config.expert_token.get_secret_value() if config.expert_token else None
-        tls = (
-            grpc.ssl_channel_credentials(config.expert_ca_file.read_bytes())
-            if config.expert_ca_file is not None
-            else None
-        )
+        tls = channel_credentials(config.expert_ca_file) if config.expert_ca_file else None
 
         def connect(i: int) -> RemoteExpert:
             if self._stop.is_set():
@@ -531,16 +541,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
 
 
 def grpc_options(config: SamplerServerConfig) -> list[tuple[str, int]]:
-    keepalive = config.keepalive
-    return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(keepalive.min_ping_interval_s * 1000)),
-        ("grpc.so_reuseport", 0),
-    ]  # fmt: skip
+    """Options of the sampler's server (see :func:`poegen.kernel.transport.server_options`)."""
+    return server_options(config.max_message_bytes, config.keepalive)
 
 
 class SamplerHost:
@@ -554,7 +556,7 @@ class SamplerHost:
         if config.token is not None:
             interceptors.append(TokenInterceptor(config.token.get_secret_value()))
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
-        sampler_pb2_grpc.add_SamplerServiceServicer_to_server(self.servicer, self.server)
+        add_service(self.server, self.servicer, _SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -563,28 +565,10 @@ class SamplerHost:
 
     @property
     def address(self) -> str:
-        host = self.config.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return format_address(self.config.host, self.port)
 
     def _bind(self) -> int:
-        host, tls = self.config.host, self.config.tls
-        address = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
-        try:
-            if tls is None:
-                port = self.server.add_insecure_port(address)
-            else:
-                client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
-                credentials = grpc.ssl_server_credentials(
-                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                    root_certificates=client_ca,
-                    require_client_auth=client_ca is not None,
-                )
-                port = self.server.add_secure_port(address, credentials)
-        except RuntimeError:
-            port = 0
-        if port == 0:
-            raise ValueError(f"port: cannot bind {address}")
-        return port
+        return bind(self.server, self.config.host, self.config.port, self.config.tls)
 
     async def start(self) -> None:
         await self.server.start()
@@ -617,9 +601,13 @@ async def serve_sampler(
 ) -> int:
     """Run the service until SIGTERM or SIGINT, then stop its jobs; return 0.
 
+    A process entry point: it also tunes the allocator for large messages
+    (:func:`poegen.kernel.transport.tune_allocator`).
+
     ``announce`` receives ``"poegen: serving sampler on <host>:<port>"`` once it listens
     (the line format of ``poegen serve``).
     """
+    tune_allocator()  # a process entry point: see poegen.kernel.transport
     host, _ = create_sampler_server(config)
     await host.start()
     stop = asyncio.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 
@@ -14,15 +15,18 @@ from hypothesis import strategies as st
 
 from poegen.kernel import codec
 from poegen.kernel.codec import (
+    Serialized,
     SharedMemoryPool,
     SharedMemoryReader,
+    WireMessage,
     decode,
     encode,
+    encode_into,
     validate_finite,
     validate_sigma,
 )
 from poegen.kernel.errors import ExpertError
-from poegen.v1 import tensor_pb2
+from poegen.v1 import expert_pb2, tensor_pb2
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -35,6 +39,7 @@ _BITS = {
     torch.uint8: torch.uint8,
     torch.int64: torch.int64,
     torch.bool: torch.uint8,
+    torch.float64: torch.int64,
 }
 
 
@@ -116,13 +121,16 @@ def test_wire_bytes_are_little_endian():
     assert encode(torch.tensor([1.0], dtype=torch.bfloat16)).data == b"\x80\x3f"
     assert encode(torch.tensor([258])).data == struct.pack("<q", 258)
     assert encode(torch.tensor([True, False])).data == b"\x01\x00"
+    assert encode(torch.tensor([1.0], dtype=torch.float64)).data == struct.pack("<d", 1.0)
+    assert encode(torch.tensor([1.0], dtype=torch.float64)).dtype == tensor_pb2.DTYPE_F64
 
 
 def test_encode_detaches_and_rejects_other_dtypes():
     x = torch.ones(2, requires_grad=True)
     assert torch.equal(decode(encode(x * 2), field="x"), torch.full((2,), 2.0))
-    with pytest.raises(TypeError, match="float64"):
-        encode(torch.ones(2, dtype=torch.float64))
+    for dtype in (torch.int32, torch.complex64):
+        with pytest.raises(TypeError, match=str(dtype).removeprefix("torch.")):
+            encode(torch.ones(2, dtype=dtype))
 
 
 # --------------------------------------------------------------------------- no copies
@@ -210,6 +218,18 @@ def test_validate_finite():
     _expect(INVALID, "x", validate_finite, torch.tensor([float("nan")], dtype=torch.bfloat16), "x")
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=16), max_size=64),
+    st.sampled_from([1.0, 1e4, 1e38, 1e300]),
+)
+def test_all_finite_agrees_with_the_elementwise_check(dtype, values, scale):
+    # scale makes sums of finite values overflow (the fast path must then fall back)
+    t = (torch.tensor(values, dtype=torch.float64) * scale).to(dtype)
+    assert codec.all_finite(t) == bool(torch.isfinite(t).all())
+
+
 def test_validate_sigma():
     sigma = torch.tensor([1.0, 0.5, 1e-6])
     assert validate_sigma(sigma, 3) is sigma
@@ -220,6 +240,46 @@ def test_validate_sigma():
     for bad in (0.0, -0.1, 1.0001, float("nan"), float("inf")):
         _expect(INVALID, "sigma", validate_sigma, torch.tensor([0.5, bad]), 2)
     _expect(INVALID, "levels", validate_sigma, torch.tensor([0.0]), 1, field="levels")
+
+
+# --------------------------------------------------------------------------- WireMessage
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from(codec.SUPPORTED_DTYPES),
+    shapes,
+    st.sampled_from(["contiguous", "transposed"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_wire_message_parses_to_what_encode_gives(dtype, shape, layout, seed):
+    t = _random(shape, dtype, seed)
+    if layout == "transposed":
+        t = t.permute(tuple(reversed(range(t.dim()))))
+    sigma = torch.rand(3, dtype=torch.float64)
+    wire = WireMessage(expert_pb2.VelocityRequest(handle="h"), {"x": t, "sigma": sigma})
+    parsed = expert_pb2.VelocityRequest.FromString(wire.SerializeToString())
+    expected = expert_pb2.VelocityRequest(x=encode(t), sigma=encode(sigma), handle="h")
+    assert parsed == expected
+    assert torch.equal(_bits(decode(parsed.x, field="x")), _bits(t))
+
+
+def test_wire_message_copies_each_tensor_once_and_checks_fields():
+    x = torch.arange(6.0)
+    wire = WireMessage(expert_pb2.VelocityRequest(), {"x": x})
+    assert not wire.message.x.data  # only the header lives in the message
+    wire.message.handle = "later"  # the message may change until it is serialised
+    parsed = expert_pb2.VelocityRequest.FromString(wire.SerializeToString())
+    assert parsed.handle == "later" and parsed.x.data == x.numpy().tobytes()
+    with pytest.raises(ValueError, match="handle"):
+        WireMessage(expert_pb2.VelocityRequest(), {"handle": x})
+    with pytest.raises(TypeError):
+        WireMessage(expert_pb2.VelocityRequest(), {"x": x.to(torch.int32)})
+
+
+def test_serialized_is_sent_as_is():
+    msg = expert_pb2.VelocityResponse(revision="r")
+    assert Serialized(msg.SerializeToString()).SerializeToString() == msg.SerializeToString()
 
 
 # --------------------------------------------------------------------------- shared memory
@@ -353,3 +413,69 @@ def test_reader_bounds_checks_offset_and_size(pool, reader):
         assert ref.name not in str(err)
     last = decode(_shm_message(ref.name, size - 16, 16), field="x", shared_memory=reader)
     assert last.shape == (4,)
+
+
+# --------------------------------------------------------------------------- reply rooms
+
+
+@pytest.mark.parametrize("dtype", codec.SUPPORTED_DTYPES)
+def test_reply_room_round_trip(pool, reader, dtype):
+    """The client reserves room, the server writes the reply there, the client reads it back."""
+    t = _random([5, 7], dtype, seed=2)
+    nbytes = t.numel() * t.element_size()
+    room = pool.reserve(nbytes)
+    reader.check_room(room, nbytes, field="reply_shared_memory")
+    msg = encode_into(t, room, reader, field="reply_shared_memory")
+    assert msg.WhichOneof("storage") == "shared_memory" and msg.shared_memory == room
+    parsed = tensor_pb2.Tensor.FromString(msg.SerializeToString())
+    out = decode(parsed, field="velocity", shared_memory=pool)
+    assert out.dtype == dtype and torch.equal(_bits(out), _bits(t))
+    out.zero_()  # a private, writable copy
+    assert torch.equal(_bits(decode(parsed, field="v", shared_memory=pool)), _bits(t))
+
+
+def test_reserve_shares_the_pools_limits(pool):
+    a = encode(torch.zeros(100), shared_memory=pool).shared_memory
+    room = pool.reserve(400)
+    assert room.name == a.name and room.offset >= a.offset + a.nbytes and room.offset % 64 == 0
+    assert pool.reserve(1 << 21) is None  # over max_bytes: the reply comes inline
+    with SharedMemoryPool(min_tensor_bytes=1024) as small:
+        assert small.reserve(1000) is None
+
+
+def test_reply_room_checks_name_size_and_bounds_without_naming_the_segment(pool, reader):
+    room = pool.reserve(64)
+    size = 1 << 16  # the pool's segment size
+    cases = [
+        (tensor_pb2.SharedMemoryRef(name="psm_x", offset=0, nbytes=64), "name"),
+        (tensor_pb2.SharedMemoryRef(name="poegen_" + "0" * 16, offset=0, nbytes=64), "name"),
+        (tensor_pb2.SharedMemoryRef(name=room.name, offset=0, nbytes=32), "nbytes"),
+        (tensor_pb2.SharedMemoryRef(name=room.name, offset=-64, nbytes=64), "offset"),
+        (tensor_pb2.SharedMemoryRef(name=room.name, offset=size - 32, nbytes=64), "offset"),
+    ]
+    for ref, part in cases:
+        field = f"reply_shared_memory.{part}"
+        err = _expect(INVALID, field, reader.check_room, ref, 64, field="reply_shared_memory")
+        assert ref.name not in str(err) or not ref.name
+        arr = np.zeros(16, dtype=np.float32)
+        _expect(INVALID, field, reader.write, ref, arr, field="reply_shared_memory")
+    # the client only reads rooms of its own pool, within bounds
+    foreign = tensor_pb2.SharedMemoryRef(name="poegen_" + "1" * 16, offset=0, nbytes=64)
+    err = _expect(INVALID, "v.name", pool.read, foreign, 64, field="v")
+    assert foreign.name not in str(err)
+    past = tensor_pb2.SharedMemoryRef(name=room.name, offset=size - 32, nbytes=64)
+    _expect(INVALID, "v.offset", pool.read, past, 64, field="v")
+    _expect(INVALID, "v.nbytes", pool.read, room, 32, field="v")
+
+
+def test_a_truncated_room_is_an_error_not_a_crash(reader):
+    pool = SharedMemoryPool(segment_bytes=1 << 16, min_tensor_bytes=1)
+    try:
+        room = pool.reserve(4096)
+        name = room.name
+        os.truncate(f"/dev/shm/{name}", 1024)  # what a hostile peer could do
+        _expect(INVALID, "v.offset", pool.read, room, 4096, field="v")
+        arr = np.zeros(1024, dtype=np.float32)
+        _expect(INVALID, "r.offset", reader.write, room, arr, field="r")
+    finally:
+        pool.close()

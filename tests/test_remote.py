@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from remote_helpers import Jitter, LoopThread, free_port, wait_until
+from remote_helpers import Counter, CountingGaussian, Jitter, LoopThread, free_port, wait_until
 from server_experts import Gaussian, HalfSpace
 
 from poegen.expert_servers.analytic import GaussianMixture, LinearReward
@@ -239,10 +239,11 @@ def test_dtypes_round_trip(loop: LoopThread, dtype: torch.dtype) -> None:
         v = remote.velocity(x, sigma)
         lp = remote.log_prob(x, sigma)
     assert v.dtype == dtype and v.shape == x.shape
-    # float64 crosses as float32: the expert computes on the float32-rounded batch
-    wire = torch.float32 if dtype == torch.float64 else dtype
-    assert torch.equal(v, expert.velocity(x.to(wire), sigma.to(wire)).to(dtype))
+    # every dtype crosses unchanged (float64 included): the expert sees the very same bits
+    assert torch.equal(v, expert.velocity(x, sigma))
     assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if dtype == torch.float64:  # computed in float64 on the server, not rounded to float32
+        assert torch.equal(lp, expert.log_prob(x, sigma))
 
 
 def test_bearer_token(loop: LoopThread) -> None:
@@ -254,20 +255,71 @@ def test_bearer_token(loop: LoopThread) -> None:
         assert remote.describe().name == "gaussian"
 
 
-def test_shared_memory_gives_the_same_replies(loop: LoopThread) -> None:
+def test_shared_memory_gives_the_same_replies(
+    loop: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rooms = _count_room_writes(monkeypatch)
     expert = Gaussian(tuple([0.1] * 4096), max_batch=None)
     served = loop.serve(expert, ServerConfig(shared_memory=True))
     x = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0))  # 128 KiB
     sigma = torch.full((8,), 0.5)
     with RemoteExpert.connect(served.address, shared_memory=True) as shm, \
             RemoteExpert.connect(served.address) as inline:  # fmt: skip
-        assert torch.equal(shm.velocity(x, sigma), inline.velocity(x, sigma))
+        v = shm.velocity(x, sigma)
+        assert rooms == [1]  # the reply came through the room the client offered
+        assert torch.equal(v, inline.velocity(x, sigma)) and rooms == [1]
+        assert torch.equal(v, expert.velocity(x, sigma))
+        v += 1  # a private copy: the pool's memory is reused by the next call
+        assert torch.equal(shm.velocity(x, sigma), expert.velocity(x, sigma))
         assert shm.uses_shared_memory and not inline.uses_shared_memory
+        assert len(shm._all_pools) == 1  # reused across calls
     # a server that did not opt in is never sent shared-memory tensors
     plain = loop.serve(expert)
     with RemoteExpert.connect(plain.address, shared_memory=True) as remote:
         assert not remote.uses_shared_memory
         assert remote.velocity(x, sigma).shape == x.shape
+
+
+def _count_room_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the server's writes of replies into client rooms (the servers run in-process)."""
+    from poegen.expert_servers.server import serving
+
+    count = [0]
+    real = serving.encode_into
+
+    def counting(*args: object, **kw: object) -> object:
+        count[0] += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serving, "encode_into", counting)
+    return count
+
+
+def test_a_failed_call_never_reuses_its_reply_room(loop: LoopThread) -> None:
+    """A call that timed out may still have its reply written late: that pool is unlinked."""
+    served = loop.serve(Gaussian(tuple([0.0] * 4096), delay_s=0.5, max_batch=None),
+                        ServerConfig(shared_memory=True))  # fmt: skip
+    x, sigma = torch.zeros(8, 4096), torch.full((8,), 0.5)
+    with RemoteExpert.connect(served.address, shared_memory=True, deadline_s=0.2,
+                              retries=0) as remote:  # fmt: skip
+        with pytest.raises(RemoteExpertError) as err:
+            remote.velocity(x, sigma)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert remote._all_pools == [] and remote._pools == []
+
+
+def test_float64_batches_too_large_for_one_message_are_chunked(loop: LoopThread) -> None:
+    counter = Counter()
+    served = loop.serve(CountingGaussian(tuple([0.5] * 4096), max_batch=None, counter=counter),
+                        ServerConfig(max_message_bytes=1 << 20))  # fmt: skip
+    with RemoteExpert.connect(served.address) as remote:
+        limit = remote.describe().max_batch  # counts float32 samples
+        assert limit is not None and limit * 4096 * 8 > 1 << 20  # float64 would not fit
+        x = torch.randn(limit, 4096, dtype=torch.float64, generator=torch.Generator())
+        sigma = torch.full((limit,), 0.5, dtype=torch.float64)
+        v = remote.velocity(x, sigma)
+    assert counter.calls >= 2  # each chunk fits the limit
+    assert torch.equal(v, Gaussian(tuple([0.5] * 4096)).velocity(x, sigma))
 
 
 def test_cancel_stops_calls_in_flight(loop: LoopThread) -> None:

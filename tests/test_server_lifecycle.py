@@ -8,7 +8,7 @@ import urllib.request
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_experts import Gaussian
+from server_experts import Gaussian, HalfSpace
 from server_helpers import rpc_error, run, running
 
 from poegen.expert_servers.server import ServerConfig, create_server
@@ -64,6 +64,46 @@ def test_shared_memory_tensors_are_accepted_only_after_opt_in() -> None:
                 torch.testing.assert_close(
                     codec.decode(reply.velocity, field="v"), Gaussian().velocity(X, SIGMA)
                 )
+
+    run(body())
+
+
+def test_replies_go_to_the_room_the_client_offers() -> None:
+    """With shared memory on, Velocity and Propose write their reply into the client's room;
+    a room of the wrong size is refused before the model runs."""
+
+    async def body() -> None:
+        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+        sigma = torch.full((64,), 0.5)
+        nbytes = x.numel() * 4
+        async with running(ServerConfig(shared_memory=True), expert=Gaussian()) as server:
+            with codec.SharedMemoryPool(min_tensor_bytes=1) as pool:
+                room = pool.reserve(nbytes)
+                request = pb.VelocityRequest(
+                    x=codec.encode(x), sigma=codec.encode(sigma), reply_shared_memory=room
+                )
+                reply = await server.stub.Velocity(request)
+                assert reply.velocity.WhichOneof("storage") == "shared_memory"
+                assert reply.velocity.shared_memory == room
+                v = codec.decode(reply.velocity, field="v", shared_memory=pool)
+                assert torch.equal(v, Gaussian().velocity(x, sigma))
+                request.reply_shared_memory.nbytes = nbytes - 4
+                code, err = await rpc_error(server.stub.Velocity(request))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT
+                assert err is not None and err.field == "reply_shared_memory.nbytes"
+                assert room.name not in err.reason
+        async with running(ServerConfig(shared_memory=True), expert=HalfSpace()) as server:
+            with codec.SharedMemoryPool(min_tensor_bytes=1) as pool:
+                room = pool.reserve(nbytes)
+                reply = await server.stub.Propose(
+                    pb.ProposeRequest(
+                        x=codec.encode(x), sigma=codec.encode(sigma),
+                        mode=pb.PROPOSE_MODE_PROJECT, reply_shared_memory=room,
+                    )
+                )  # fmt: skip
+                assert reply.x.shared_memory == room
+                projected = codec.decode(reply.x, field="x", shared_memory=pool)
+                assert torch.equal(projected, HalfSpace().project(x, sigma))
 
     run(body())
 

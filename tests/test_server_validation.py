@@ -236,6 +236,14 @@ CASES: list[tuple[str, str, str, Any, grpc.StatusCode, str]] = [
     ),
     ("velocity of a reward", "discriminative", "Velocity", _vel(X, SIGMA), PRECONDITION, "x"),
     (
+        "reply room without shared memory",
+        "generative",
+        "Velocity",
+        _vel(X, SIGMA, reply_shared_memory=tensor_pb2.SharedMemoryRef(name="poegen_" + "0" * 16)),
+        INVALID,
+        "reply_shared_memory",
+    ),
+    (
         "propose mode the constraint lacks",
         "constraint",
         "Propose",

@@ -23,10 +23,11 @@ from poegen.expert_servers.analytic import GaussianMixture
 from poegen.expert_servers.analytic import LinearReward as AnalyticLinearReward
 from poegen.kernel import codec
 from poegen.kernel.errors import from_rpc_error
+from poegen.kernel.experts import ExpertInfo, ExpertKind
 from poegen.kernel.sampler import sample
 from poegen.kernel.service import SamplerServerConfig
 from poegen.kernel.spec import Factor, SamplerSettings
-from poegen.v1 import expert_pb2, sampler_pb2, sampler_pb2_grpc
+from poegen.v1 import expert_pb2, sampler_pb2, sampler_pb2_grpc, tensor_pb2
 
 SETTINGS = dict(num_particles=32, num_steps=6, mcmc_steps=2, ess_threshold=0.7)
 
@@ -103,14 +104,15 @@ def test_generate_streams_levels_and_matches_in_process(loop: LoopThread) -> Non
         assert all(t.calls >= 1 and t.seconds >= 0 for t in lv.timings)
     assert math.isnan(levels[0].acceptance_rate)  # ULA: unadjusted
     assert torch.equal(codec.decode(result.particles, field="particles"), local.particles)
-    assert torch.equal(
-        codec.decode(result.log_weights, field="log_weights"), local.log_weights.float()
-    )
+    log_weights = codec.decode(result.log_weights, field="log_weights")
+    assert log_weights.dtype == torch.float64  # the kernel's own, unrounded
+    assert torch.equal(log_weights, local.log_weights)
     assert result.log_evidence == local.log_evidence
     assert result.best_index == local.best_index
     revisions = {s.host.models.current.revision for s in served}
     assert [r.name for r in result.experts] == ["a", "b", "linear", "half_space"]
     assert {r.revision for r in result.experts} == revisions
+    assert all(list(r.revisions) == [r.revision] for r in result.experts)
     assert all(len(s.host.handles) == 0 for s in served)
 
 
@@ -297,6 +299,51 @@ def _sampler_command() -> list[str]:
     if "poegen.clients.sampler_cli" in cli.COMMANDS:
         return ["-m", "poegen.clients.cli", "sampler"]
     return ["-m", "poegen.clients.sampler_cli"]  # until cli.COMMANDS registers it
+
+
+def test_a_float64_result_crosses_unrounded(loop: LoopThread) -> None:
+    """Particles of a float64 job and the log-weights go out as DTYPE_F64, bit for bit."""
+    from poegen.kernel.remote import RemoteExpert
+    from poegen.kernel.service import generate_result
+
+    served = [loop.serve(e) for e, _ in _experts()]
+    remotes = [RemoteExpert.connect(s.address) for s in served]
+    try:
+        factors = [Factor(r, weight=w) for r, (_, w) in zip(remotes, _experts(), strict=True)]
+        result = sample(
+            factors, (2,), SamplerSettings(**SETTINGS), dtype=torch.float64,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
+        reply = generate_result(result, factors, remotes).result
+    finally:
+        for r in remotes:
+            r.close()
+    local = sample(
+        [Factor(e, weight=w) for e, w in _experts()], (2,), SamplerSettings(**SETTINGS),
+        dtype=torch.float64, generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    wire = sampler_pb2.GenerateResult.FromString(reply.SerializeToString())
+    particles = codec.decode(wire.particles, field="particles")
+    assert wire.particles.dtype == wire.log_weights.dtype == tensor_pb2.DTYPE_F64
+    assert torch.equal(particles, result.particles)
+    assert torch.equal(particles, local.particles)  # remote f64 experts = in-process ones
+    assert torch.equal(codec.decode(wire.log_weights, field="w"), result.log_weights)
+
+
+def test_records_keep_every_revision_first_seen_first() -> None:
+    from poegen.kernel.service import generate_result
+
+    class Swapped:
+        revisions_seen = ("inst.1", "inst.2")
+
+        def describe(self) -> ExpertInfo:
+            return ExpertInfo(name="g", kind=ExpertKind.GENERATIVE, model_id="m", revision="inst.1")
+
+    result = sample([Factor(Gaussian())], (2,), SamplerSettings(num_particles=2, num_steps=2),
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    reply = generate_result(result, [Factor(Gaussian())], [Swapped()])  # type: ignore[list-item]
+    (record,) = reply.result.experts
+    assert (record.revision, list(record.revisions)) == ("inst.1", ["inst.1", "inst.2"])
 
 
 def test_settings_from_proto_maps_every_field() -> None:

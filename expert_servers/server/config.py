@@ -22,6 +22,9 @@ Tokens (``token``, the bearer token every RPC but health needs; ``admin_token``,
 
 Every invalid value raises :class:`ConfigError` naming the field, e.g.
 ``server.port: Input should be less than or equal to 65535``.
+
+:class:`KeepaliveConfig`, :class:`TLSConfig` and :data:`DEFAULT_MAX_MESSAGE_BYTES` live in
+:mod:`poegen.kernel.transport` (the sampler service shares them); they are re-exported here.
 """
 
 from __future__ import annotations
@@ -33,46 +36,19 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
-# gRPC keeps message limits in a C int
-_MAX_GRPC_LIMIT = (1 << 31) - 1
+from poegen.kernel.transport import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_GRPC_LIMIT,
+    KeepaliveConfig,
+    TLSConfig,
+)
+
 # largest config file read, so a wrong path cannot make the server read a huge file
 _MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the field."""
-
-
-class KeepaliveConfig(BaseModel):
-    """HTTP/2 keepalive of the server's connections."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    time_s: float = Field(60.0, gt=0, description="ping an idle connection after this long")
-    timeout_s: float = Field(20.0, gt=0, description="close it if the ping is not answered")
-    permit_without_calls: bool = Field(True, description="allow client pings with no call open")
-    min_ping_interval_s: float = Field(10.0, gt=0, description="shortest client ping interval")
-
-
-class TLSConfig(BaseModel):
-    """Server certificate, and a client CA to require client certificates (mTLS)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    cert_file: Path = Field(description="PEM certificate chain of the server")
-    key_file: Path = Field(description="PEM private key of the server")
-    client_ca_file: Path | None = Field(
-        None, description="PEM CA bundle; when set, clients must present a certificate it signed"
-    )
-
-    @model_validator(mode="after")
-    def _files_exist(self) -> TLSConfig:
-        for name in ("cert_file", "key_file", "client_ca_file"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"{name}: not a readable file")
-        return self
 
 
 class ServerConfig(BaseModel):
@@ -83,7 +59,7 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", min_length=1, description="bind address")
     port: int = Field(0, ge=0, le=65535, description="bind port; 0 picks a free one")
     max_message_bytes: int = Field(
-        DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=_MAX_GRPC_LIMIT, description="largest message"
+        DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=MAX_GRPC_LIMIT, description="largest message"
     )
     keepalive: KeepaliveConfig = Field(default_factory=KeepaliveConfig)
     grace_s: float = Field(30.0, ge=0, description="drain time for in-flight calls on shutdown")
@@ -157,3 +133,16 @@ def read_yaml(path: Path | str, *, field: str = "config") -> dict[str, Any]:
 def load_server_config(path: Path | str) -> ServerConfig:
     """Read the ``server:`` section of a YAML file."""
     return parse_server_config(read_yaml(path).get("server"))
+
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ConfigError",
+    "KeepaliveConfig",
+    "ServerConfig",
+    "TLSConfig",
+    "format_validation_error",
+    "load_server_config",
+    "parse_server_config",
+    "read_yaml",
+]

@@ -1,6 +1,7 @@
 """Server interceptors: the bearer token, and per-RPC metrics.
 
-* :class:`TokenInterceptor` checks ``authorization: Bearer <token>`` on every RPC except the
+* :class:`TokenInterceptor` (from :mod:`poegen.kernel.transport`, shared with the sampler
+  service) checks ``authorization: Bearer <token>`` on every RPC except the
   standard ``grpc.health.v1.Health`` service (Kubernetes probes carry no token), comparing in
   constant time; a missing or wrong token ends the call with UNAUTHENTICATED before any
   servicer code runs.
@@ -13,7 +14,6 @@
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,76 +22,27 @@ from typing import Any
 import grpc
 
 from poegen.expert_servers.server.metrics import ServerMetrics
-from poegen.kernel.errors import ExpertError, abort
+from poegen.kernel.errors import ExpertError
+from poegen.kernel.transport import (
+    AUTHORIZATION,
+    HEALTH_PREFIX,
+    TokenInterceptor,
+    metadata_value,
+    same_secret,
+)
 
-AUTHORIZATION = "authorization"
 ADMIN_TOKEN = "x-poegen-admin-token"
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 _Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-
-
-def _metadata_value(metadata: Any, key: str) -> str | None:
-    for item in metadata or ():
-        if item[0].lower() == key:
-            value = item[1]
-            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
-    return None
-
-
-def _same(given: str | None, expected: str) -> bool:
-    # constant time in the length of the expected token
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def check_admin(context: grpc.aio.ServicerContext, admin_token: str | None) -> None:
     """Raise PERMISSION_DENIED unless the call carries the admin token."""
     if admin_token is None:
         raise ExpertError.permission_denied(ADMIN_TOKEN, "LoadModel is off: no admin token set")
-    given = _metadata_value(context.invocation_metadata(), ADMIN_TOKEN)
-    if not _same(given, admin_token):
+    given = metadata_value(context.invocation_metadata(), ADMIN_TOKEN)
+    if not same_secret(given, admin_token):
         raise ExpertError.permission_denied(ADMIN_TOKEN, "missing or invalid admin token")
-
-
-def _refusing(handler: grpc.RpcMethodHandler, error: ExpertError) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that ends the call with ``error``."""
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await abort(context, error)
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await abort(context, error)
-        yield  # pragma: no cover (makes this an async generator)
-
-    kwargs = dict(
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
-
-
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED for every RPC but health without ``authorization: Bearer <token>``."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
-
-    async def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
-            return handler
-        given = _metadata_value(handler_call_details.invocation_metadata, AUTHORIZATION)
-        if _same(given, self._expected):
-            return handler
-        return _refusing(handler, ExpertError.unauthenticated())
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -154,3 +105,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if code is not None and code != grpc.StatusCode.OK and code != 0:
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             self._metrics.errors.labels(method=method, code=name).inc()
+
+
+__all__ = [
+    "ADMIN_TOKEN",
+    "AUTHORIZATION",
+    "HEALTH_PREFIX",
+    "MetricsInterceptor",
+    "TokenInterceptor",
+    "check_admin",
+]

@@ -35,55 +35,34 @@ from grpc_reflection.v1alpha import reflection
 from poegen.expert_servers.server.adapter import ModelAdapter, ServedModel
 from poegen.expert_servers.server.config import ServerConfig
 from poegen.expert_servers.server.handles import HandleTable
-from poegen.expert_servers.server.interceptors import MetricsInterceptor, TokenInterceptor
+from poegen.expert_servers.server.interceptors import MetricsInterceptor
 from poegen.expert_servers.server.metrics import ServerMetrics
 from poegen.expert_servers.server.models import LoadedModel, ModelManager
 from poegen.expert_servers.server.service import ExpertServicer, WireLimits
 from poegen.expert_servers.server.serving import ExpertServing
 from poegen.kernel.codec import SharedMemoryReader
 from poegen.kernel.experts import Expert
-from poegen.v1 import expert_pb2, expert_pb2_grpc
+from poegen.kernel.transport import (
+    TokenInterceptor,
+    add_service,
+    bind,
+    format_address,
+    server_options,
+    tune_allocator,
+)
+from poegen.v1 import expert_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+_SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"]
+SERVICE_NAME = _SERVICE.full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Channel options of the server (also right for clients of it: same size limits)."""
-    keepalive = config.keepalive
-    return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
-        (
-            "grpc.http2.min_recv_ping_interval_without_data_ms",
-            int(keepalive.min_ping_interval_s * 1000),
-        ),
-        ("grpc.http2.max_pings_without_data", 0),
-        # never share a port with another process (port 0 must mean a port of our own)
-        ("grpc.so_reuseport", 0),
-    ]
-
-
-def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    tls = config.tls
-    if tls is None:
-        return None
-    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file is not None else None
-    return grpc.ssl_server_credentials(
-        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    return server_options(config.max_message_bytes, config.keepalive)
 
 
 class ExpertHost:
@@ -127,9 +106,7 @@ class ExpertHost:
         if config.token is not None:
             interceptors.append(TokenInterceptor(config.token.get_secret_value()))
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
-        expert_pb2_grpc.add_ExpertServiceServicer_to_server(
-            ExpertServicer(self.models, serving, limits), self.server
-        )
+        add_service(self.server, ExpertServicer(self.models, serving, limits), _SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -137,19 +114,11 @@ class ExpertHost:
         self.port = self._bind()
 
     def _bind(self) -> int:
-        address = _address(self.config.host, self.config.port)
-        credentials = _credentials(self.config)
         try:
-            if credentials is None:
-                port = self.server.add_insecure_port(address)
-            else:
-                port = self.server.add_secure_port(address, credentials)
-        except RuntimeError:
-            port = 0
-        if port == 0:
+            return bind(self.server, self.config.host, self.config.port, self.config.tls)
+        except ValueError:
             self._shutdown_executors()
-            raise ValueError(f"port: cannot bind {address}")
-        return port
+            raise
 
     async def start(self) -> None:
         """Start serving; health is SERVING once a model is loaded."""
@@ -159,7 +128,7 @@ class ExpertHost:
             self.metrics_port = self.metrics.serve_http(
                 self.config.metrics_host, self.config.metrics_port
             )
-        logger.info("expert server on %s", _address(self.config.host, self.port))
+        logger.info("expert server on %s", format_address(self.config.host, self.port))
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, give in-flight calls ``grace`` seconds."""
@@ -225,9 +194,13 @@ async def serve(
 ) -> int:
     """Run a host until SIGTERM or SIGINT, then drain it; return the exit status (0).
 
+    A process entry point: it also tunes the allocator for large messages
+    (:func:`poegen.kernel.transport.tune_allocator`).
+
     ``announce`` receives ``"poegen: serving <name> on <host>:<port>"`` once the server
     listens (and ``"poegen: metrics on <host>:<port>"`` when metrics are on).
     """
+    tune_allocator()  # a process entry point: see poegen.kernel.transport
     host, port = create_server(config, adapter=adapter, expert=expert, model_id=model_id)
     await host.start()
     stop = asyncio.Event()
@@ -236,9 +209,11 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         if announce is not None:
-            announce(f"poegen: serving {name} on {_address(config.host, port)}")
+            announce(f"poegen: serving {name} on {format_address(config.host, port)}")
             if host.metrics_port is not None:
-                announce(f"poegen: metrics on {_address(config.metrics_host, host.metrics_port)}")
+                announce(
+                    f"poegen: metrics on {format_address(config.metrics_host, host.metrics_port)}"
+                )
         await stop.wait()
         logger.info("shutting down: draining in-flight calls for up to %.1f s", config.grace_s)
         await host.stop()

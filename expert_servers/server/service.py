@@ -1,6 +1,10 @@
 """The ``poegen.v1.ExpertService`` servicer: thin transport over ``serving`` and ``models``.
 
-Every method is proto → tensors → data plane → proto. The model a call uses is taken once, at
+Every method is proto → tensors → data plane → proto. Replies carry their tensors as
+:class:`~poegen.kernel.codec.WireMessage` / :class:`~poegen.kernel.codec.Serialized` (bytes
+appended from the tensor's memory, or written into the client's ``reply_shared_memory`` room
+when shared memory is on); :func:`poegen.kernel.transport.add_service` registers the
+servicer with a serializer that accepts them. The model a call uses is taken once, at
 its start (UNAVAILABLE before the first model), and the reply carries that model's revision.
 Errors are :class:`ExpertError`\\ s turned into statuses by :func:`maps_errors`.
 """
@@ -29,6 +33,7 @@ _STAGES = {
     "ready": pb.LOAD_STAGE_READY,
 }
 _MODES = {pb.PROPOSE_MODE_PROPOSE: False, pb.PROPOSE_MODE_PROJECT: True}
+Reply = codec.WireMessage | codec.Serialized  # a reply whose tensor bytes gRPC sends as they are
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,19 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             max_bytes=self._limits.max_message_bytes,
             shared_memory=self._limits.shared_memory,
         )
+
+    def _reply_room(self, request: Any, like: Tensor) -> tensor_pb2.SharedMemoryRef | None:
+        """The client's room for a reply shaped like ``like``, checked before any work."""
+        if not request.HasField("reply_shared_memory"):
+            return None
+        reader = self._limits.shared_memory
+        if reader is None:
+            raise ExpertError.invalid(
+                "reply_shared_memory", "shared-memory tensors are not enabled on this end"
+            )
+        room = request.reply_shared_memory
+        reader.check_room(room, like.numel() * like.element_size(), field="reply_shared_memory")
+        return room
 
     def _tensor(self, request: Any, field: str) -> Tensor:
         """The required tensor ``field`` of ``request``."""
@@ -85,27 +103,31 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     @maps_errors
     async def Velocity(
         self, request: pb.VelocityRequest, context: grpc.aio.ServicerContext
-    ) -> pb.VelocityResponse:
+    ) -> pb.VelocityResponse | Reply:
         model = self._models.require()
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
+        room = self._reply_room(request, x)
         v = await self._serving.velocity(model, x, sigma, request.handle)
-        return pb.VelocityResponse(velocity=await self._serving.wire(v), revision=model.revision)
+        reply = pb.VelocityResponse(revision=model.revision)
+        return await self._serving.reply(reply, "velocity", v, room, self._limits.shared_memory)
 
     @maps_errors
     async def LogProb(
         self, request: pb.LogProbRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LogProbResponse:
+    ) -> pb.LogProbResponse | Reply:
         model = self._models.require()
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma") if request.HasField("sigma") else None
         out = await self._serving.log_prob(model, x, sigma, request.handle)
-        return pb.LogProbResponse(log_prob=await self._serving.wire(out), revision=model.revision)
+        return await self._serving.reply(
+            pb.LogProbResponse(revision=model.revision), "log_prob", out
+        )
 
     @maps_errors
     async def Propose(
         self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ProposeResponse:
+    ) -> pb.ProposeResponse | Reply:
         model = self._models.require()
         if request.mode not in _MODES:
             raise ExpertError.invalid(
@@ -113,26 +135,32 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             )
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
+        room = self._reply_room(request, x)
         out = await self._serving.propose(
             model, x, sigma, project=_MODES[request.mode], seed=request.seed, handle=request.handle
         )
-        return pb.ProposeResponse(x=await self._serving.wire(out), revision=model.revision)
+        reply = pb.ProposeResponse(revision=model.revision)
+        return await self._serving.reply(reply, "x", out, room, self._limits.shared_memory)
 
     @maps_errors
     async def Encode(
         self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EncodeResponse:
+    ) -> pb.EncodeResponse | Reply:
         model = self._models.require()
         latents = await self._serving.encode(model, self._tensor(request, "pixels"))
-        return pb.EncodeResponse(latents=await self._serving.wire(latents), revision=model.revision)
+        return await self._serving.reply(
+            pb.EncodeResponse(revision=model.revision), "latents", latents
+        )
 
     @maps_errors
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DecodeResponse:
+    ) -> pb.DecodeResponse | Reply:
         model = self._models.require()
         pixels = await self._serving.decode(model, self._tensor(request, "latents"))
-        return pb.DecodeResponse(pixels=await self._serving.wire(pixels), revision=model.revision)
+        return await self._serving.reply(
+            pb.DecodeResponse(revision=model.revision), "pixels", pixels
+        )
 
     @maps_errors
     async def LoadModel(

@@ -35,12 +35,20 @@ from poegen.expert_servers.server.adapter import Autoencoder, Condition, Conditi
 from poegen.expert_servers.server.handles import HandleTable
 from poegen.expert_servers.server.metrics import ServerMetrics
 from poegen.expert_servers.server.models import LoadedModel
-from poegen.kernel.codec import encode, validate_finite, validate_sigma
+from poegen.kernel.codec import (
+    Serialized,
+    SharedMemoryReader,
+    WireMessage,
+    encode_into,
+    validate_finite,
+    validate_sigma,
+)
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertKind
 from poegen.v1 import tensor_pb2
 
 _T = TypeVar("_T")
+_M = TypeVar("_M")
 _ENCODE_INLINE_BYTES = 1 << 20  # replies at least this large are encoded in a worker thread
 AUTOENCODER = Capability.AUTOENCODER.value  # capability of Encode/Decode (see has_autoencoder)
 
@@ -78,11 +86,27 @@ class ExpertServing:
             self._executor, _inference, fn, finite, *args
         )
 
-    async def wire(self, t: Tensor) -> tensor_pb2.Tensor:
-        """``codec.encode(t)``, in a worker thread when ``t`` is large (a copy of its bytes)."""
-        if t.numel() * t.element_size() < _ENCODE_INLINE_BYTES:
-            return encode(t)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, encode, t)
+    async def reply(
+        self,
+        message: _M,
+        field: str,
+        t: Tensor,
+        room: tensor_pb2.SharedMemoryRef | None = None,
+        peer: SharedMemoryReader | None = None,
+    ) -> _M | WireMessage | Serialized:
+        """``message`` with ``t`` in its tensor ``field``, ready for gRPC.
+
+        With a ``room`` (the client's ``reply_shared_memory``, checked by ``peer``), the bytes
+        are written there and the reply carries a reference; otherwise they are appended
+        inline from ``t``'s memory (:class:`~poegen.kernel.codec.WireMessage`, one copy).
+        Replies of at least 1 MiB, and every write to shared memory, are serialised in a worker
+        thread, off the event loop.
+        """
+        if room is None and t.numel() * t.element_size() < _ENCODE_INLINE_BYTES:
+            return WireMessage(message, {field: t})
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, _serialize_reply, message, field, t, room, peer
+        )
 
     # ------------------------------------------------------------------ conditions
 
@@ -143,7 +167,9 @@ class ExpertServing:
             out = await self._run(target.log_prob, (x, "x"), x, sigma)
         else:
             out = await self._run(target.log_potential, (x, "x"), x)
-        out = _checked(out, (batch,), "log_prob").to(torch.float32)
+        # float32 on the wire (float64 for a float64 batch: no rounding the client did not ask for)
+        wire = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = _checked(out, (batch,), "log_prob").to(wire)
         if bool(torch.isnan(out).any()) or bool(torch.isposinf(out).any()):
             raise RuntimeError(f"{model.info.name}: log_prob holds NaN or +inf")
         return out
@@ -210,7 +236,9 @@ class ExpertServing:
     ) -> int:
         """Validate a batch ``(B, *S)``; return B."""
         if not x.is_floating_point():
-            raise ExpertError.invalid(f"{field}.dtype", f"{x.dtype}, expected f32, f16 or bf16")
+            raise ExpertError.invalid(
+                f"{field}.dtype", f"{x.dtype}, expected f32, f16, bf16 or f64"
+            )
         if x.ndim < 1 or x.shape[0] < 1:
             raise ExpertError.invalid(f"{field}.shape", "needs a batch dimension of at least 1")
         batch = int(x.shape[0])
@@ -225,6 +253,21 @@ class ExpertServing:
             )
         self._metrics.batch_size.labels(method=method).observe(batch)
         return batch
+
+
+def _serialize_reply(
+    message: Any,
+    field: str,
+    t: Tensor,
+    room: tensor_pb2.SharedMemoryRef | None,
+    peer: SharedMemoryReader | None,
+) -> Serialized:
+    if room is None:
+        return Serialized(WireMessage(message, {field: t}).SerializeToString())
+    if peer is None:
+        raise RuntimeError("a reply room without a shared-memory peer")
+    getattr(message, field).CopyFrom(encode_into(t, room, peer, field="reply_shared_memory"))
+    return Serialized(message.SerializeToString())
 
 
 def _checked(out: object, shape: tuple[int, ...], what: str) -> Tensor:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from poegen.v1 import tensor_pb2 as poegen_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poegen/v1/expert.proto\x12\tpoegen.v1\x1a\x16poegen/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x87\x02\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.poegen.v1.ExpertKind\x12+\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0e\x32\x15.poegen.v1.Capability\x12\x14\n\x0csample_shape\x18\x04 \x03(\x03\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\t\x12\x14\n\x0clatent_space\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x03\x12\x15\n\rshared_memory\x18\n \x01(\x08\"\xf4\x01\n\tCondition\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\x07tensors\x18\x02 \x03(\x0b\x32!.poegen.v1.Condition.TensorsEntry\x12\x32\n\x07scalars\x18\x03 \x03(\x0b\x32!.poegen.v1.Condition.ScalarsEntry\x1a\x41\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor:\x02\x38\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0ePrepareRequest\x12\'\n\tcondition\x18\x01 \x01(\x0b\x32\x14.poegen.v1.Condition\"3\n\x0fPrepareResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"a\n\x0fVelocityRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12 \n\x05sigma\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x0e\n\x06handle\x18\x03 \x01(\t\"I\n\x10VelocityResponse\x12#\n\x08velocity\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"`\n\x0eLogProbRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12 \n\x05sigma\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x0e\n\x06handle\x18\x03 \x01(\t\"H\n\x0fLogProbResponse\x12#\n\x08log_prob\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"\x94\x01\n\x0eProposeRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12 \n\x05sigma\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12$\n\x04mode\x18\x03 \x01(\x0e\x32\x16.poegen.v1.ProposeMode\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0e\n\x06handle\x18\x05 \x01(\t\"A\n\x0fProposeResponse\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"2\n\rEncodeRequest\x12!\n\x06pixels\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\"F\n\x0e\x45ncodeResponse\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"3\n\rDecodeRequest\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\"E\n\x0e\x44\x65\x63odeResponse\x12!\n\x06pixels\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"\x8f\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x39\n\x07options\x18\x02 \x03(\x0b\x32(.poegen.v1.LoadModelRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x11LoadModelResponse\x12#\n\x05stage\x18\x01 \x01(\x0e\x32\x14.poegen.v1.LoadStage\x12\x10\n\x08progress\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t*\x81\x01\n\nExpertKind\x12\x1b\n\x17\x45XPERT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPERT_KIND_GENERATIVE\x10\x01\x12\x1e\n\x1a\x45XPERT_KIND_DISCRIMINATIVE\x10\x02\x12\x1a\n\x16\x45XPERT_KIND_CONSTRAINT\x10\x03*\xa3\x01\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41PABILITY_SCORE\x10\x01\x12\x17\n\x13\x43\x41PABILITY_LOG_PROB\x10\x02\x12\x16\n\x12\x43\x41PABILITY_PROPOSE\x10\x03\x12\x16\n\x12\x43\x41PABILITY_PROJECT\x10\x04\x12\x1a\n\x16\x43\x41PABILITY_AUTOENCODER\x10\x05*_\n\x0bProposeMode\x12\x1c\n\x18PROPOSE_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14PROPOSE_MODE_PROPOSE\x10\x01\x12\x18\n\x14PROPOSE_MODE_PROJECT\x10\x02*l\n\tLoadStage\x12\x1a\n\x16LOAD_STAGE_UNSPECIFIED\x10\x00\x12\x15\n\x11LOAD_STAGE_QUEUED\x10\x01\x12\x16\n\x12LOAD_STAGE_LOADING\x10\x02\x12\x14\n\x10LOAD_STAGE_READY\x10\x03\x32\xe9\x04\n\rExpertService\x12\x43\n\x08\x44\x65scribe\x12\x1a.poegen.v1.DescribeRequest\x1a\x1b.poegen.v1.DescribeResponse\x12@\n\x07Prepare\x12\x19.poegen.v1.PrepareRequest\x1a\x1a.poegen.v1.PrepareResponse\x12@\n\x07Release\x12\x19.poegen.v1.ReleaseRequest\x1a\x1a.poegen.v1.ReleaseResponse\x12\x43\n\x08Velocity\x12\x1a.poegen.v1.VelocityRequest\x1a\x1b.poegen.v1.VelocityResponse\x12@\n\x07LogProb\x12\x19.poegen.v1.LogProbRequest\x1a\x1a.poegen.v1.LogProbResponse\x12@\n\x07Propose\x12\x19.poegen.v1.ProposeRequest\x1a\x1a.poegen.v1.ProposeResponse\x12=\n\x06\x45ncode\x12\x18.poegen.v1.EncodeRequest\x1a\x19.poegen.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.poegen.v1.DecodeRequest\x1a\x19.poegen.v1.DecodeResponse\x12H\n\tLoadModel\x12\x1b.poegen.v1.LoadModelRequest\x1a\x1c.poegen.v1.LoadModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poegen/v1/expert.proto\x12\tpoegen.v1\x1a\x16poegen/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x87\x02\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.poegen.v1.ExpertKind\x12+\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0e\x32\x15.poegen.v1.Capability\x12\x14\n\x0csample_shape\x18\x04 \x03(\x03\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\t\x12\x14\n\x0clatent_space\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x03\x12\x15\n\rshared_memory\x18\n \x01(\x08\"\xf4\x01\n\tCondition\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\x07tensors\x18\x02 \x03(\x0b\x32!.poegen.v1.Condition.TensorsEntry\x12\x32\n\x07scalars\x18\x03 \x03(\x0b\x32!.poegen.v1.Condition.ScalarsEntry\x1a\x41\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor:\x02\x38\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0ePrepareRequest\x12\'\n\tcondition\x18\x01 \x01(\x0b\x32\x14.poegen.v1.Condition\"3\n\x0fPrepareResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x9a\x01\n\x0fVelocityRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12 \n\x05sigma\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x0e\n\x06handle\x18\x03 \x01(\t\x12\x37\n\x13reply_shared_memory\x18\x04 \x01(\x0b\x32\x1a.poegen.v1.SharedMemoryRef\"I\n\x10VelocityResponse\x12#\n\x08velocity\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"`\n\x0eLogProbRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12 \n\x05sigma\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x0e\n\x06handle\x18\x03 \x01(\t\"H\n\x0fLogProbResponse\x12#\n\x08log_prob\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"\xcd\x01\n\x0eProposeRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12 \n\x05sigma\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12$\n\x04mode\x18\x03 \x01(\x0e\x32\x16.poegen.v1.ProposeMode\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0e\n\x06handle\x18\x05 \x01(\t\x12\x37\n\x13reply_shared_memory\x18\x06 \x01(\x0b\x32\x1a.poegen.v1.SharedMemoryRef\"A\n\x0fProposeResponse\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"2\n\rEncodeRequest\x12!\n\x06pixels\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\"F\n\x0e\x45ncodeResponse\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"3\n\rDecodeRequest\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\"E\n\x0e\x44\x65\x63odeResponse\x12!\n\x06pixels\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x10\n\x08revision\x18\x02 \x01(\t\"\x8f\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x39\n\x07options\x18\x02 \x03(\x0b\x32(.poegen.v1.LoadModelRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x11LoadModelResponse\x12#\n\x05stage\x18\x01 \x01(\x0e\x32\x14.poegen.v1.LoadStage\x12\x10\n\x08progress\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t*\x81\x01\n\nExpertKind\x12\x1b\n\x17\x45XPERT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPERT_KIND_GENERATIVE\x10\x01\x12\x1e\n\x1a\x45XPERT_KIND_DISCRIMINATIVE\x10\x02\x12\x1a\n\x16\x45XPERT_KIND_CONSTRAINT\x10\x03*\xa3\x01\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41PABILITY_SCORE\x10\x01\x12\x17\n\x13\x43\x41PABILITY_LOG_PROB\x10\x02\x12\x16\n\x12\x43\x41PABILITY_PROPOSE\x10\x03\x12\x16\n\x12\x43\x41PABILITY_PROJECT\x10\x04\x12\x1a\n\x16\x43\x41PABILITY_AUTOENCODER\x10\x05*_\n\x0bProposeMode\x12\x1c\n\x18PROPOSE_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14PROPOSE_MODE_PROPOSE\x10\x01\x12\x18\n\x14PROPOSE_MODE_PROJECT\x10\x02*l\n\tLoadStage\x12\x1a\n\x16LOAD_STAGE_UNSPECIFIED\x10\x00\x12\x15\n\x11LOAD_STAGE_QUEUED\x10\x01\x12\x16\n\x12LOAD_STAGE_LOADING\x10\x02\x12\x14\n\x10LOAD_STAGE_READY\x10\x03\x32\xe9\x04\n\rExpertService\x12\x43\n\x08\x44\x65scribe\x12\x1a.poegen.v1.DescribeRequest\x1a\x1b.poegen.v1.DescribeResponse\x12@\n\x07Prepare\x12\x19.poegen.v1.PrepareRequest\x1a\x1a.poegen.v1.PrepareResponse\x12@\n\x07Release\x12\x19.poegen.v1.ReleaseRequest\x1a\x1a.poegen.v1.ReleaseResponse\x12\x43\n\x08Velocity\x12\x1a.poegen.v1.VelocityRequest\x1a\x1b.poegen.v1.VelocityResponse\x12@\n\x07LogProb\x12\x19.poegen.v1.LogProbRequest\x1a\x1a.poegen.v1.LogProbResponse\x12@\n\x07Propose\x12\x19.poegen.v1.ProposeRequest\x1a\x1a.poegen.v1.ProposeResponse\x12=\n\x06\x45ncode\x12\x18.poegen.v1.EncodeRequest\x1a\x19.poegen.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.poegen.v1.DecodeRequest\x1a\x19.poegen.v1.DecodeResponse\x12H\n\tLoadModel\x12\x1b.poegen.v1.LoadModelRequest\x1a\x1c.poegen.v1.LoadModelResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONDITION_SCALARSENTRY']._serialized_options = b'8\001'
   _globals['_LOADMODELREQUEST_OPTIONSENTRY']._loaded_options = None
   _globals['_LOADMODELREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_EXPERTKIND']._serialized_start=1846
-  _globals['_EXPERTKIND']._serialized_end=1975
-  _globals['_CAPABILITY']._serialized_start=1978
-  _globals['_CAPABILITY']._serialized_end=2141
-  _globals['_PROPOSEMODE']._serialized_start=2143
-  _globals['_PROPOSEMODE']._serialized_end=2238
-  _globals['_LOADSTAGE']._serialized_start=2240
-  _globals['_LOADSTAGE']._serialized_end=2348
+  _globals['_EXPERTKIND']._serialized_start=1961
+  _globals['_EXPERTKIND']._serialized_end=2090
+  _globals['_CAPABILITY']._serialized_start=2093
+  _globals['_CAPABILITY']._serialized_end=2256
+  _globals['_PROPOSEMODE']._serialized_start=2258
+  _globals['_PROPOSEMODE']._serialized_end=2353
+  _globals['_LOADSTAGE']._serialized_start=2355
+  _globals['_LOADSTAGE']._serialized_end=2463
   _globals['_DESCRIBEREQUEST']._serialized_start=61
   _globals['_DESCRIBEREQUEST']._serialized_end=78
   _globals['_DESCRIBERESPONSE']._serialized_start=81
@@ -64,32 +64,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEREQUEST']._serialized_end=737
   _globals['_RELEASERESPONSE']._serialized_start=739
   _globals['_RELEASERESPONSE']._serialized_end=774
-  _globals['_VELOCITYREQUEST']._serialized_start=776
-  _globals['_VELOCITYREQUEST']._serialized_end=873
-  _globals['_VELOCITYRESPONSE']._serialized_start=875
-  _globals['_VELOCITYRESPONSE']._serialized_end=948
-  _globals['_LOGPROBREQUEST']._serialized_start=950
-  _globals['_LOGPROBREQUEST']._serialized_end=1046
-  _globals['_LOGPROBRESPONSE']._serialized_start=1048
-  _globals['_LOGPROBRESPONSE']._serialized_end=1120
-  _globals['_PROPOSEREQUEST']._serialized_start=1123
-  _globals['_PROPOSEREQUEST']._serialized_end=1271
-  _globals['_PROPOSERESPONSE']._serialized_start=1273
-  _globals['_PROPOSERESPONSE']._serialized_end=1338
-  _globals['_ENCODEREQUEST']._serialized_start=1340
-  _globals['_ENCODEREQUEST']._serialized_end=1390
-  _globals['_ENCODERESPONSE']._serialized_start=1392
-  _globals['_ENCODERESPONSE']._serialized_end=1462
-  _globals['_DECODEREQUEST']._serialized_start=1464
-  _globals['_DECODEREQUEST']._serialized_end=1515
-  _globals['_DECODERESPONSE']._serialized_start=1517
-  _globals['_DECODERESPONSE']._serialized_end=1586
-  _globals['_LOADMODELREQUEST']._serialized_start=1589
-  _globals['_LOADMODELREQUEST']._serialized_end=1732
-  _globals['_LOADMODELREQUEST_OPTIONSENTRY']._serialized_start=1686
-  _globals['_LOADMODELREQUEST_OPTIONSENTRY']._serialized_end=1732
-  _globals['_LOADMODELRESPONSE']._serialized_start=1734
-  _globals['_LOADMODELRESPONSE']._serialized_end=1843
-  _globals['_EXPERTSERVICE']._serialized_start=2351
-  _globals['_EXPERTSERVICE']._serialized_end=2968
+  _globals['_VELOCITYREQUEST']._serialized_start=777
+  _globals['_VELOCITYREQUEST']._serialized_end=931
+  _globals['_VELOCITYRESPONSE']._serialized_start=933
+  _globals['_VELOCITYRESPONSE']._serialized_end=1006
+  _globals['_LOGPROBREQUEST']._serialized_start=1008
+  _globals['_LOGPROBREQUEST']._serialized_end=1104
+  _globals['_LOGPROBRESPONSE']._serialized_start=1106
+  _globals['_LOGPROBRESPONSE']._serialized_end=1178
+  _globals['_PROPOSEREQUEST']._serialized_start=1181
+  _globals['_PROPOSEREQUEST']._serialized_end=1386
+  _globals['_PROPOSERESPONSE']._serialized_start=1388
+  _globals['_PROPOSERESPONSE']._serialized_end=1453
+  _globals['_ENCODEREQUEST']._serialized_start=1455
+  _globals['_ENCODEREQUEST']._serialized_end=1505
+  _globals['_ENCODERESPONSE']._serialized_start=1507
+  _globals['_ENCODERESPONSE']._serialized_end=1577
+  _globals['_DECODEREQUEST']._serialized_start=1579
+  _globals['_DECODEREQUEST']._serialized_end=1630
+  _globals['_DECODERESPONSE']._serialized_start=1632
+  _globals['_DECODERESPONSE']._serialized_end=1701
+  _globals['_LOADMODELREQUEST']._serialized_start=1704
+  _globals['_LOADMODELREQUEST']._serialized_end=1847
+  _globals['_LOADMODELREQUEST_OPTIONSENTRY']._serialized_start=1801
+  _globals['_LOADMODELREQUEST_OPTIONSENTRY']._serialized_end=1847
+  _globals['_LOADMODELRESPONSE']._serialized_start=1849
+  _globals['_LOADMODELRESPONSE']._serialized_end=1958
+  _globals['_EXPERTSERVICE']._serialized_start=2466
+  _globals['_EXPERTSERVICE']._serialized_end=3083
 # @@protoc_insertion_point(module_scope)

@@ -133,14 +133,16 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class VelocityRequest(_message.Message):
-    __slots__ = ("x", "sigma", "handle")
+    __slots__ = ("x", "sigma", "handle", "reply_shared_memory")
     X_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     x: _tensor_pb2.Tensor
     sigma: _tensor_pb2.Tensor
     handle: str
-    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigma: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., handle: _Optional[str] = ...) -> None: ...
+    reply_shared_memory: _tensor_pb2.SharedMemoryRef
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigma: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., handle: _Optional[str] = ..., reply_shared_memory: _Optional[_Union[_tensor_pb2.SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class VelocityResponse(_message.Message):
     __slots__ = ("velocity", "revision")
@@ -169,18 +171,20 @@ class LogProbResponse(_message.Message):
     def __init__(self, log_prob: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("x", "sigma", "mode", "seed", "handle")
+    __slots__ = ("x", "sigma", "mode", "seed", "handle", "reply_shared_memory")
     X_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     x: _tensor_pb2.Tensor
     sigma: _tensor_pb2.Tensor
     mode: ProposeMode
     seed: int
     handle: str
-    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigma: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[ProposeMode, str]] = ..., seed: _Optional[int] = ..., handle: _Optional[str] = ...) -> None: ...
+    reply_shared_memory: _tensor_pb2.SharedMemoryRef
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigma: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[ProposeMode, str]] = ..., seed: _Optional[int] = ..., handle: _Optional[str] = ..., reply_shared_memory: _Optional[_Union[_tensor_pb2.SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("x", "revision")

@@ -115,14 +115,16 @@ class LevelEvent(_message.Message):
     def __init__(self, step: _Optional[int] = ..., sigma: _Optional[float] = ..., ess: _Optional[float] = ..., resampled: _Optional[bool] = ..., acceptance_rate: _Optional[float] = ..., log_weight_spread: _Optional[float] = ..., reward_scale: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ExpertTiming, _Mapping]]] = ..., preview: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_evidence: _Optional[float] = ...) -> None: ...
 
 class ExpertRecord(_message.Message):
-    __slots__ = ("name", "model_id", "revision")
+    __slots__ = ("name", "model_id", "revision", "revisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_id: str
     revision: str
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+    revisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ..., revisions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
     __slots__ = ("particles", "log_weights", "log_evidence", "best_index", "experts")

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poegen/v1/tensor.proto\x12\tpoegen.v1\"?\n\x0fSharedMemoryRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"\x88\x01\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.poegen.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x33\n\rshared_memory\x18\x04 \x01(\x0b\x32\x1a.poegen.v1.SharedMemoryRefH\x00\x42\t\n\x07storage*y\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x12\x0c\n\x08\x44TYPE_U8\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\x0e\n\nDTYPE_BOOL\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poegen/v1/tensor.proto\x12\tpoegen.v1\"?\n\x0fSharedMemoryRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"\x88\x01\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.poegen.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x33\n\rshared_memory\x18\x04 \x01(\x0b\x32\x1a.poegen.v1.SharedMemoryRefH\x00\x42\t\n\x07storage*\x88\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x12\x0c\n\x08\x44TYPE_U8\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\x0e\n\nDTYPE_BOOL\x10\x06\x12\r\n\tDTYPE_F64\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'poegen.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=241
-  _globals['_DTYPE']._serialized_end=362
+  _globals['_DTYPE']._serialized_start=242
+  _globals['_DTYPE']._serialized_end=378
   _globals['_SHAREDMEMORYREF']._serialized_start=37
   _globals['_SHAREDMEMORYREF']._serialized_end=100
   _globals['_TENSOR']._serialized_start=103

@@ -16,6 +16,7 @@ class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_U8: _ClassVar[Dtype]
     DTYPE_I64: _ClassVar[Dtype]
     DTYPE_BOOL: _ClassVar[Dtype]
+    DTYPE_F64: _ClassVar[Dtype]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_F32: Dtype
 DTYPE_F16: Dtype
@@ -23,6 +24,7 @@ DTYPE_BF16: Dtype
 DTYPE_U8: Dtype
 DTYPE_I64: Dtype
 DTYPE_BOOL: Dtype
+DTYPE_F64: Dtype
 
 class SharedMemoryRef(_message.Message):
     __slots__ = ("name", "offset", "nbytes")
