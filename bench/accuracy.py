@@ -245,12 +245,7 @@ def format_table(results: dict[str, dict]) -> str:
     ]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     out = [line(header), line(["-" * w for w in widths])]
-    previous = None
-    for row in rows:
-        if row[0] and previous is not None:
-            out.append("")
-        out.append(line(row))
-        previous = row
+    out += [line(row) for row in rows]
     notes = (
         "N: particles run (best-of-4 returns N/4 of them). evals: expert evaluations (particle x "
         "call), equal per task. ED: weighted energy distance to the exact target (V-statistic, "

@@ -13,14 +13,25 @@ BF16       bfloat16        2, the raw 16-bit words (upper half of a binary32)
 U8         uint8           1
 I64        int64           8
 BOOL       bool            1, 0 or 1 (anything else is rejected)
+F64        float64         8, IEEE binary64 (added in a later revision of the wire: older
+                           readers reject it as an unknown dtype)
 =========  ==============  =====================================================
 
 Encoding::
 
     msg = encode(x)                          # any device, any strides; copies to CPU bytes
     msg = encode(x, shared_memory=pool)      # large tensors go to `pool`'s segments
+    req = WireMessage(VelocityRequest(handle=h), {"x": x, "sigma": s})   # for large tensors
 
-Other dtypes (float64, int32, complex) raise ``TypeError``: convert explicitly first.
+Other dtypes (int32, complex, ...) raise ``TypeError``: convert explicitly first.
+
+**Copies on the way out.** ``encode`` makes the bytes once, and protobuf copies them again on
+assignment and at serialisation. :class:`WireMessage` (what the kernel's client and the expert
+host send) puts only each tensor's header in the message and appends the data when the message
+is serialised, a second occurrence of the field that parsers merge: one copy, same wire
+format. :class:`Serialized` carries bytes already serialised (in a worker thread, off the
+event loop). Both only need gRPC to call ``SerializeToString()`` (see
+:mod:`poegen.kernel.transport`).
 
 Decoding validates before it allocates anything, and raises :class:`ExpertError` naming the
 field (``field="x"`` gives ``"x.dtype"``, ``"x.shape"``, ``"x.data"``, ``"x.shared_memory.*"``):
@@ -45,14 +56,20 @@ writer passes a :class:`SharedMemoryPool` to ``encode``, the reader a
 at are valid only until the RPC that carries it completes.* The reader therefore copies them
 out during ``decode`` (one copy, with ``pread``: a segment truncated under it gives an error,
 not a crash) and never keeps a view; the writer may call ``pool.reset()`` and overwrite the
-segments once the reply has arrived. Hence only *requests* carry shared-memory tensors; a
-server puts reply tensors inline (the call is over before the client decodes them). Segments
-are created mode 0600 with names ``poegen_<random>``; the reader accepts only such names, opens
-them read-only, bounds-checks offset and size against the segment, and never repeats a name
-or any host detail in an error.
+segments once the reply has arrived. Segments are created mode 0600 with names
+``poegen_<random>``; the reader accepts only such names, opens them read-only, bounds-checks
+offset and size against the segment, and never repeats a name or any host detail in an error.
 
-Helpers for request validation: :func:`validate_finite` (no NaN/inf) and
-:func:`validate_sigma` (shape ``(B,)``, each σ in (0, 1]).
+**Replies through shared memory.** A server cannot lend its own memory to a reply (the call is
+over before the client reads it), so the *client* lends its: it reserves room in its pool
+(:meth:`SharedMemoryPool.reserve`) and names it in the request (``reply_shared_memory``); the
+server checks the room (:meth:`SharedMemoryReader.check_room`: name, exact size, bounds)
+before any work, writes the reply there with ``pwrite`` (:func:`encode_into`, never mapping
+the segment) and replies with a ``SharedMemoryRef`` to it; the client reads it back through
+its own pool (``decode(msg, shared_memory=pool)``, a ``pread`` copy) before reusing the
+room. A client whose call failed must not reuse the room (the server may still write it late).
+Helpers for request validation: :func:`validate_finite` (no NaN/inf; one reduction, see
+:func:`all_finite`) and :func:`validate_sigma` (shape ``(B,)``, each σ in (0, 1]).
 
 See DESIGN.md "The wire" and proto/poegen/v1/tensor.proto.
 """
@@ -569,7 +586,9 @@ def _unlink_all(segments: list[_shm.SharedMemory], fds: dict[str, int]) -> None:
 
 
 class SharedMemoryReader:
-    """Reader side of shared-memory tensors: opens segments read-only, copies bytes out.
+    """Reader side of shared-memory tensors: opens segments read-only, copies bytes out; and
+    the writer of replies into rooms its peers offer (:meth:`check_room`, :meth:`write`,
+    through descriptors opened read-write, kept apart from the read-only ones).
 
     Keeps at most ``max_segments`` segments open (least recently used closed first). Only
     names ``poegen_<hex>`` are opened. :meth:`read` is what :func:`decode` calls; its errors
@@ -702,11 +721,16 @@ __all__ = [
     "MAX_TENSOR_BYTES",
     "SEGMENT_PREFIX",
     "SUPPORTED_DTYPES",
+    "Serialized",
     "SharedMemoryPool",
     "SharedMemoryReader",
+    "SharedMemorySource",
+    "WireMessage",
+    "all_finite",
     "checked_nbytes",
     "decode",
     "encode",
+    "encode_into",
     "validate_finite",
     "validate_sigma",
 ]

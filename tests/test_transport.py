@@ -3,6 +3,7 @@ and the codec-aware service registration, against real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,10 @@ def test_the_token_guards_every_rpc_but_health() -> None:
             assert reply.name == "gaussian"
 
     run(body())
+
+
+def test_tune_allocator_reports_whether_it_applied() -> None:
+    applied = transport.tune_allocator()
+    assert isinstance(applied, bool)
+    if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
+        assert applied

@@ -13,7 +13,7 @@ A YAML file for ``poegen serve`` holds the host settings under ``server:``::
       allowlist: [org/model]     # ... or exactly one of these
       max_handles: 1024          # condition handles kept (LRU) ...
       handle_ttl_s: 3600         # ... and for how long after their last use
-      shared_memory: false       # accept shared-memory tensors from co-located peers
+      shared_memory: false       # shared-memory tensors with co-located peers (both ways)
       metrics_port: 9464         # Prometheus /metrics over HTTP; absent: no endpoint
 
 Tokens (``token``, the bearer token every RPC but health needs; ``admin_token``, which
@@ -70,7 +70,9 @@ class ServerConfig(BaseModel):
     allowlist: tuple[str, ...] = Field((), description="ids LoadModel accepts verbatim")
     max_handles: int = Field(1024, ge=1, description="condition handles kept (LRU)")
     handle_ttl_s: float = Field(3600.0, gt=0, description="handle lifetime after its last use")
-    shared_memory: bool = Field(False, description="accept shared-memory tensors")
+    shared_memory: bool = Field(
+        False, description="accept shared-memory tensors; write replies into rooms offered"
+    )
     workers: int = Field(4, ge=1, le=256, description="threads running model calls")
     metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
