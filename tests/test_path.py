@@ -25,7 +25,7 @@ def test_score_from_velocity_matches_the_exact_gaussian_score():
 
 
 def test_velocity_and_score_round_trip_below_sigma_one():
-    x, x0, score = _gaussian_case(0.45)
+    x, _x0, score = _gaussian_case(0.45)
     v = path.velocity_from_score(x, 0.45, score)
     torch.testing.assert_close(path.score_from_velocity(x, 0.45, v), score)
 

@@ -1,5 +1,6 @@
 """The sampler loop: determinism, traces, settings errors, regions, kernels, constraints."""
 
+import itertools
 import math
 
 import pytest
@@ -134,7 +135,7 @@ def test_mcmc_steps_zero_is_plain_euler_on_the_averaged_velocity():
     )  # fmt: skip
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     sigmas = sigmas_for(settings).tolist()
-    for s, s_next in zip(sigmas, sigmas[1:], strict=False):
+    for s, s_next in itertools.pairwise(sigmas):
         sig = torch.full((32,), s, dtype=torch.float64)
         v = 0.25 * a.velocity(x, sig) + 0.75 * b.velocity(x, sig)
         x = x + (s_next - s) * v
@@ -377,7 +378,7 @@ class WrongShape:
 
 def test_broken_experts_are_named():
     g = gaussian([0.0, 0.0])
-    with pytest.raises(ValueError, match="expert 'broken'.*NaN"):
+    with pytest.raises(ValueError, match=r"expert 'broken'.*NaN"):
         run([Factor(g), Factor(BrokenReward())])
     with pytest.raises(ValueError, match=r"expert 'wrong_shape': velocity\(\) returned shape"):
         run([Factor(WrongShape())])
