@@ -81,9 +81,15 @@ def num_transitions(settings: SamplerSettings) -> int:
 
 
 def cost_per_particle(settings: SamplerSettings, generative: int, potentials: int) -> int:
-    """Evaluations per particle of one kernel run: G·(1 + L(1 + M)) + P·L."""
+    """Evaluations per particle of one kernel run: G·(1 + L(1 + M)) + P·L·(1 + M'), where
+    M' = M when the moves see the potentials (``mcmc_rewards``), else 0."""
     levels = num_transitions(settings)
-    return generative * (1 + levels * (1 + settings.mcmc_steps)) + potentials * levels
+    moves_see_potentials = settings.mcmc_rewards and potentials > 0
+    potential_calls = 1 + (settings.mcmc_steps if moves_see_potentials else 0)
+    return (
+        generative * (1 + levels * (1 + settings.mcmc_steps))
+        + potentials * levels * potential_calls
+    )
 
 
 def budget(task: Task, settings: SamplerSettings | None = None) -> int:

@@ -15,6 +15,12 @@ summed score (always) and the summed log-density (when every generative expert g
 * **UHMC**: unadjusted HMC with partial momentum refreshment p ← ρ·p + √(1 − ρ²)·ξ and no
   accept test (R3's AnnealedUHA); the momentum persists across the level's steps.
 
+**Potential stage** (delayed acceptance, Christen & Fox 2005): when the level's target is
+π_σ·exp(φ) with a potential φ that has no gradient (rewards, constraints on x̂_0), a move from
+any of the kernels above is accepted a second time with probability min(1, exp(φ(x') − φ(x))),
+see :func:`potential_stage`. If the move is π_σ-reversible (MALA, HMC) the result is exactly
+π_σ·exp(φ)-invariant; after ULA or UHMC it inherits their O(η) bias.
+
 Step size η per level comes from :func:`step_size`: ``sigma2`` (default) η = c·σ²/W_max,
 ``constant`` η = c.
 """
@@ -75,13 +81,14 @@ def _sum_sq(t: Tensor) -> Tensor:
     return t.flatten(1).square().sum(1)
 
 
-def _accept(log_ratio: Tensor, like: Tensor, generator: torch.Generator) -> Tensor:
-    """Per-particle MH decision: accept with probability min(1, exp(log_ratio))."""
+def metropolis(log_ratio: Tensor, like: Tensor, generator: torch.Generator) -> Tensor:
+    """Per-particle MH decision: accept with probability min(1, exp(log_ratio)); NaN rejects."""
     u = _uniform(log_ratio.numel(), like, generator)
     return torch.log(u) < torch.nan_to_num(log_ratio, nan=-torch.inf)
 
 
-def _select(accept: Tensor, new: Tensor, old: Tensor) -> Tensor:
+def select(accept: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Per particle: ``new`` where accepted, else ``old``."""
     return torch.where(accept.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
 
 
@@ -102,8 +109,8 @@ def mala(
     forward = -_sum_sq(proposal - x - eta * here.score) / (4 * eta)
     backward = -_sum_sq(x - proposal - eta * there.score) / (4 * eta)
     log_ratio = there.log_prob - here.log_prob + backward - forward
-    accept = _accept(log_ratio, x, generator)
-    return _select(accept, proposal, x), _select_eval(accept, there, here), accept
+    accept = metropolis(log_ratio, x, generator)
+    return select(accept, proposal, x), select_eval(accept, there, here), accept
 
 
 def hmc(
@@ -119,8 +126,8 @@ def hmc(
     p0 = _noise(x, generator)
     x_new, p_new, there = _leapfrog(x, p0, here, target, math.sqrt(2 * eta), leapfrog_steps)
     log_ratio = (there.log_prob - 0.5 * _sum_sq(p_new)) - (here.log_prob - 0.5 * _sum_sq(p0))
-    accept = _accept(log_ratio, x, generator)
-    return _select(accept, x_new, x), _select_eval(accept, there, here), accept
+    accept = metropolis(log_ratio, x, generator)
+    return select(accept, x_new, x), select_eval(accept, there, here), accept
 
 
 def uhmc(
@@ -154,12 +161,35 @@ def _leapfrog(
     return x, p, evaluation
 
 
-def _select_eval(accept: Tensor, new: TargetEval, old: TargetEval) -> TargetEval:
+def select_eval(accept: Tensor, new: TargetEval, old: TargetEval) -> TargetEval:
+    """Per particle: the evaluation at the accepted state."""
     log_prob = None
     if new.log_prob is not None and old.log_prob is not None:
         log_prob = torch.where(accept, new.log_prob, old.log_prob)
     return TargetEval(
-        score=_select(accept, new.score, old.score),
+        score=select(accept, new.score, old.score),
         log_prob=log_prob,
-        velocity=_select(accept, new.velocity, old.velocity),
+        velocity=select(accept, new.velocity, old.velocity),
     )
+
+
+def potential_stage(
+    x: Tensor,
+    here: TargetEval,
+    phi: Tensor,
+    x_new: Tensor,
+    there: TargetEval,
+    phi_new: Tensor,
+    *,
+    generator: torch.Generator,
+) -> tuple[Tensor, TargetEval, Tensor, Tensor]:
+    """Accept each moved particle with probability min(1, exp(φ(x') − φ(x))).
+
+    ``phi`` and ``phi_new`` are ``(N,)`` float64 potentials (−inf allowed: a move into −inf is
+    rejected, a move out of it accepted). Returns (x, evaluation, φ, accepted).
+    """
+    log_ratio = (phi_new - phi).to(x.dtype)
+    log_ratio = torch.where(torch.isneginf(phi) & ~torch.isneginf(phi_new), 0.0, log_ratio)
+    accept = metropolis(log_ratio, x, generator)
+    phi = torch.where(accept.to(phi.device), phi_new, phi)
+    return select(accept, x_new, x), select_eval(accept, there, here), phi, accept

@@ -207,12 +207,17 @@ def sample_iter(
         log_w = torch.zeros(n, dtype=torch.float64)
         previous = torch.zeros(n, dtype=torch.float64)  # φ_{k−1} per particle
         log_z, scale, trace = 0.0, 0.0, []
+        moves_see_potentials = (
+            settings.mcmc_rewards and bool(problem.potentials) and settings.mcmc_steps > 0
+        )
         for k, (sigma_prev, sigma) in enumerate(itertools.pairwise(sigmas)):
             started = time.perf_counter()
             x = euler_step(x, sigma_prev, sigma, here.velocity)
             x = _propose(problem, x, sigma, generator)
             target = target_at(sigma)
-            x, here, acceptance = _mcmc(settings, problem, x, target(x), target, sigma, generator)
+            here, acceptance = target(x), math.nan
+            if not moves_see_potentials:  # path bookkeeping: move first, weigh after
+                x, here, _, acceptance = _mcmc(settings, problem, x, here, target, sigma, generator)
             x0 = x0_from_velocity(x, sigma, here.velocity)
             penalty = _penalty(settings, k, len(scales))
             rewards, constraints = _potentials(problem, calls, x0, k, sigma, penalty)
@@ -236,6 +241,12 @@ def sample_iter(
                 x, x0, current = x[idx], x0[idx], current[idx]
                 here = _take(here, idx)
                 log_w = torch.zeros(n, dtype=torch.float64)
+            if moves_see_potentials:  # resample-move: the moves keep π_σ·exp(φ_k) invariant
+                level = (_level_potential(problem, calls, k, sigma, penalty, scale), current)
+                x, here, current, acceptance = _mcmc(
+                    settings, problem, x, here, target, sigma, generator, level
+                )
+                x0 = x0_from_velocity(x, sigma, here.velocity)
             previous = current
             trace.append(
                 LevelTrace(k, sigma, ess, resampled, acceptance, spread, scale, log_z,
@@ -373,6 +384,9 @@ def _propose(problem: _Problem, x: Tensor, sigma: float, generator: torch.Genera
     return x
 
 
+Potential = Callable[[Tensor], Tensor]  # x̂_0 (N, *S) → φ (N,) float64 at one level
+
+
 def _mcmc(
     settings: SamplerSettings,
     problem: _Problem,
@@ -381,34 +395,80 @@ def _mcmc(
     target: mcmc.Target,
     sigma: float,
     generator: torch.Generator,
-) -> tuple[Tensor, mcmc.TargetEval, float]:
-    """M steps of the chosen kernel at σ; returns the mean acceptance (NaN if unadjusted)."""
+    level: tuple[Potential, Tensor] | None = None,
+) -> tuple[Tensor, mcmc.TargetEval, Tensor | None, float]:
+    """M steps of the chosen kernel at σ.
+
+    With ``level = (φ, φ(x))`` every move also passes the potential stage, so the moves keep
+    π_σ·exp(φ) invariant. Returns (x, evaluation, φ at x or None, mean acceptance; NaN when
+    nothing was ever tested).
+    """
     eta = mcmc.step_size(
         settings.step_rule, settings.step_size, sigma, float(problem.total_weight.max())
     )
+    phi = None if level is None else level[1]
     accepted: list[Tensor] = []
     momentum = None
     for _ in range(settings.mcmc_steps):
-        match settings.mcmc:
-            case "ula":
-                x, here, _ = mcmc.ula(x, here, target, eta, generator=generator)
-            case "mala":
-                x, here, acc = mcmc.mala(x, here, target, eta, generator=generator)
-                accepted.append(acc)
-            case "hmc":
-                x, here, acc = mcmc.hmc(
-                    x, here, target, eta, generator=generator,
-                    leapfrog_steps=settings.leapfrog_steps,
-                )  # fmt: skip
-                accepted.append(acc)
-            case "uhmc":
-                x, here, momentum = mcmc.uhmc(
-                    x, here, target, eta, generator=generator,
-                    leapfrog_steps=settings.leapfrog_steps, damping=settings.damping,
-                    momentum=momentum,
-                )  # fmt: skip
+        x_new, there, acc, momentum = _kernel_step(
+            settings, x, here, target, eta, generator, momentum
+        )
+        if level is not None:
+            phi_new = level[0](x0_from_velocity(x_new, sigma, there.velocity))
+            x_new, there, phi, ok = mcmc.potential_stage(
+                x, here, phi, x_new, there, phi_new, generator=generator
+            )
+            acc = ok if acc is None else acc & ok
+            if momentum is not None:  # a rejected unadjusted-HMC move reverses its momentum
+                momentum = mcmc.Momentum(mcmc.select(ok, momentum.p, -momentum.p))
+        x, here = x_new, there
+        if acc is not None:
+            accepted.append(acc)
     rate = float(torch.stack(accepted).double().mean()) if accepted else math.nan
-    return x, here, rate
+    return x, here, phi, rate
+
+
+def _kernel_step(
+    settings: SamplerSettings,
+    x: Tensor,
+    here: mcmc.TargetEval,
+    target: mcmc.Target,
+    eta: float,
+    generator: torch.Generator,
+    momentum: mcmc.Momentum | None,
+) -> tuple[Tensor, mcmc.TargetEval, Tensor | None, mcmc.Momentum | None]:
+    """One move of the chosen kernel: (x', evaluation, per-particle acceptance, momentum)."""
+    match settings.mcmc:
+        case "ula":
+            x, here, _ = mcmc.ula(x, here, target, eta, generator=generator)
+            return x, here, None, None
+        case "mala":
+            x, here, acc = mcmc.mala(x, here, target, eta, generator=generator)
+            return x, here, acc, None
+        case "hmc":
+            x, here, acc = mcmc.hmc(
+                x, here, target, eta, generator=generator, leapfrog_steps=settings.leapfrog_steps
+            )
+            return x, here, acc, None
+        case _:
+            x, here, momentum = mcmc.uhmc(
+                x, here, target, eta, generator=generator,
+                leapfrog_steps=settings.leapfrog_steps, damping=settings.damping,
+                momentum=momentum,
+            )  # fmt: skip
+            return x, here, None, momentum
+
+
+def _level_potential(
+    problem: _Problem, calls: ExpertCalls, k: int, sigma: float, penalty: float, scale: float
+) -> Potential:
+    """φ_k(x̂_0) = s_k·Σ_j λ_j r_j(x̂_0) + constraint terms, for the potential stage."""
+
+    def phi(x0: Tensor) -> Tensor:
+        rewards, constraints = _potentials(problem, calls, x0, k, sigma, penalty)
+        return scale * rewards + constraints
+
+    return phi
 
 
 def _penalty(settings: SamplerSettings, k: int, num_levels: int) -> float:

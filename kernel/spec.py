@@ -8,9 +8,20 @@ YAML, the CLI and the wire). Every invalid value raises ``ValueError`` naming th
 Defaults and why:
 
 * ``mcmc="ula"``: velocity models give no log-densities, so MH correction is optional.
-* ``step_rule="sigma2"``, ``step_size=0.1``: η_k = c·σ_k²/W_max, the Langevin step scaled like
+* ``schedule="linear"``: on the accuracy suite it beats FLUX's shifted grid at equal budget
+  (T1 energy distance 4.4e-3 vs 1.2e-2 at 50 steps); flow models served at high resolution
+  may prefer ``"shifted"``.
+* ``step_rule="sigma2"``, ``step_size=1.0``: η_k = c·σ_k²/W_max, the Langevin step scaled like
   the noise variance at the level (R3 scales by β_t); W_max is the largest total generative
-  weight on a coordinate, because the product's width shrinks like 1/√W.
+  weight on a coordinate, because the product's width shrinks like 1/√W. The intermediate
+  product's variance is at least σ²/W_max, so c < 2 keeps ULA stable; c = 1 measured best on
+  T1/T2 (c = 0.1: 3.4e-2, 0.5: 7.4e-3, 1.0: 4.4e-3 on T1).
+* ``mcmc_rewards=True``: resample-move. Weights are taken right after the transition, then the
+  particles are resampled, then the MCMC moves keep π_σ·exp(φ_k) invariant by a second
+  acceptance test on the potential (one extra call of each discriminative/constraint expert per
+  MCMC step). ``False`` moves on the generative product only, then weighs (cheaper with costly
+  rewards, exact by telescoping, but the moves undo the reward's selection and the weights
+  degenerate under strong rewards).
 * ``ess_threshold=0.5``: resample when ESS/N < ½ (0 never, 1 always).
 * ``resampling="systematic"``: lowest variance of the unbiased schemes for its cost.
 * ``tempering="linear"``: λ_k grows linearly from 0 at σ = 1 to 1 at the last level.
@@ -72,13 +83,13 @@ class SamplerSettings(BaseModel):
     num_particles: int = Field(64, ge=1, description="number of particles N")
     num_steps: int = Field(50, ge=1, description="number of noise levels (transitions)")
     mcmc_steps: int = Field(5, ge=0, description="MCMC steps per level M")
-    schedule: Literal["linear", "shifted"] = "shifted"
+    schedule: Literal["linear", "shifted"] = "linear"
     shift: float = Field(3.0, gt=0, description="time shift of the 'shifted' grid")
     sigmas: tuple[float, ...] | None = Field(
         None, description="explicit decreasing noise grid; overrides schedule"
     )
     mcmc: MCMCKernel = "ula"
-    step_size: float = Field(0.1, gt=0, description="step-size scale c")
+    step_size: float = Field(1.0, gt=0, description="step-size scale c")
     step_rule: Literal["sigma2", "constant"] = "sigma2"
     leapfrog_steps: int = Field(3, ge=1)
     damping: float = Field(0.5, ge=0, lt=1, description="momentum persistence of UHMC")
@@ -88,6 +99,9 @@ class SamplerSettings(BaseModel):
     tempering_rate: float = Field(0.008, gt=0, description="γ of the exponential schedule")
     tempering_ess: float = Field(0.5, gt=0, lt=1, description="target ESS of adaptive tempering")
     weighting: Literal["incremental", "level"] = "incremental"
+    mcmc_rewards: bool = Field(
+        True, description="MCMC moves see the level's reward and constraint potential"
+    )
     constraint_penalty: float = Field(
         10.0,
         gt=0,
@@ -121,7 +135,11 @@ class SamplerSettings(BaseModel):
     def paper(cls, **overrides: Any) -> SamplerSettings:
         """The paper's Algorithm 1: resample every level on the current reward level."""
         base: dict[str, Any] = dict(
-            ess_threshold=1.0, weighting="level", tempering="constant", resampling="multinomial"
+            ess_threshold=1.0,
+            weighting="level",
+            tempering="constant",
+            resampling="multinomial",
+            mcmc_rewards=False,
         )
         return cls(**(base | overrides))
 
