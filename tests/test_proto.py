@@ -124,3 +124,12 @@ def test_buf_lint():
         [str(BUF), "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_wire_settings_mirror_the_kernel_settings():
+    """Every SamplerSettings field of the kernel travels on the wire, and nothing else does."""
+    from poegen.kernel.spec import SamplerSettings
+    from poegen.v1 import sampler_pb2
+
+    wire = {f.name for f in sampler_pb2.SamplerSettings.DESCRIPTOR.fields} - {"preset"}
+    assert wire == set(SamplerSettings.model_fields)
