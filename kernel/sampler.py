@@ -4,29 +4,37 @@ Target (see ``poegen.kernel.experts`` for the three kinds of factor)::
 
     p(x) ∝ Π_i p_i(x)^{w_i} · Π_j exp(λ_j·r_j(x)) · Π_k 1[x ∈ C_k]
 
-Pseudo-code of :func:`sample_iter` (N particles, noise levels 1 = σ_0 > σ_1 > … > σ_L > 0)::
+Pseudo-code of :func:`sample_iter` (N particles, noise levels 1 = σ_0 > σ_1 > … > σ_L > 0;
+π_k ∝ Π_i p_{i,σ_k}^{w_i} is the product of the noised generative experts)::
 
     x ~ N(0, I)
     for k = 1 … L:
         x ← x + (σ_k − σ_{k−1})·v̄(x, σ_{k−1})          # transition: Euler on the combined flow
         x ← propose/project(x, σ_k)                     # constraint experts that move particles
-        x ← MCMC^M(x; π_k)                              # π_k ∝ Π_i p_{i,σ_k}^{w_i}, summed scores
-        x̂_0 ← x − σ_k·v̄(x, σ_k)
-        φ_k ← Σ_j λ_j·s_k·r_j(x̂_0) + Σ_c log 1[x̂_0 ∈ C_c]   # s_k: reward tempering scale
+        φ_k ← s_k·Σ_j λ_j·r_j(x̂_0(x)) + Σ_c log C_c(x̂_0(x))   # s_k: reward tempering scale
         log w ← log w + φ_k − φ_{k−1}                    # "incremental"; "level" adds φ_k
         log Z ← log Z + log Σ_i W_i·exp(φ_k − φ_{k−1})
-        if ESS/N < threshold: resample (x, φ, v̄ follow their ancestors), log w ← 0
+        if ESS/N < threshold: resample (x, φ_k, v̄ follow their ancestors), log w ← 0
+        x ← MCMC^M(x; π_k·exp(φ_k))                     # summed scores + a potential stage
     return x̂_0 at σ_L, normalised log w, log Z, the best particle, the trace
 
-Why this is exact at the end: the potentials telescope, Π_k exp(φ_k − φ_{k−1}) = exp(φ_L) with
-s_L = 1, so the weighted particles target q(x)·Π_j exp(λ_j r_j)·1[C] whatever the intermediate
-scales, where q is the terminal law of the transition + MCMC chain. The MCMC moves pull q to
-the product of the generative experts: without them the summed-score chain samples the wrong
-law (Du et al. 2023). Discriminative experts never need gradients.
+This is an SMC sampler (Del Moral, Doucet & Jasra 2006) whose transport is the flow: the
+Euler step carries π_{k−1} to (approximately) π_k, so exp(φ_k − φ_{k−1}) is the incremental
+weight from π_{k−1}·exp(φ_{k−1}) to π_k·exp(φ_k), taken *before* the moves; the moves then keep
+π_k·exp(φ_k) invariant, rejuvenate resampled copies, and correct what the transition got wrong
+about the product (without them summed-score sampling reaches the wrong law, Du et al. 2023).
+The moves see the potential through a second accept test on exp(φ_k(x̂_0') − φ_k(x̂_0))
+(delayed acceptance): discriminative experts never need gradients, at the price of one extra
+call per move. s_L = 1, so the last level targets the product exactly.
 
-Hard constraints are twists too. At the last level a violated constraint gives −inf (the
-particle dies); at level k of L it gives −(k/L)·``constraint_penalty``, a finite penalty
-that grows along the path. Killing at every level would be biased: early estimates x̂_0
+With ``mcmc_rewards=False`` (and in the ``paper`` preset) the moves see the generative product
+only and come *before* the weights; the weights φ_k − φ_{k−1} then telescope along each
+particle's path to exp(φ_L), exact for any chain, but the moves undo the reward's selection
+and under strong rewards the weights degenerate (T4 of the accuracy suite).
+
+Hard constraints are potentials too. At the last level a violated constraint gives −inf (the
+particle dies, and moves into violation are rejected); at level k of L it gives
+−(k/L)·``constraint_penalty``. Killing at every level would be biased: early estimates x̂_0
 are blurry averages (at σ = 1, the mean of the prior), which can lie outside a constraint that
 the final samples satisfy. ``constraint_penalty=inf`` restores the kill-at-every-level rule.
 
@@ -115,8 +123,9 @@ class SampleResult:
     Attributes:
         particles: clean samples x̂_0, shape ``(N, *S)``.
         log_weights: normalised log-weights (logsumexp = 0), shape ``(N,)``.
-        log_evidence: estimate of log E_q[Π_j exp(λ_j r_j)·Π_k 1[C_k]] under the generative
-            product q (0 without discriminative and constraint factors).
+        log_evidence: estimate of log E_q[Π_j exp(λ_j r_j)·Π_k 1[C_k]], q the generative
+            product as the chain reaches it (exact up to the Euler transport and, for ULA, the
+            O(η) bias of the moves; 0 without discriminative and constraint factors).
         best_index: the living particle with the highest total log-potential (the paper's
             output; not a sample from p).
         trace: one entry per level.
