@@ -102,7 +102,9 @@ def test_generate_streams_levels_and_matches_in_process(loop: LoopThread) -> Non
         assert torch.equal(codec.decode(lv.preview, field="preview"), tr.preview)
         assert {t.name for t in lv.timings} == {"a", "b", "linear", "half_space"}
         assert all(t.calls >= 1 and t.seconds >= 0 for t in lv.timings)
-    assert math.isnan(levels[0].acceptance_rate)  # ULA: unadjusted
+    # ULA has no MH test; with rewards its moves pass the potential stage (resample-move)
+    assert [lv.acceptance_rate for lv in levels] == [tr.acceptance for tr in local.trace]
+    assert 0 < levels[0].acceptance_rate <= 1
     assert torch.equal(codec.decode(result.particles, field="particles"), local.particles)
     log_weights = codec.decode(result.log_weights, field="log_weights")
     assert log_weights.dtype == torch.float64  # the kernel's own, unrounded
