@@ -22,11 +22,17 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
-# reinstall only when the requirements or the extras changed
-stamp=.venv/.poegen-installed
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-$extras"
+# reinstall only when the requirements changed since these extras were installed
+stamp=".venv/.poegen-installed-${extras//,/-}"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+  echo "poegen: installing .[$extras] into .venv (log: .venv/install.log)"
+  if ! {
+    .venv/bin/python -m pip install -q --upgrade pip &&
+      .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+  } >.venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    exit 1
+  fi
   echo "$want" >"$stamp"
 fi
