@@ -19,6 +19,7 @@ from collections.abc import Sequence
 COMMANDS: tuple[str, ...] = (
     "poegen.expert_servers.server.cli",
     "poegen.clients.sampler_cli",
+    "poegen.clients.demo",
 )
 
 

@@ -5,7 +5,7 @@ experts at the same expert-call budget, writes a figure with three scatter plots
 (exact samples, summation, poegen's weighted particles resampled to equal weights), each
 titled with its energy distance to the exact product, and prints the accuracy table of T1.
 
-    python -m poegen.clients.demo [--out out/demo_t1.png] [--seeds 3] [--particles 1024]
+    poegen demo [--out out/demo_t1.png] [--seeds 3] [--particles 1024]   (or python -m poegen.clients.demo)
 
 No GPU, no downloads; about 15 s on 2 CPU cores.
 """
@@ -19,22 +19,34 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="poegen demo", description="ring x bar: exact vs summation vs poegen (CPU)"
-    )
+def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/demo_t1.png"), help="PNG path")
     parser.add_argument("--particles", type=int, default=1024, help="poegen's particles N")
     parser.add_argument("--steps", type=int, default=None, help="noise levels (default 100)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds averaged in the table")
     parser.add_argument("--reference", type=int, default=8192, help="exact reference draws")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``poegen demo``."""
+    parser = subparsers.add_parser("demo", help="CPU demo: exact vs summation vs poegen on T1")
+    _add_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="poegen demo", description="ring x bar: exact vs summation vs poegen (CPU)"
+    )
+    _add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -65,7 +77,11 @@ def plot(path: Path, panels: list[tuple[str, torch.Tensor]], title: str) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    """``python -m poegen.clients.demo``: the same as ``poegen demo``."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.particles < 8 or args.seeds < 1 or args.reference < 16:
         raise SystemExit("demo: needs --particles >= 8, --seeds >= 1, --reference >= 16")
     torch.set_num_threads(args.threads)
