@@ -220,13 +220,16 @@ def kish_ess(log_w: Tensor | None, n: int) -> float:
 
 
 def expert_calls(trace: tuple, num_particles: int) -> dict[str, dict[str, int]]:
-    """Per expert: batched calls and particle evaluations (calls × N) summed over the trace.
+    """Per expert: batched calls and particle evaluations summed over the trace.
 
-    Valid when no call was chunked (``max_batch`` unset), which the bench ensures.
+    ``num_particles`` is kept for callers; the trace counts evaluated samples itself, so the
+    figures stay right when calls are chunked by ``max_batch``.
     """
-    totals: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    evaluations: dict[str, int] = {}
     for level in trace:
         stats: Mapping = level.experts
         for name, s in stats.items():
-            totals[name] = totals.get(name, 0) + s.calls
-    return {name: {"calls": c, "evaluations": c * num_particles} for name, c in totals.items()}
+            calls[name] = calls.get(name, 0) + s.calls
+            evaluations[name] = evaluations.get(name, 0) + s.samples
+    return {name: {"calls": calls[name], "evaluations": evaluations[name]} for name in calls}

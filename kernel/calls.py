@@ -29,10 +29,12 @@ from poegen.kernel.spec import Factor
 
 @dataclass(frozen=True, slots=True)
 class ExpertStats:
-    """Calls (after chunking) and seconds spent on one expert during one level."""
+    """One expert during one level: calls (after chunking), samples evaluated (the sum of
+    the calls' batch sizes) and wall-clock seconds."""
 
     calls: int = 0
     seconds: float = 0.0
+    samples: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,9 @@ class ExpertCalls:
         chunks = (n + size - 1) // size
         with self._lock:
             old = self._stats[call.bound.name]
-            self._stats[call.bound.name] = ExpertStats(old.calls + chunks, old.seconds + elapsed)
+            self._stats[call.bound.name] = ExpertStats(
+                old.calls + chunks, old.seconds + elapsed, old.samples + n
+            )
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     @staticmethod

@@ -244,7 +244,9 @@ def level_event(trace: LevelTrace, *, preview: bool) -> sampler_pb2.GenerateResp
         reward_scale=trace.reward_scale,
         log_evidence=trace.log_evidence,
         timings=[
-            sampler_pb2.ExpertTiming(name=name, calls=stats.calls, seconds=stats.seconds)
+            sampler_pb2.ExpertTiming(
+                name=name, calls=stats.calls, seconds=stats.seconds, samples=stats.samples
+            )
             for name, stats in trace.experts.items()
         ],
     )

@@ -97,6 +97,7 @@ def test_max_batch_chunks_calls():
     factors = [Factor(gaussian([0.0, 0.0]))]
     result = run(factors, max_batch=16)
     assert result.trace[1].experts["gaussian"].calls == (1 + 2) * 4
+    assert result.trace[1].experts["gaussian"].samples == (1 + 2) * 64
     unchunked = run(factors)
     torch.testing.assert_close(result.particles, unchunked.particles)
 

@@ -83,14 +83,16 @@ class GenerateRequest(_message.Message):
     def __init__(self, factors: _Optional[_Iterable[_Union[FactorSpec, _Mapping]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[SamplerSettings, _Mapping]] = ..., seed: _Optional[int] = ..., preview: _Optional[bool] = ...) -> None: ...
 
 class ExpertTiming(_message.Message):
-    __slots__ = ("name", "calls", "seconds")
+    __slots__ = ("name", "calls", "seconds", "samples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     calls: int
     seconds: float
-    def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    samples: int
+    def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class LevelEvent(_message.Message):
     __slots__ = ("step", "sigma", "ess", "resampled", "acceptance_rate", "log_weight_spread", "reward_scale", "timings", "preview", "log_evidence")
