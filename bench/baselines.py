@@ -101,9 +101,9 @@ def budget(task: Task, settings: SamplerSettings | None = None) -> int:
     return settings.num_particles * per
 
 
-def evaluations(result, num_particles: int) -> dict[str, int]:
-    """Evaluations per expert from the kernel's trace: batched calls × particles (no chunking)."""
-    calls = metrics.expert_calls(result.trace, num_particles)
+def evaluations(result) -> dict[str, int]:
+    """Evaluations (samples) per expert from the kernel's trace."""
+    calls = metrics.expert_calls(result.trace)
     return {name: c["evaluations"] for name, c in calls.items()}
 
 
@@ -118,7 +118,7 @@ def _sample(factors: tuple[Factor, ...], task: Task, settings: SamplerSettings, 
 
 
 def _checked(result, task: Task, settings: SamplerSettings, potentials: int) -> dict[str, int]:
-    got = evaluations(result, settings.num_particles)
+    got = evaluations(result)
     want = settings.num_particles * cost_per_particle(settings, len(task.generative), potentials)
     if sum(got.values()) != want:
         raise RuntimeError(f"budget accounting: trace has {got}, expected {want} in total")

@@ -219,12 +219,9 @@ def kish_ess(log_w: Tensor | None, n: int) -> float:
     return float(1.0 / _probs(log_w, n).square().sum())
 
 
-def expert_calls(trace: tuple, num_particles: int) -> dict[str, dict[str, int]]:
-    """Per expert: batched calls and particle evaluations summed over the trace.
-
-    ``num_particles`` is kept for callers; the trace counts evaluated samples itself, so the
-    figures stay right when calls are chunked by ``max_batch``.
-    """
+def expert_calls(trace: tuple) -> dict[str, dict[str, int]]:
+    """Per expert: batched calls and evaluated samples summed over the trace (right also when
+    calls are chunked by ``max_batch``)."""
     calls: dict[str, int] = {}
     evaluations: dict[str, int] = {}
     for level in trace:
