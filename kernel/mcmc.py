@@ -188,8 +188,7 @@ def potential_stage(
     ``phi`` and ``phi_new`` are ``(N,)`` float64 potentials (−inf allowed: a move into −inf is
     rejected, a move out of it accepted). Returns (x, evaluation, φ, accepted).
     """
-    log_ratio = (phi_new - phi).to(x.dtype)
-    log_ratio = torch.where(torch.isneginf(phi) & ~torch.isneginf(phi_new), 0.0, log_ratio)
-    accept = metropolis(log_ratio, x, generator)
+    log_ratio = torch.where(torch.isneginf(phi) & ~torch.isneginf(phi_new), 0.0, phi_new - phi)
+    accept = metropolis(log_ratio.to(device=x.device, dtype=x.dtype), x, generator)
     phi = torch.where(accept.to(phi.device), phi_new, phi)
     return select(accept, x_new, x), select_eval(accept, there, here), phi, accept
