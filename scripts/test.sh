@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,demo
+# Debian packages the tests use: openssl (TLS certificates made in the tests)
+if ! command -v openssl >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq openssl
+fi
 if command -v npm >/dev/null 2>&1 && [ -f package-lock.json ]; then
   [ -x node_modules/.bin/buf ] || npm ci --silent --no-audit --no-fund
 fi

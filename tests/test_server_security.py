@@ -138,8 +138,9 @@ def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
+    assert shutil.which("openssl"), (
+        "the TLS tests need the openssl CLI (scripts/test.sh installs it)"
+    )
     directory = tmp_path_factory.mktemp("certs")
     server_key, server_cert = _self_signed(directory, "server")
     client_key, client_cert = _self_signed(directory, "client")
