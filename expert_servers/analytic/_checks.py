@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from poegen.kernel.experts import ExpertInfo, ExpertKind
+
 PARAM_DTYPE = torch.float64
 
 
@@ -97,3 +99,44 @@ def revision(*tensors: Tensor, extra: str = "") -> str:
         h.update(str(tuple(a.shape)).encode())
         h.update(a.numpy().astype("<f8").tobytes())
     return h.hexdigest()[:12]
+
+
+class PotentialExpert:
+    """Shared plumbing of the analytic rewards and constraints: description, name, shape.
+
+    Subclasses set ``_kind`` and the attributes below, and give their parameters in
+    ``_params()`` (they make up the revision).
+    """
+
+    _kind: ExpertKind
+    _name: str
+    _shape: tuple[int, ...]
+    _max_batch: int | None
+
+    def _params(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def describe(self) -> ExpertInfo:
+        return ExpertInfo(
+            name=self._name,
+            kind=self._kind,
+            sample_shape=self._shape,
+            max_batch=self._max_batch,
+            model_id="analytic",
+            revision=revision(*self._params(), extra=f"{type(self).__name__}{self._shape}"),
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self._shape)
+
+    def _flat(self, x0: Tensor) -> Tensor:
+        return flat_batch(x0, self._shape, self._max_batch, field="x0")

@@ -17,13 +17,12 @@ import torch
 from torch import Tensor
 
 from poegen.expert_servers.analytic._checks import (
+    PotentialExpert,
     as_max_batch,
     as_param,
-    flat_batch,
     resolve_shape,
-    revision,
 )
-from poegen.kernel.experts import ExpertInfo, ExpertKind
+from poegen.kernel.experts import ExpertKind
 
 
 def _indicator(inside: Tensor) -> Tensor:
@@ -31,43 +30,16 @@ def _indicator(inside: Tensor) -> Tensor:
     return torch.where(inside, 0.0, -math.inf).to(torch.float64)
 
 
-class _Constraint:
-    _name: str
-    _shape: tuple[int, ...]
-    _max_batch: int | None
-
-    def _params(self) -> tuple[Tensor, ...]:
-        raise NotImplementedError
-
-    def describe(self) -> ExpertInfo:
-        return ExpertInfo(
-            name=self._name,
-            kind=ExpertKind.CONSTRAINT,
-            sample_shape=self._shape,
-            max_batch=self._max_batch,
-            model_id="analytic",
-            revision=revision(*self._params(), extra=f"{type(self).__name__}{self._shape}"),
-        )
+class _Constraint(PotentialExpert):
+    _kind = ExpertKind.CONSTRAINT
 
     def log_potential(self, x0: Tensor) -> Tensor:
         """0 inside, −inf outside, ``(B,)`` in the input's dtype."""
-        x = flat_batch(x0, self._shape, self._max_batch, field="x0")
+        x = self._flat(x0)
         return _indicator(self.contains(x.reshape(x0.shape))).to(x0.dtype)
 
     def contains(self, x: Tensor) -> Tensor:
         raise NotImplementedError
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    @property
-    def dim(self) -> int:
-        return math.prod(self._shape)
 
 
 class HalfSpace(_Constraint):

@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poegen.expert_servers.analytic._checks import (
+    PotentialExpert,
     as_max_batch,
     as_param,
-    flat_batch,
     resolve_shape,
-    revision,
 )
-from poegen.kernel.experts import ExpertInfo, ExpertKind
+from poegen.kernel.experts import ExpertKind
 
 
 def _direction(
@@ -50,40 +49,8 @@ def _scalar(value: float, field: str) -> float:
     return float(t)
 
 
-class _Reward:
-    """Shared plumbing: description, input checks."""
-
-    _name: str
-    _shape: tuple[int, ...]
-    _max_batch: int | None
-
-    def _params(self) -> tuple[Tensor, ...]:
-        raise NotImplementedError
-
-    def describe(self) -> ExpertInfo:
-        return ExpertInfo(
-            name=self._name,
-            kind=ExpertKind.DISCRIMINATIVE,
-            sample_shape=self._shape,
-            max_batch=self._max_batch,
-            model_id="analytic",
-            revision=revision(*self._params(), extra=f"{type(self).__name__}{self._shape}"),
-        )
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    @property
-    def dim(self) -> int:
-        return self._params()[0].shape[0]
-
-    def _flat(self, x0: Tensor) -> Tensor:
-        return flat_batch(x0, self._shape, self._max_batch, field="x0")
+class _Reward(PotentialExpert):
+    _kind = ExpertKind.DISCRIMINATIVE
 
 
 class LinearReward(_Reward):
