@@ -233,8 +233,29 @@ def _uniform(index: Tensor, generator: torch.Generator) -> Tensor:
     return open_uniform(tuple(index.shape), generator, F64).to(index.device)
 
 
+class _ReweightedComponents:
+    """A target whose components are those of ``base`` reweighted by per-component masses:
+    log-weights ``_log_w`` = log π_k + log Z_k, so log Z = log Z_base + logsumexp(_log_w)."""
+
+    __slots__ = ()
+    base: GaussianMixtureTarget
+    _log_w: Tensor
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.base.sample_shape
+
+    @property
+    def log_normalizer(self) -> Tensor:
+        return self.base.log_normalizer + torch.logsumexp(self._log_w, -1)
+
+    @property
+    def component_weights(self) -> Tensor:
+        return self._log_w.softmax(-1)
+
+
 @dataclass(frozen=True, slots=True)
-class ProjectedTiltTarget:
+class ProjectedTiltTarget(_ReweightedComponents):
     """p*(x) ∝ p(x)·exp(t(aᵀx)): a Gaussian-mixture target tilted along one direction.
 
     Per component k: m_k = aᵀμ_k, s_k² = aᵀΣ_k a, g_k = Σ_k a / s_k². With the tilted 1-D
@@ -264,18 +285,6 @@ class ProjectedTiltTarget:
         if not torch.isfinite(log_w).any():
             raise ValueError("factors: the tilted or truncated target has no mass")
         object.__setattr__(self, "_log_w", log_w)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.base.sample_shape
-
-    @property
-    def log_normalizer(self) -> Tensor:
-        return self.base.log_normalizer + torch.logsumexp(self._log_w, -1)
-
-    @property
-    def component_weights(self) -> Tensor:
-        return self._log_w.softmax(-1)
 
     def _component_moments(self) -> tuple[Tensor, Tensor]:
         mean_u, var_u = self.tilt.moments(self._m, self._s)
@@ -348,7 +357,7 @@ def _inside_half_space(x: Tensor, a: Tensor, b: float) -> Tensor:
 
 
 @dataclass(frozen=True, slots=True)
-class BoxTarget:
+class BoxTarget(_ReweightedComponents):
     """A diagonal Gaussian-mixture target restricted to low ≤ x ≤ high.
 
     Per component, with α_kj = (low_j − μ_kj)/s_kj and β_kj = (high_j − μ_kj)/s_kj:
@@ -377,18 +386,6 @@ class BoxTarget:
         object.__setattr__(self, "_alpha", alpha)
         object.__setattr__(self, "_beta", beta)
         object.__setattr__(self, "_log_w", log_w)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.base.sample_shape
-
-    @property
-    def log_normalizer(self) -> Tensor:
-        return self.base.log_normalizer + torch.logsumexp(self._log_w, -1)
-
-    @property
-    def component_weights(self) -> Tensor:
-        return self._log_w.softmax(-1)
 
     def _component_moments(self) -> tuple[Tensor, Tensor]:
         mix = self.base.mixture
