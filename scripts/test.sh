@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. -m slow, -k codec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,demo
+bash scripts/setup.sh dev,demo,flow,vlm,physics
 # Debian packages the tests use: openssl (TLS certificates made in the tests)
 if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq openssl

@@ -1,0 +1,1 @@
+"""placeholder package; the classifier adapters land here."""

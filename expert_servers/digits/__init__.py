@@ -1,0 +1,1 @@
+"""placeholder package; the digits adapters land here."""

@@ -1,0 +1,1 @@
+"""placeholder package; the flow adapters land here."""

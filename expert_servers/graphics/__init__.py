@@ -1,0 +1,1 @@
+"""placeholder package; the graphics adapters land here."""

@@ -1,0 +1,1 @@
+"""placeholder package; the physics adapters land here."""

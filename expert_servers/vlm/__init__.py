@@ -1,0 +1,1 @@
+"""placeholder package; the vlm adapters land here."""
