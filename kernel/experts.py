@@ -17,7 +17,15 @@ kinds of factor in the product
   x_σ at level σ) and ``project(x, sigma)`` (a deterministic map of x_σ at level σ).
 
 Any kind may also answer ``encode(pixels)`` and ``decode(latents)`` (capability
-``AUTOENCODER``), the VAE of its latent space.
+``AUTOENCODER``), the VAE of its latent space; ``schedule(num_steps, sample_shape)`` (capability
+``SCHEDULE``), its own noise grid of ``num_steps + 1`` levels from 1 to 0 (a flow model's
+scheduler), used when ``SamplerSettings.schedule == "expert"``; and, on a prepared condition,
+``render()`` (capability ``RENDER``), named tensors derived from it (a simulated scene's depth,
+masks, frames) that other experts take as conditions.
+
+A discriminative or constraint expert with ``ExpertInfo.pixel_input`` scores decoded pixels in
+[0, 1], ``(B, C, H, W)`` or ``(B, C, F, H, W)``, instead of latents: the sampler decodes x̂_0
+with the generative experts' autoencoder before calling it.
 
 Shapes: ``x`` and ``x0`` are ``(B, *S)`` with ``S`` the sample shape, ``sigma`` is ``(B,)``,
 log-densities and log-potentials are ``(B,)``. Experts are deterministic functions of their
@@ -63,6 +71,8 @@ class Capability(enum.StrEnum):
     PROPOSE = "propose"
     PROJECT = "project"
     AUTOENCODER = "autoencoder"
+    SCHEDULE = "schedule"
+    RENDER = "render"
 
 
 CAPABILITY_METHODS = {
@@ -71,6 +81,8 @@ CAPABILITY_METHODS = {
     Capability.PROPOSE: ("propose",),
     Capability.PROJECT: ("project",),
     Capability.AUTOENCODER: ("encode", "decode"),
+    Capability.SCHEDULE: ("schedule",),
+    Capability.RENDER: ("render",),
 }
 
 
@@ -95,6 +107,8 @@ class ExpertInfo:
         revision: the model's revision; changes when the model is swapped.
         latent_space: name of the latent space the expert works in (e.g. ``"flux-vae-16"``);
             generative experts summed in one run must share it. Empty: unnamed.
+        pixel_input: discriminative and constraint experts: ``log_potential`` takes decoded
+            pixels in [0, 1] rather than latents.
     """
 
     name: str
@@ -105,6 +119,7 @@ class ExpertInfo:
     model_id: str = ""
     revision: str = ""
     latent_space: str = ""
+    pixel_input: bool = False
 
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities

@@ -26,7 +26,9 @@ channel.
 
 Calls and their RPCs: ``velocity(x, σ)`` → ``Velocity``; ``log_prob(x, σ)`` and
 ``log_potential(x0)`` → ``LogProb`` (with and without σ); ``propose(x, σ, seed=)`` and
-``project(x, σ)`` → ``Propose``. Every reply's model revision is recorded in
+``project(x, σ)`` → ``Propose``; ``encode(pixels)`` / ``decode(latents)`` → ``Encode`` /
+``Decode``; ``schedule(num_steps, sample_shape)`` → ``Schedule``; ``render(names)`` →
+``Render`` for the prepared condition. Every reply's model revision is recorded in
 :attr:`RemoteExpert.revisions_seen` (distinct revisions, first seen first; two entries mean
 the model was hot-swapped during the run).
 
@@ -106,12 +108,14 @@ _KINDS = {
     expert_pb2.EXPERT_KIND_DISCRIMINATIVE: ExpertKind.DISCRIMINATIVE,
     expert_pb2.EXPERT_KIND_CONSTRAINT: ExpertKind.CONSTRAINT,
 }
-# CAPABILITY_SCORE has no RPC of its own (the score comes from Velocity) and
-# CAPABILITY_AUTOENCODER is not a sampling call: neither is announced to the kernel.
+# CAPABILITY_SCORE has no RPC of its own (the score comes from Velocity): not announced.
 _CAPABILITIES = {
     expert_pb2.CAPABILITY_LOG_PROB: Capability.LOG_PROB,
     expert_pb2.CAPABILITY_PROPOSE: Capability.PROPOSE,
     expert_pb2.CAPABILITY_PROJECT: Capability.PROJECT,
+    expert_pb2.CAPABILITY_AUTOENCODER: Capability.AUTOENCODER,
+    expert_pb2.CAPABILITY_SCHEDULE: Capability.SCHEDULE,
+    expert_pb2.CAPABILITY_RENDER: Capability.RENDER,
 }
 _LOOPBACK_PREFIXES = ("localhost:", "127.", "[::1]:", "unix:", "ipv4:127.", "ipv6:[::1]")
 _MESSAGE_OVERHEAD = 64 << 10  # room for the fields around the tensors of a message
@@ -291,6 +295,39 @@ class RemoteExpert:
         """A deterministic map of x_σ ``(B, *S)`` from ``Propose`` (mode PROJECT)."""
         return self._propose(x, sigma, expert_pb2.PROPOSE_MODE_PROJECT, 0)
 
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Latents of pixels in [-1, 1] from ``Encode``, in chunks of ``max_batch``."""
+        return self._autoencode("Encode", expert_pb2.EncodeRequest, "pixels", "latents", pixels)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Pixels in [-1, 1] of latents from ``Decode``, in chunks of ``max_batch``."""
+        return self._autoencode("Decode", expert_pb2.DecodeRequest, "latents", "pixels", latents)
+
+    def schedule(self, num_steps: int, sample_shape: Sequence[int]) -> list[float]:
+        """The expert's own noise grid (``num_steps + 1`` levels) from ``Schedule``."""
+        request = expert_pb2.ScheduleRequest(num_steps=num_steps, sample_shape=list(sample_shape))
+        reply: expert_pb2.ScheduleResponse = self._invoke("Schedule", request)
+        return list(reply.sigmas)
+
+    def render(self, names: Sequence[str] = ()) -> dict[str, Tensor]:
+        """Named tensors derived from the prepared condition, from ``Render`` (all if no
+        ``names``)."""
+        request = expert_pb2.RenderRequest(handle=self._handle, names=list(names))
+        reply: expert_pb2.RenderResponse = self._invoke("Render", request)
+        out = {}
+        for name, msg in reply.tensors.items():
+            field = f"tensors[{name}]"
+            try:
+                out[name] = codec.decode(msg, field=field)
+            except ExpertError as e:
+                raise self._error("Render", e.code, e.field, f"bad reply: {e.reason}") from None
+        missing = sorted(set(names) - set(out))
+        if missing:
+            raise self._error(
+                "Render", grpc.StatusCode.INTERNAL, "names", f"bad reply: no output {missing}"
+            )
+        return out
+
     # ------------------------------------------------------------------ lifecycle
 
     @property
@@ -382,6 +419,25 @@ class RemoteExpert:
     def _propose(self, x: Tensor, sigma: Tensor, mode: int, seed: int) -> Tensor:
         request = expert_pb2.ProposeRequest(mode=mode, seed=seed)  # type: ignore[arg-type]
         return self._call("Propose", request, {"x": x, "sigma": sigma}, "x", x, x.dtype)
+
+    def _autoencode(
+        self, method: str, request_type: Any, field: str, reply_field: str, t: Tensor
+    ) -> Tensor:
+        step = (self._info.max_batch if self._info else None) or max(1, t.shape[0])
+        parts = []
+        for i in range(0, max(1, t.shape[0]), step):
+            chunk = t[i : i + step]
+            reply = self._invoke(method, codec.WireMessage(request_type(), {field: chunk}))
+            try:
+                out = codec.decode(getattr(reply, reply_field), field=reply_field)
+            except ExpertError as e:
+                raise self._error(method, e.code, e.field, f"bad reply: {e.reason}") from None
+            if out.ndim < 1 or out.shape[0] != chunk.shape[0]:
+                raise self._error(
+                    method, grpc.StatusCode.INTERNAL, f"{reply_field}.shape", "bad reply: batch"
+                )
+            parts.append(out)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _call(
         self,
@@ -661,6 +717,8 @@ def describe_to_info(reply: expert_pb2.DescribeResponse) -> ExpertInfo:
         max_batch=reply.max_batch or None,
         model_id=reply.model_id,
         revision=reply.revision,
+        latent_space=reply.latent_space,
+        pixel_input=reply.pixel_input,
     )
 
 

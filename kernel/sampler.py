@@ -65,7 +65,7 @@ from poegen.kernel import mcmc, particles
 from poegen.kernel.calls import BoundFactor, Call, ExpertCalls, ExpertStats
 from poegen.kernel.experts import Capability, ExpertKind, check_expert
 from poegen.kernel.path import euler_step, score_from_velocity, x0_from_velocity
-from poegen.kernel.schedule import adaptive_scale, reward_scales, sigmas_for
+from poegen.kernel.schedule import adaptive_scale, checked_grid, reward_scales, sigmas_for
 from poegen.kernel.spec import Factor, SamplerSettings
 
 
@@ -204,7 +204,7 @@ def sample_iter(
     settings = settings or SamplerSettings()
     shape = _check_shape(sample_shape)
     problem = _build_problem(factors, shape, settings, dtype, device)
-    sigmas = [float(s) for s in sigmas_for(settings) if s > 0]
+    sigmas = [float(s) for s in _noise_grid(settings, problem, shape) if s > 0]
     if len(sigmas) < 2:
         raise ValueError("num_steps: the noise grid needs a level strictly between 0 and 1")
     scales = reward_scales(settings, len(sigmas) - 1).tolist()
@@ -271,6 +271,17 @@ def _check_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"sample_shape: needs positive dimensions, got {tuple(sample_shape)}")
     return shape
+
+
+def _noise_grid(settings: SamplerSettings, problem: _Problem, shape: tuple[int, ...]) -> Tensor:
+    """The settings' grid, or with ``schedule="expert"`` the first generative expert's own."""
+    if settings.sigmas is not None or settings.schedule != "expert":
+        return sigmas_for(settings)
+    for b in problem.generative:
+        if b.info.supports(Capability.SCHEDULE):
+            levels = b.factor.expert.schedule(settings.num_steps, shape)  # type: ignore[attr-defined]
+            return checked_grid(levels, settings.num_steps, f"expert {b.name!r}")
+    raise ValueError("schedule: 'expert' needs a generative expert that answers schedule()")
 
 
 def _build_problem(

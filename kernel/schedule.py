@@ -5,7 +5,10 @@ Noise grids are decreasing tensors σ_0 = 1 > σ_1 > … > σ_K ≥ 0 of ``num_s
 * ``linear``: σ_k = 1 − k/K.
 * ``shifted``: FLUX/SD3's time shift of the linear grid, σ' = s·σ / (1 + (s − 1)·σ); s > 1
   spends more levels at high noise.
-* an explicit list (validated by :class:`~poegen.kernel.spec.SamplerSettings`).
+* an explicit list (validated by :class:`~poegen.kernel.spec.SamplerSettings`);
+* ``expert``: the grid a generative expert computes with its own scheduler code
+  (``schedule(num_steps, sample_shape)``, e.g. FLUX's resolution-dependent shift), checked by
+  :func:`checked_grid` like an explicit list.
 
 Reward tempering scales λ_k ∈ [0, 1] multiply the discriminative log-potentials at the
 positive levels σ_1 … σ_L (L ≤ K); the last one is always 1, which makes the terminal target
@@ -20,7 +23,7 @@ exact (the incremental potentials telescope to exp(λ_L · r) = exp(r)):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -41,12 +44,30 @@ def shifted_sigmas(num_steps: int, shift: float) -> Tensor:
 
 
 def sigmas_for(settings: SamplerSettings) -> Tensor:
-    """The noise grid the settings ask for, float64, from 1 toward 0."""
+    """The noise grid the settings ask for, float64, from 1 toward 0 (not ``"expert"``)."""
     if settings.sigmas is not None:
         return torch.tensor(settings.sigmas, dtype=torch.float64)
     if settings.schedule == "linear":
         return linear_sigmas(settings.num_steps)
-    return shifted_sigmas(settings.num_steps, settings.shift)
+    if settings.schedule == "shifted":
+        return shifted_sigmas(settings.num_steps, settings.shift)
+    raise ValueError("schedule: 'expert' takes its grid from an expert (see checked_grid)")
+
+
+def checked_grid(levels: Sequence[float], num_steps: int, source: str) -> Tensor:
+    """An expert's grid as float64, refused unless it has ``num_steps + 1`` finite levels
+    decreasing strictly from 1 to a last level in [0, 1)."""
+    grid = torch.as_tensor([float(s) for s in levels], dtype=torch.float64)
+    if grid.numel() != num_steps + 1:
+        raise ValueError(
+            f"schedule: {source} gave {grid.numel()} levels for num_steps={num_steps}, "
+            f"expected {num_steps + 1}"
+        )
+    if not bool(torch.isfinite(grid).all()) or grid[0] != 1 or not 0 <= grid[-1] < 1:
+        raise ValueError(f"schedule: {source} gave a grid that does not run from 1 into [0, 1)")
+    if bool((grid[1:] >= grid[:-1]).any()):
+        raise ValueError(f"schedule: {source} gave a grid that is not strictly decreasing")
+    return grid
 
 
 def reward_scales(settings: SamplerSettings, num_levels: int) -> Tensor:

@@ -83,7 +83,9 @@ class SamplerSettings(BaseModel):
     num_particles: int = Field(64, ge=1, description="number of particles N")
     num_steps: int = Field(50, ge=1, description="number of noise levels (transitions)")
     mcmc_steps: int = Field(5, ge=0, description="MCMC steps per level M")
-    schedule: Literal["linear", "shifted"] = "linear"
+    schedule: Literal["linear", "shifted", "expert"] = Field(
+        "linear", description="noise grid; 'expert': the first generative expert's own schedule"
+    )
     shift: float = Field(3.0, gt=0, description="time shift of the 'shifted' grid")
     sigmas: tuple[float, ...] | None = Field(
         None, description="explicit decreasing noise grid; overrides schedule"

@@ -163,6 +163,26 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         )
 
     @maps_errors
+    async def Schedule(
+        self, request: pb.ScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScheduleResponse:
+        model = self._models.require()
+        shape = tuple(int(n) for n in request.sample_shape)
+        sigmas = await self._serving.schedule(model, int(request.num_steps), shape)
+        return pb.ScheduleResponse(sigmas=sigmas, revision=model.revision)
+
+    @maps_errors
+    async def Render(
+        self, request: pb.RenderRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenderResponse:
+        model = self._models.require()
+        outputs = await self._serving.render(model, request.handle, list(request.names))
+        reply = pb.RenderResponse(revision=model.revision)
+        for name, t in outputs.items():
+            reply.tensors[name].CopyFrom(codec.encode(t))
+        return reply
+
+    @maps_errors
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LoadModelResponse]:
@@ -207,4 +227,5 @@ def describe_response(
         latent_space=model.latent_space,
         max_message_bytes=limits.max_message_bytes,
         shared_memory=limits.shared_memory is not None,
+        pixel_input=info.pixel_input,
     )

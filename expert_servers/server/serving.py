@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -45,11 +45,13 @@ from poegen.kernel.codec import (
 )
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertKind
+from poegen.kernel.schedule import checked_grid
 from poegen.v1 import tensor_pb2
 
 _T = TypeVar("_T")
 _M = TypeVar("_M")
 _ENCODE_INLINE_BYTES = 1 << 20  # replies at least this large are encoded in a worker thread
+MAX_SCHEDULE_STEPS = 10_000  # more levels than any sampler needs; bounds the reply
 AUTOENCODER = Capability.AUTOENCODER.value  # capability of Encode/Decode (see has_autoencoder)
 
 
@@ -228,6 +230,54 @@ class ExpertServing:
                 field, "the reply would exceed the server's message size limit"
             )
         return out
+
+    # ------------------------------------------------------------------ schedule, render
+
+    async def schedule(
+        self, model: LoadedModel, num_steps: int, sample_shape: tuple[int, ...]
+    ) -> list[float]:
+        """The expert's noise grid of ``num_steps + 1`` levels for samples of ``sample_shape``."""
+        if not model.info.supports(Capability.SCHEDULE):
+            raise ExpertError.failed_precondition("num_steps", "this expert has no schedule")
+        if not 1 <= num_steps <= MAX_SCHEDULE_STEPS:
+            raise ExpertError.invalid(
+                "num_steps", f"{num_steps}, expected 1 … {MAX_SCHEDULE_STEPS}"
+            )
+        if any(n < 1 for n in sample_shape):
+            raise ExpertError.invalid("sample_shape", f"{list(sample_shape)} has a size below 1")
+        expected = model.info.sample_shape
+        if expected is not None and sample_shape and tuple(sample_shape) != tuple(expected):
+            raise ExpertError.invalid(
+                "sample_shape", f"{list(sample_shape)}, expected {list(expected)}"
+            )
+        expert: Any = model.expert
+        levels = await self._run(expert.schedule, None, num_steps, sample_shape)
+        # a broken grid is the expert's bug (INTERNAL), not the caller's
+        return checked_grid(levels, num_steps, model.info.name).tolist()
+
+    async def render(
+        self, model: LoadedModel, handle: str, names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """The named outputs derived from the condition of ``handle`` (all when no names)."""
+        if not model.info.supports(Capability.RENDER):
+            raise ExpertError.failed_precondition("handle", "this expert renders nothing")
+        target = self._target(model, handle)
+        outputs = await self._run(target.render, None)
+        if not isinstance(outputs, Mapping) or not all(
+            isinstance(t, Tensor) for t in outputs.values()
+        ):
+            raise RuntimeError(f"{model.info.name}: render() must return named tensors")
+        unknown = sorted(set(names) - set(outputs))
+        if unknown:
+            raise ExpertError.invalid(
+                "names", f"no output {unknown} (known: {', '.join(sorted(outputs))})"
+            )
+        chosen = {n: outputs[n] for n in (names or sorted(outputs))}
+        if sum(t.numel() * t.element_size() for t in chosen.values()) > self._max_bytes:
+            raise ExpertError.resource_exhausted(
+                "names", "the outputs exceed the server's message size limit; ask for fewer"
+            )
+        return chosen
 
     # ------------------------------------------------------------------ checks
 

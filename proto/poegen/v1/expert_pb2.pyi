@@ -23,6 +23,8 @@ class Capability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPABILITY_PROPOSE: _ClassVar[Capability]
     CAPABILITY_PROJECT: _ClassVar[Capability]
     CAPABILITY_AUTOENCODER: _ClassVar[Capability]
+    CAPABILITY_SCHEDULE: _ClassVar[Capability]
+    CAPABILITY_RENDER: _ClassVar[Capability]
 
 class ProposeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +48,8 @@ CAPABILITY_LOG_PROB: Capability
 CAPABILITY_PROPOSE: Capability
 CAPABILITY_PROJECT: Capability
 CAPABILITY_AUTOENCODER: Capability
+CAPABILITY_SCHEDULE: Capability
+CAPABILITY_RENDER: Capability
 PROPOSE_MODE_UNSPECIFIED: ProposeMode
 PROPOSE_MODE_PROPOSE: ProposeMode
 PROPOSE_MODE_PROJECT: ProposeMode
@@ -59,7 +63,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("name", "kind", "capabilities", "sample_shape", "max_batch", "model_id", "revision", "latent_space", "max_message_bytes", "shared_memory")
+    __slots__ = ("name", "kind", "capabilities", "sample_shape", "max_batch", "model_id", "revision", "latent_space", "max_message_bytes", "shared_memory", "pixel_input")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +74,7 @@ class DescribeResponse(_message.Message):
     LATENT_SPACE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ExpertKind
     capabilities: _containers.RepeatedScalarFieldContainer[Capability]
@@ -80,7 +85,8 @@ class DescribeResponse(_message.Message):
     latent_space: str
     max_message_bytes: int
     shared_memory: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ExpertKind, str]] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ..., latent_space: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    pixel_input: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ExpertKind, str]] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ..., latent_space: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., pixel_input: _Optional[bool] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("text", "tensors", "scalars")
@@ -248,3 +254,42 @@ class LoadModelResponse(_message.Message):
     message: str
     revision: str
     def __init__(self, stage: _Optional[_Union[LoadStage, str]] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+
+class ScheduleRequest(_message.Message):
+    __slots__ = ("num_steps", "sample_shape")
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    num_steps: int
+    sample_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_steps: _Optional[int] = ..., sample_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ScheduleResponse(_message.Message):
+    __slots__ = ("sigmas", "revision")
+    SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    sigmas: _containers.RepeatedScalarFieldContainer[float]
+    revision: str
+    def __init__(self, sigmas: _Optional[_Iterable[float]] = ..., revision: _Optional[str] = ...) -> None: ...
+
+class RenderRequest(_message.Message):
+    __slots__ = ("handle", "names")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, handle: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RenderResponse(_message.Message):
+    __slots__ = ("tensors", "revision")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    revision: str
+    def __init__(self, tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., revision: _Optional[str] = ...) -> None: ...

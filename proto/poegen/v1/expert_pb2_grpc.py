@@ -82,6 +82,16 @@ class ExpertServiceStub:
                 request_serializer=poegen_dot_v1_dot_expert__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=poegen_dot_v1_dot_expert__pb2.LoadModelResponse.FromString,
                 _registered_method=True)
+        self.Schedule = channel.unary_unary(
+                '/poegen.v1.ExpertService/Schedule',
+                request_serializer=poegen_dot_v1_dot_expert__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_expert__pb2.ScheduleResponse.FromString,
+                _registered_method=True)
+        self.Render = channel.unary_unary(
+                '/poegen.v1.ExpertService/Render',
+                request_serializer=poegen_dot_v1_dot_expert__pb2.RenderRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_expert__pb2.RenderResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -155,6 +165,22 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Schedule(self, request, context):
+        """The expert's own noise grid (a flow model's scheduler) for a number of steps and a
+        sample shape.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Render(self, request, context):
+        """Named tensors derived from a prepared condition (a simulated scene's depth, masks and
+        frames), to be passed into other experts' conditions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +228,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.LoadModel,
                     request_deserializer=poegen_dot_v1_dot_expert__pb2.LoadModelRequest.FromString,
                     response_serializer=poegen_dot_v1_dot_expert__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'Schedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.Schedule,
+                    request_deserializer=poegen_dot_v1_dot_expert__pb2.ScheduleRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_expert__pb2.ScheduleResponse.SerializeToString,
+            ),
+            'Render': grpc.unary_unary_rpc_method_handler(
+                    servicer.Render,
+                    request_deserializer=poegen_dot_v1_dot_expert__pb2.RenderRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_expert__pb2.RenderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -450,6 +486,60 @@ class ExpertService:
             '/poegen.v1.ExpertService/LoadModel',
             poegen_dot_v1_dot_expert__pb2.LoadModelRequest.SerializeToString,
             poegen_dot_v1_dot_expert__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Schedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poegen.v1.ExpertService/Schedule',
+            poegen_dot_v1_dot_expert__pb2.ScheduleRequest.SerializeToString,
+            poegen_dot_v1_dot_expert__pb2.ScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Render(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poegen.v1.ExpertService/Render',
+            poegen_dot_v1_dot_expert__pb2.RenderRequest.SerializeToString,
+            poegen_dot_v1_dot_expert__pb2.RenderResponse.FromString,
             options,
             channel_credentials,
             insecure,

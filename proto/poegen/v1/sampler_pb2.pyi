@@ -9,18 +9,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FactorSpec(_message.Message):
-    __slots__ = ("address", "weight", "condition", "region", "name")
+    __slots__ = ("address", "weight", "condition", "region", "name", "links")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: float
     condition: _expert_pb2.Condition
     region: _tensor_pb2.Tensor
     name: str
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[float] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ..., region: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[ConditionLink]
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[float] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ..., region: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., name: _Optional[str] = ..., links: _Optional[_Iterable[_Union[ConditionLink, _Mapping]]] = ...) -> None: ...
+
+class ConditionLink(_message.Message):
+    __slots__ = ("tensor", "source", "output")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    source: str
+    output: str
+    def __init__(self, tensor: _Optional[str] = ..., source: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
+
+class ConditionSource(_message.Message):
+    __slots__ = ("name", "address", "condition")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    condition: _expert_pb2.Condition
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ...) -> None: ...
 
 class SamplerSettings(_message.Message):
     __slots__ = ("num_particles", "num_steps", "mcmc_steps", "schedule", "shift", "sigmas", "mcmc", "step_size", "step_rule", "leapfrog_steps", "damping", "ess_threshold", "resampling", "tempering", "tempering_rate", "tempering_ess", "weighting", "max_batch", "preset", "constraint_penalty", "mcmc_rewards")
@@ -69,18 +91,20 @@ class SamplerSettings(_message.Message):
     def __init__(self, num_particles: _Optional[int] = ..., num_steps: _Optional[int] = ..., mcmc_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., shift: _Optional[float] = ..., sigmas: _Optional[_Iterable[float]] = ..., mcmc: _Optional[str] = ..., step_size: _Optional[float] = ..., step_rule: _Optional[str] = ..., leapfrog_steps: _Optional[int] = ..., damping: _Optional[float] = ..., ess_threshold: _Optional[float] = ..., resampling: _Optional[str] = ..., tempering: _Optional[str] = ..., tempering_rate: _Optional[float] = ..., tempering_ess: _Optional[float] = ..., weighting: _Optional[str] = ..., max_batch: _Optional[int] = ..., preset: _Optional[str] = ..., constraint_penalty: _Optional[float] = ..., mcmc_rewards: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("factors", "sample_shape", "settings", "seed", "preview")
+    __slots__ = ("factors", "sample_shape", "settings", "seed", "preview", "sources")
     FACTORS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     factors: _containers.RepeatedCompositeFieldContainer[FactorSpec]
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
     settings: SamplerSettings
     seed: int
     preview: bool
-    def __init__(self, factors: _Optional[_Iterable[_Union[FactorSpec, _Mapping]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[SamplerSettings, _Mapping]] = ..., seed: _Optional[int] = ..., preview: _Optional[bool] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[ConditionSource]
+    def __init__(self, factors: _Optional[_Iterable[_Union[FactorSpec, _Mapping]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[SamplerSettings, _Mapping]] = ..., seed: _Optional[int] = ..., preview: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[ConditionSource, _Mapping]]] = ...) -> None: ...
 
 class ExpertTiming(_message.Message):
     __slots__ = ("name", "calls", "seconds", "samples")
