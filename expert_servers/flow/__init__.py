@@ -1,1 +1,5 @@
-"""placeholder package; the flow adapters land here."""
+"""Flow experts on diffusers (temporary: the family adapters land next)."""
+
+from poegen.expert_servers.flow.generic import FlowAdapter, FlowModelExpert
+
+__all__ = ["FlowAdapter", "FlowModelExpert"]

@@ -1,0 +1,197 @@
+"""Tiny diffusers models for the flow-expert tests, built from configs with random weights.
+
+Each builder saves a real model or pipeline folder with ``save_pretrained`` (weights under a
+fixed seed, tokenizers trained offline from a small corpus), so the adapters are tested through
+their own ``from_pretrained`` loading code and nothing comes from a hub. Recipes:
+``/work/shared/environment-notes.md`` section 3.
+
+Session fixtures (import them into a test module: ``from flow_fixtures import flow_models``):
+
+* ``flow_models``: a :class:`FlowModels` whose folders are built on first use, under one
+  session temporary directory (the model root): ``unet`` (UNet2DModel 1×16×16,
+  unconditional), ``unet_classes`` (10 classes), ``flux``, ``flux_depth``, ``sd3``, ``wan``,
+  ``wan_i2v``, ``wan_vace``.
+
+Other helpers may call the builders directly (``build_unet(path, num_class_embeds=10)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CORPUS = [
+    "a photo of a red cube on a table",
+    "a blue sphere in the sky at sunset",
+    "a cat and a dog playing in the garden",
+    "a video of a ball rolling down a hill",
+    "a depth map of a room with a chair",
+    "green trees, a river, mountains and snow",
+] * 4
+
+
+# ---------------------------------------------------------------------- tokenizers
+
+
+def clip_tokenizer(directory: Path) -> Any:
+    """A CLIP BPE tokenizer trained offline (vocab 300)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|startoftext|>", "<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            end_of_word_suffix="</w>",
+        ),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe.model.save(str(directory))
+    return CLIPTokenizer(
+        vocab=f"{directory}/vocab.json", merges=f"{directory}/merges.txt", model_max_length=77
+    )
+
+
+def t5_tokenizer() -> Any:
+    """A sentencepiece-unigram T5 tokenizer trained offline (vocab 200); also for UMT5."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import T5TokenizerFast
+
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(
+        CORPUS, vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    vocab = [tuple(v) for v in json.loads(sp.to_str())["model"]["vocab"]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def clip_text(tokenizer: Any, *, projection: bool) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
+    )  # fmt: skip
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def t5_text(tokenizer: Any, *, umt5: bool = False) -> Any:
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kw = dict(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8,
+    )  # fmt: skip
+    if umt5:
+        return UMT5EncoderModel(UMT5Config(**kw)).eval()
+    return T5EncoderModel(T5Config(**kw)).eval()
+
+
+# ---------------------------------------------------------------------- generic flow models
+
+
+def build_unet(path: Path, *, num_class_embeds: int | None = None, seed: int = 0) -> Path:
+    """A UNet2DModel 1×16×16 (pixels in [-1, 1], t = σ·1000), saved at ``path``."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    model = UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )  # fmt: skip
+    model.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------- FLUX
+
+
+def flux_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+
+
+def build_flux(path: Path, *, control: bool = False, seed: int = 0) -> Path:
+    """FluxPipeline (or FluxControlPipeline: 128 input channels, latents ‖ control latents)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxControlPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=128 if control else 64, out_channels=64, num_layers=1,
+        num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True,
+    )  # fmt: skip
+    clip_tok = clip_tokenizer(path / "_bpe")
+    t5_tok = t5_tokenizer()
+    cls = FluxControlPipeline if control else FluxPipeline
+    pipe = cls(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        ),
+        vae=flux_vae(),
+        text_encoder=clip_text(clip_tok, projection=False),
+        tokenizer=clip_tok,
+        text_encoder_2=t5_text(t5_tok),
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------- session fixture
+
+
+class FlowModels:
+    """Tiny model folders under one root, each built once, on first use (thread-safe)."""
+
+    BUILDERS: dict[str, Callable[[Path], Path]] = {
+        "unet": build_unet,
+        "unet_classes": lambda p: build_unet(p, num_class_embeds=10),
+        "flux": build_flux,
+        "flux_depth": lambda p: build_flux(p, control=True),
+    }
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+
+    def path(self, name: str) -> Path:
+        with self._lock:
+            folder = self.root / name
+            if not folder.exists():
+                self.BUILDERS[name](folder)
+            return folder
+
+
+@pytest.fixture(scope="session")
+def flow_models(tmp_path_factory: pytest.TempPathFactory) -> FlowModels:
+    return FlowModels(tmp_path_factory.mktemp("flow-models"))
