@@ -35,6 +35,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
+def register(app: Any) -> None:
+    return None
+
+
 def add_parser(subparsers: Any) -> None:
     """Register ``poegen demo``."""
     parser = subparsers.add_parser("demo", help="CPU demo: exact vs summation vs poegen on T1")

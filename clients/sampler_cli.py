@@ -22,23 +22,25 @@ to the experts). Once listening it prints ``poegen: serving sampler on HOST:PORT
 stdout (the line format of ``poegen serve``).
 Exit status: 0 after a clean shutdown, 2 for an invalid configuration.
 
-Registered in :data:`poegen.clients.cli.COMMANDS` as ``poegen.clients.sampler_cli``; also
-runnable as ``python -m poegen.clients.sampler_cli [flags]``.
+Registered in the ``poegen`` CLI by :func:`register`; also runnable as
+``python -m poegen.clients.sampler_cli [flags]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from pydantic import ValidationError
 
+from poegen.expert_servers.server.cli import stop_with_parent
 from poegen.expert_servers.server.config import ConfigError, format_validation_error, read_yaml
 from poegen.kernel.service import SamplerServerConfig, serve_sampler
 
@@ -49,17 +51,30 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-def sampler_config(args: argparse.Namespace) -> SamplerServerConfig:
+@dataclass(frozen=True, slots=True)
+class SamplerFlags:
+    """The flags of ``poegen sampler`` (``None``: not given)."""
+
+    config: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    max_jobs: int | None = None
+    grace_s: float | None = None
+    allowed_experts: tuple[str, ...] = ()
+    shared_memory: bool = False
+
+
+def sampler_config(flags: SamplerFlags) -> SamplerServerConfig:
     """The ``sampler:`` section of ``--config`` with flags and token variables applied."""
-    data = read_yaml(args.config) if args.config is not None else {}
+    data = read_yaml(flags.config) if flags.config is not None else {}
     settings: dict[str, Any] = dict(data.get("sampler") or {})
     for key in ("host", "port", "max_jobs", "grace_s"):
-        value = getattr(args, key, None)
+        value = getattr(flags, key)
         if value is not None:
             settings[key] = value
-    if args.allowed_experts:
-        settings["allowed_experts"] = tuple(args.allowed_experts)
-    if args.shared_memory:
+    if flags.allowed_experts:
+        settings["allowed_experts"] = tuple(flags.allowed_experts)
+    if flags.shared_memory:
         settings["shared_memory"] = True
     for key, variable in _ENV_TOKENS.items():
         if os.environ.get(variable):
@@ -70,55 +85,54 @@ def sampler_config(args: argparse.Namespace) -> SamplerServerConfig:
         raise ConfigError(format_validation_error(e, "sampler")) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(flags: SamplerFlags) -> int:
     try:
-        config = sampler_config(args)
+        config = sampler_config(flags)
     except (ConfigError, ValueError) as e:
         print(f"poegen sampler: error: {e}", file=sys.stderr)
         return 2
+    stop_with_parent()
     return asyncio.run(serve_sampler(config, announce=_announce))
 
 
-def _add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file with a sampler: section")
-    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="bind port; 0 picks a free one and prints it")
-    parser.add_argument("--max-jobs", type=int, dest="max_jobs", help="jobs running at once")
-    parser.add_argument("--grace", type=float, dest="grace_s", help="shutdown grace (s)")
-    parser.add_argument(
-        "--allow-expert",
-        action="append",
-        dest="allowed_experts",
-        metavar="HOST:PORT",
-        help="an expert address requests may name (repeat; default: any)",
+def sampler_command(
+    config: Annotated[Path | None, typer.Option(help="YAML file with a sampler: section")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="bind port; 0 picks a free one and prints it")
+    ] = None,
+    max_jobs: Annotated[int | None, typer.Option(help="jobs running at once")] = None,
+    grace: Annotated[float | None, typer.Option(help="shutdown grace (s)")] = None,
+    allow_expert: Annotated[
+        list[str] | None,
+        typer.Option(metavar="HOST:PORT", help="an expert address requests may name (repeat)"),
+    ] = None,
+    shared_memory: Annotated[
+        bool, typer.Option(help="shared-memory tensors to local experts")
+    ] = False,
+) -> int:
+    """Run the sampling kernel as a gRPC SamplerService until SIGTERM or Ctrl-C.
+
+    Example: [bold]poegen sampler --port 50050 --allow-expert 127.0.0.1:50051[/bold]
+    """
+    flags = SamplerFlags(
+        config, host, port, max_jobs, grace, tuple(allow_expert or ()), shared_memory
     )
-    parser.add_argument(
-        "--shared-memory", action="store_true", help="shared-memory tensors to local experts"
-    )
+    return run(flags)
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register ``poegen sampler``."""
-    parser = subparsers.add_parser("sampler", help="run the sampling kernel as a gRPC service")
-    _add_flags(parser)
-    parser.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    """Add ``poegen sampler`` to the CLI."""
+    app.command("sampler", help=sampler_command.__doc__)(sampler_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m poegen.clients.sampler_cli``: the same as ``poegen sampler``."""
-    parser = argparse.ArgumentParser(prog="poegen sampler", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-    )
-    _add_flags(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return run(args)
+    from poegen.clients.cli import main as cli_main
+
+    return cli_main(["sampler", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     sys.exit(main())
