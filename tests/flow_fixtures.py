@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -167,17 +167,114 @@ def build_flux(path: Path, *, control: bool = False, seed: int = 0) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------- SD3
+
+
+def build_sd3(path: Path, *, seed: int = 0) -> Path:
+    """StableDiffusion3Pipeline: two CLIPs with projection, T5, a 4-channel VAE (×2)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        pooled_projection_dim=64, out_channels=4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    clip_tok = clip_tokenizer(path / "_bpe")
+    t5_tok = t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_text(clip_tok, projection=True),
+        tokenizer=clip_tok,
+        text_encoder_2=clip_text(clip_tok, projection=True),
+        tokenizer_2=clip_tok,
+        text_encoder_3=t5_text(t5_tok),
+        tokenizer_3=t5_tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------- Wan
+
+
+def wan_parts(in_channels: int = 16, image_dim: int | None = None) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    t5_tok = t5_tokenizer()
+    return dict(
+        transformer=WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+            in_channels=in_channels, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+            num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32, image_dim=image_dim,
+        ),
+        vae=AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=t5_text(t5_tok, umt5=True),
+        tokenizer=t5_tok,
+    )  # fmt: skip
+
+
+def build_wan(path: Path, *, seed: int = 0) -> Path:
+    """WanPipeline (text-to-video): 9 frames of 32×32 → latents (16, 3, 4, 4)."""
+    from diffusers import WanPipeline
+
+    torch.manual_seed(seed)
+    WanPipeline(**wan_parts()).save_pretrained(path)
+    return path
+
+
+def build_wan_i2v(path: Path, *, seed: int = 0) -> Path:
+    """WanImageToVideoPipeline, Wan 2.1 style (CLIP image encoder, 36 input channels)."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, intermediate_size=16, patch_size=1,
+        )
+    ).eval()  # fmt: skip
+    processor = CLIPImageProcessor(crop_size=32, size=32)
+    parts = wan_parts(in_channels=36, image_dim=4)
+    WanImageToVideoPipeline(
+        **parts, image_encoder=encoder, image_processor=processor
+    ).save_pretrained(path)
+    return path
+
+
 # ---------------------------------------------------------------------- session fixture
 
 
 class FlowModels:
     """Tiny model folders under one root, each built once, on first use (thread-safe)."""
 
-    BUILDERS: dict[str, Callable[[Path], Path]] = {
+    BUILDERS: ClassVar[dict[str, Callable[[Path], Path]]] = {
         "unet": build_unet,
         "unet_classes": lambda p: build_unet(p, num_class_embeds=10),
         "flux": build_flux,
         "flux_depth": lambda p: build_flux(p, control=True),
+        "sd3": build_sd3,
+        "wan": build_wan,
+        "wan_i2v": build_wan_i2v,
     }
 
     def __init__(self, root: Path) -> None:

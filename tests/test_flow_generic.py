@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import grpc
 import pytest
 import torch
@@ -67,7 +69,7 @@ def test_timestep_scale_option_and_schedule(flow_models):  # noqa: F811
         torch.testing.assert_close(expert.velocity(x, sigma), model(x, sigma).sample)
     sigmas = expert.schedule(4, (1, 16, 16))
     assert len(sigmas) == 5 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
-    assert all(a > b for a, b in zip(sigmas, sigmas[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(sigmas))
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,7 +50,7 @@ class LoadOptions:
     """The parsed options every flow adapter accepts (see the module docstring)."""
 
     torch_dtype: torch.dtype = torch.float32
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cpu_offload: str = "none"
     latent_space: str = ""
     extra: Mapping[str, str] | None = None
@@ -153,7 +153,7 @@ def pipeline_class_name(folder: Path, ref: ModelRef, accepted: Iterable[str], fa
 def load_pipeline(cls: type[_T], folder: Path, ref: ModelRef, opts: LoadOptions, **kw: Any) -> _T:
     """``cls.from_pretrained(folder)`` with the options' dtype, placed on its device."""
     try:
-        pipe = cls.from_pretrained(folder, torch_dtype=opts.torch_dtype, **kw)  # type: ignore[attr-defined]
+        pipe = cls.from_pretrained(folder, dtype=opts.torch_dtype, **kw)  # type: ignore[attr-defined]
     except (OSError, ValueError, KeyError, TypeError) as e:
         logger.warning("loading %r failed: %s", ref.model_id, type(e).__name__)
         raise ExpertError.invalid(

@@ -122,7 +122,7 @@ class FlowAdapter:
 
 def _load(cls: type[ModelMixin], path: Path, ref: ModelRef, opts: LoadOptions) -> Any:
     try:
-        model = cls.from_pretrained(path, torch_dtype=opts.torch_dtype)
+        model = cls.from_pretrained(path, dtype=opts.torch_dtype)
     except (OSError, ValueError, KeyError, TypeError):
         raise ExpertError.invalid(
             "model_id", f"{ref.model_id!r}: {cls.__name__} could not be loaded"
@@ -170,9 +170,11 @@ class FlowModelExpert:
 
     # -------------------------------------------------------------- generative
 
+    @torch.no_grad()
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self._velocity(x, sigma, None)
 
+    @torch.no_grad()
     def _velocity(self, x: Tensor, sigma: Tensor, label: int | None) -> Tensor:
         check_batch(x, sigma, self.channels, self.sample_ndim)
         device, dtype = self.model.device, self.model.dtype
@@ -183,6 +185,7 @@ class FlowModelExpert:
         v = self.model(x.to(device, dtype), t, **kwargs)[0]
         return v.to(x.device, x.dtype)
 
+    @torch.no_grad()
     def prepare(self, condition: Condition) -> Expert:
         """The empty condition, or ``scalars["class_label"]`` for a class-conditional model."""
         check_keys(condition, (), ("class_label",))
@@ -209,6 +212,7 @@ class FlowModelExpert:
 
     # -------------------------------------------------------------- autoencoder
 
+    @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
         """z = (mode of the VAE posterior − shift)·scale."""
         vae = self._require_vae("pixels")
@@ -217,6 +221,7 @@ class FlowModelExpert:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).to(pixels.device, pixels.dtype)
 
+    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Pixels in [-1, 1] of z/scale + shift."""
         vae = self._require_vae("latents")
@@ -241,14 +246,17 @@ class ClassView:
     def describe(self) -> ExpertInfo:
         return self.expert.describe()
 
+    @torch.no_grad()
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.expert._velocity(x, sigma, self.label)
 
     def schedule(self, num_steps: int, sample_shape: tuple[int, ...]) -> list[float]:
         return self.expert.schedule(num_steps, sample_shape)
 
+    @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
         return self.expert.encode(pixels)
 
+    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         return self.expert.decode(latents)

@@ -1,0 +1,157 @@
+"""The part FLUX, SD3 and Wan experts share: a diffusers pipeline object, never called.
+
+A family expert holds a pipeline loaded with ``Pipeline.from_pretrained(folder)`` (the real
+loading code: every component, tokenizers included) and uses its components and helper methods
+(``encode_prompt``, ``_pack_latents``, ``prepare_latents``, the VAE, the scheduler's config) one
+call at a time. It never runs the pipeline's ``__call__``.
+
+* ``prepare(condition)`` encodes the condition once and returns a *view* (:class:`FamilyView`)
+  whose ``velocity(x, σ)`` runs the transformer; the view answers ``describe``, ``schedule``,
+  ``encode``, ``decode`` like the expert.
+* ``velocity`` of the expert itself is the default condition's (the empty prompt), encoded on
+  first use.
+* ``schedule(num_steps, sample_shape)``: the grid of the family's
+  ``FlowMatchEulerDiscreteScheduler`` (a fresh copy from the folder's config per call, since
+  diffusers' schedulers carry a step counter).
+
+Describe: ``latent_space`` is ``"<family>-vae-<channels>"`` (e.g. ``flux-vae-16``,
+``wan-vae-16``); :meth:`FamilyExpert.latent_layout` gives the rest (channels, packing, spatial
+and temporal compression, scheduler shift) in-process, documented in ``docs/flow.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from diffusers import FlowMatchEulerDiscreteScheduler
+from torch import Tensor
+
+from poegen.expert_servers.flow.common import Lazy, LoadOptions
+from poegen.expert_servers.server.adapter import Condition
+from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LatentLayout:
+    """How a family's latents look (``Describe`` carries the name; this, the details).
+
+    Attributes:
+        channels: C of the unpacked latents the expert takes, ``(B, C, H, W)`` or
+            ``(B, C, F, H, W)``.
+        packing: ``"2x2"`` when the transformer sees 2×2 patches packed into tokens (FLUX,
+            handled inside the adapter), else ``"none"``.
+        spatial_compression: pixels per latent cell along H and W.
+        temporal_compression: frames per latent frame after the first (video), else 1.
+        multiple: H and W of the latents must be multiples of this.
+        shift: the scheduler's static shift (``"dynamic"`` shifting: see ``dynamic_shift``).
+        dynamic_shift: FLUX's resolution-dependent shift (base/max shift and sequence lengths),
+            empty when off.
+    """
+
+    channels: int
+    packing: str
+    spatial_compression: int
+    temporal_compression: int
+    multiple: int
+    shift: float
+    dynamic_shift: dict[str, float]
+
+
+def scheduler_layout(config: Any) -> tuple[float, dict[str, float]]:
+    if config.get("use_dynamic_shifting", False):
+        keys = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+        return float(config.get("shift", 1.0)), {k: float(config[k]) for k in keys if k in config}
+    return float(config.get("shift", 1.0)), {}
+
+
+class FamilyExpert:
+    """Base of the FLUX, SD3 and Wan experts (see the module docstring)."""
+
+    family = ""
+    sample_ndim = 4
+
+    def __init__(
+        self, pipe: Any, opts: LoadOptions, *, model_id: str, revision: str, name: str = ""
+    ) -> None:
+        self.pipe = pipe
+        self.opts = opts
+        self.layout = self._layout()
+        space = opts.latent_space or f"{self.family}-vae-{self.layout.channels}"
+        self._info = ExpertInfo(
+            name=name or self.family,
+            kind=ExpertKind.GENERATIVE,
+            capabilities=frozenset({Capability.AUTOENCODER, Capability.SCHEDULE}),
+            model_id=model_id,
+            revision=revision,
+            latent_space=space,
+        )
+        self._default = Lazy(lambda: self.prepare(Condition()))
+
+    # ------------------------------------------------------------------ to override
+
+    def _layout(self) -> LatentLayout:
+        raise NotImplementedError
+
+    def prepare(self, condition: Condition) -> Expert:
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int, sample_shape: tuple[int, ...]) -> list[float]:
+        raise NotImplementedError
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+
+    def describe(self) -> ExpertInfo:
+        return self._info
+
+    def latent_layout(self) -> LatentLayout:
+        return self.layout
+
+    def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """The default condition's velocity (empty prompt)."""
+        return self._default.get().velocity(x, sigma)
+
+    def fresh_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        """A new scheduler from the folder's config (schedulers are stateful)."""
+        config = self.pipe.scheduler.config
+        if type(self.pipe.scheduler) is FlowMatchEulerDiscreteScheduler:
+            return FlowMatchEulerDiscreteScheduler.from_config(config)
+        # e.g. Wan's UniPC folders: the flow-matching Euler grid with the folder's shift
+        shift = float(config.get("flow_shift", config.get("shift", 1.0)))
+        return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+    @property
+    def device(self) -> Any:
+        return self.pipe._execution_device
+
+    @property
+    def transformer_dtype(self) -> Any:
+        return self.pipe.transformer.dtype
+
+
+class FamilyView:
+    """A prepared condition of a family expert; subclasses implement ``velocity``."""
+
+    def __init__(self, expert: FamilyExpert) -> None:
+        self.expert = expert
+
+    def describe(self) -> ExpertInfo:
+        return self.expert.describe()
+
+    def schedule(self, num_steps: int, sample_shape: tuple[int, ...]) -> list[float]:
+        return self.expert.schedule(num_steps, sample_shape)
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        return self.expert.encode(pixels)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.expert.decode(latents)
