@@ -278,8 +278,12 @@ class SceneView:
         )
         self._outputs |= {"target": target, "target_mask": mask}
 
+    def target_rgb(self) -> Tensor:
+        """The frames the constraint ties to, ``(F, 3, H, W)`` in [0, 1]: the rendering."""
+        return self._outputs["rgb"]
+
     def _sample_space(self, parent: PhysicsExpert) -> tuple[Tensor, Tensor]:
-        rgb = self._outputs["rgb"]  # (F, 3, H, W)
+        rgb = self.target_rgb()  # (F, 3, H, W)
         pixels = 2 * rgb - 1
         mask = self._outputs["mask"][:, 0]  # (F, H, W)
         frames = rgb.shape[0]
