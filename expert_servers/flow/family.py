@@ -25,11 +25,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 from poegen.expert_servers.flow.common import Lazy, LoadOptions
 from poegen.expert_servers.server.adapter import Condition
+from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind
 
 logger = logging.getLogger(__name__)
@@ -138,11 +140,59 @@ class FamilyExpert:
         return self.pipe.transformer.dtype
 
 
-class FamilyView:
-    """A prepared condition of a family expert; subclasses implement ``velocity``."""
+def read_box(condition: Condition, multiple: int) -> tuple[int, int, int, int] | None:
+    """The condition's ``box`` ``[top, left, height, width]`` in latent cells, or None."""
+    box = condition.tensors.get("box")
+    if box is None:
+        return None
+    field = "condition.tensors[box]"
+    if box.shape != (4,) or not torch.isfinite(box.double()).all():
+        raise ExpertError.invalid(
+            field, f"shape {list(box.shape)}, expected [top, left, height, width]"
+        )
+    values = [float(v) for v in box.double()]
+    if any(v != int(v) for v in values) or values[0] < 0 or values[1] < 0:
+        raise ExpertError.invalid(field, "expected non-negative integers")
+    top, left, height, width = (int(v) for v in values)
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        raise ExpertError.invalid(
+            field, f"height and width must be positive multiples of {multiple}"
+        )
+    return top, left, height, width
 
-    def __init__(self, expert: FamilyExpert) -> None:
+
+class FamilyView:
+    """A prepared condition of a family expert; subclasses implement ``_velocity``.
+
+    With a ``box`` (condition tensor ``[top, left, height, width]`` in latent cells, the same
+    for every frame of a video) the model sees only that crop of x, as a whole image with this
+    condition's prompt, and the velocity is zero outside it: pair it with a kernel
+    ``Factor.region`` of the same box, which makes the expert speak only there.
+    """
+
+    def __init__(self, expert: FamilyExpert, box: tuple[int, int, int, int] | None = None) -> None:
         self.expert = expert
+        self.box = box
+
+    @torch.no_grad()
+    def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """v(x_σ, σ): the model on x, or on the box's crop of x (zero elsewhere)."""
+        if self.box is None:
+            return self._velocity(x, sigma)
+        top, left, height, width = self.box
+        grid = list(x.shape[-2:])
+        if x.ndim < 4 or top + height > grid[0] or left + width > grid[1]:
+            raise ExpertError.invalid(
+                "condition.tensors[box]",
+                f"{list(self.box)} does not fit the latent grid {grid} of x",
+            )
+        crop = (..., slice(top, top + height), slice(left, left + width))
+        v = torch.zeros_like(x)
+        v[crop] = self._velocity(x[crop].contiguous(), sigma)
+        return v
+
+    def _velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def describe(self) -> ExpertInfo:
         return self.expert.describe()

@@ -55,6 +55,7 @@ from poegen.expert_servers.flow.family import (
     FamilyExpert,
     FamilyView,
     LatentLayout,
+    read_box,
     scheduler_layout,
 )
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
@@ -126,8 +127,9 @@ class FluxExpert(FamilyExpert):
     @torch.no_grad()
     def prepare(self, condition: Condition) -> FluxView:
         """Encode the prompt once (CLIP pooled + T5 tokens); the control image, if any."""
-        tensors = ("control_image", "depth") if self.control else ()
+        tensors = ("control_image", "depth") if self.control else ("box",)
         check_keys(condition, tensors, ("guidance_scale",))
+        box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
         pixels = _control_pixels(condition)
         if self.control and pixels is None:
@@ -142,7 +144,7 @@ class FluxExpert(FamilyExpert):
             max_sequence_length=self.max_sequence_length,
         )
         control = None if pixels is None else self._control_tokens(pixels)
-        return FluxView(self, embeds, pooled, text_ids, guidance, control)
+        return FluxView(self, embeds, pooled, text_ids, guidance, control, box)
 
     @torch.no_grad()
     def _control_tokens(self, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -213,14 +215,14 @@ class FluxView(FamilyView):
         text_ids: Tensor,
         guidance: float,
         control: tuple[Tensor, tuple[int, int]] | None,
+        box: tuple[int, int, int, int] | None = None,
     ) -> None:
-        super().__init__(expert)
+        super().__init__(expert, box)
         self.embeds, self.pooled, self.text_ids = embeds, pooled, text_ids
         self.guidance = guidance
         self.control = control
 
-    @torch.no_grad()
-    def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def _velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         """v(x_σ, σ) for unpacked latents (B, 16, H, W)."""
         expert: FluxExpert = self.expert  # type: ignore[assignment]
         pipe = expert.pipe

@@ -52,6 +52,7 @@ from poegen.expert_servers.flow.family import (
     FamilyExpert,
     FamilyView,
     LatentLayout,
+    read_box,
     scheduler_layout,
 )
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
@@ -102,7 +103,8 @@ class SD3Expert(FamilyExpert):
     @torch.no_grad()
     def prepare(self, condition: Condition) -> SD3View:
         """Encode prompt and negative prompt once (CLIP-L, CLIP-G, T5)."""
-        check_keys(condition, ("negative_prompt",), ("guidance_scale",))
+        check_keys(condition, ("negative_prompt", "box"), ("guidance_scale",))
+        box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
         negative = condition_text(condition, "negative_prompt", self.negative_prompt)
         cfg = guidance > 1
@@ -119,7 +121,7 @@ class SD3Expert(FamilyExpert):
         if cfg:  # the pipeline's order: [negative; positive]
             embeds = torch.cat([neg_embeds, embeds])
             pooled = torch.cat([neg_pooled, pooled])
-        return SD3View(self, embeds, pooled, guidance if cfg else None)
+        return SD3View(self, embeds, pooled, guidance if cfg else None, box)
 
     def schedule(self, num_steps: int, sample_shape: tuple[int, ...]) -> list[float]:
         """The scheduler's grid for N steps (dynamic shift from the token count if enabled)."""
@@ -162,13 +164,17 @@ class SD3View(FamilyView):
     """One prepared SD3 condition: [neg; pos] embeddings and the CFG scale (None: off)."""
 
     def __init__(
-        self, expert: SD3Expert, embeds: Tensor, pooled: Tensor, guidance: float | None
+        self,
+        expert: SD3Expert,
+        embeds: Tensor,
+        pooled: Tensor,
+        guidance: float | None,
+        box: tuple[int, int, int, int] | None = None,
     ) -> None:
-        super().__init__(expert)
+        super().__init__(expert, box)
         self.embeds, self.pooled, self.guidance = embeds, pooled, guidance
 
-    @torch.no_grad()
-    def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def _velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         expert: SD3Expert = self.expert  # type: ignore[assignment]
         transformer = expert.pipe.transformer
         check_batch(x, sigma, expert.layout.channels, 4)

@@ -56,6 +56,7 @@ from poegen.expert_servers.flow.family import (
     FamilyExpert,
     FamilyView,
     LatentLayout,
+    read_box,
     scheduler_layout,
 )
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
@@ -137,9 +138,12 @@ class WanExpert(FamilyExpert):
     @torch.no_grad()
     def prepare(self, condition: Condition) -> WanView:
         """Encode prompt and negative prompt once (UMT5); the first frame for I2V."""
-        tensors = ("negative_prompt", "image") if self.image_to_video else ("negative_prompt",)
+        tensors = (
+            ("negative_prompt", "image") if self.image_to_video else ("negative_prompt", "box")
+        )
         scalars = ("guidance_scale", "num_frames") if self.image_to_video else ("guidance_scale",)
         check_keys(condition, tensors, scalars)
+        box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
         negative = condition_text(condition, "negative_prompt", self.negative_prompt)
         cfg = guidance > 1
@@ -157,7 +161,7 @@ class WanExpert(FamilyExpert):
             image = self._image_condition(condition)
         return WanView(
             self, embeds.to(dtype), None if not cfg else neg_embeds.to(dtype),
-            guidance if cfg else None, image,
+            guidance if cfg else None, image, box,
         )  # fmt: skip
 
     def _image_condition(self, condition: Condition) -> tuple[Tensor, Tensor | None]:
@@ -234,13 +238,13 @@ class WanView(FamilyView):
         neg_embeds: Tensor | None,
         guidance: float | None,
         image: tuple[Tensor, Tensor | None] | None,
+        box: tuple[int, int, int, int] | None = None,
     ) -> None:
-        super().__init__(expert)
+        super().__init__(expert, box)
         self.embeds, self.neg_embeds, self.guidance = embeds, neg_embeds, guidance
         self.image = image
 
-    @torch.no_grad()
-    def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def _velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         expert: WanExpert = self.expert  # type: ignore[assignment]
         transformer = expert.pipe.transformer
         check_batch(x, sigma, expert.layout.channels, 5)
