@@ -95,11 +95,12 @@ class PhysicsAdapter:
             )
         if ref.path is None or not ref.path.is_dir():
             raise ExpertError.invalid("model_id", f"{ref.model_id!r} is not an asset directory")
+        default = Limits()
         limits = replace(
-            Limits(),
-            max_frames=_integer(options, "max_frames", Limits.max_frames),
-            max_side=_integer(options, "max_side", Limits.max_side),
-            max_objects=_integer(options, "max_objects", Limits.max_objects),
+            default,
+            max_frames=_integer(options, "max_frames", default.max_frames),
+            max_side=_integer(options, "max_side", default.max_side),
+            max_objects=_integer(options, "max_objects", default.max_objects),
         )
         autoencoder, latent_space = None, ""
         if "autoencoder" in options:
