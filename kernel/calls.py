@@ -57,6 +57,7 @@ class Call:
     extra: tuple[Tensor, ...] = ()
     kwargs: dict[str, object] = field(default_factory=dict)
     per_sample_output: bool = False  # True: output (B,); False: output shaped like batch
+    any_sample_shape: bool = False  # True: output (B, *any) (e.g. decode: latents → pixels)
 
 
 class ExpertCalls:
@@ -122,6 +123,8 @@ class ExpertCalls:
         if not isinstance(out, Tensor):
             raise TypeError(f"expert {name!r}: {call.method}() returned {type(out).__name__}")
         want = (batch,) if call.per_sample_output else (batch, *call.batch.shape[1:])
+        if call.any_sample_shape:
+            want = (batch, *out.shape[1:]) if out.ndim >= 1 else (batch,)
         if tuple(out.shape) != want:
             raise ValueError(
                 f"expert {name!r}: {call.method}() returned shape {tuple(out.shape)}, "

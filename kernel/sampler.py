@@ -38,6 +38,13 @@ particle dies, and moves into violation are rejected); at level k of L it gives
 are blurry averages (at σ = 1, the mean of the prior), which can lie outside a constraint that
 the final samples satisfy. ``constraint_penalty=inf`` restores the kill-at-every-level rule.
 
+Pixel-input potentials (``ExpertInfo.pixel_input``, e.g. a VLM reward) score decoded pixels:
+every evaluation of the potentials (reweighting, each move's potential stage) decodes x̂_0
+*once*, through the ``decode`` of the first generative expert with an autoencoder, and shares
+pixels = clamp((D(x̂_0) + 1)/2, 0, 1) among all of them; experts without an autoencoder work
+in pixel space, D = identity (see :func:`_pixel_source` for what is refused). Decoding is
+counted as that generative expert's calls in the trace.
+
 Combination rules for generative experts, with masks m_i (1 without a region) and
 W(c) = Σ_i w_i·m_i(c) per coordinate c (must be > 0 everywhere):
 
@@ -162,6 +169,15 @@ class _Problem:
     masks: tuple[Tensor, ...]  # w_i·m_i per generative factor, shape S
     total_weight: Tensor  # W(c), shape S
     needs_log_prob: bool
+    pixels: PixelSource | None = None  # how pixel-input potentials see x̂_0; None: none of them
+
+
+@dataclass(frozen=True, slots=True)
+class PixelSource:
+    """Where pixel-input potentials get their pixels: the decoder of the generative experts'
+    latent space (an expert with ``AUTOENCODER``), or ``None`` for pixel-space experts."""
+
+    decoder: BoundFactor | None
 
 
 def sample(
@@ -330,7 +346,42 @@ def _build_problem(
         for b in potentials
         if b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT)
     )
-    return _Problem(generative, potentials, proposers, masks, total, needs_log_prob)
+    pixels = _pixel_source(generative, potentials, shape)
+    return _Problem(generative, potentials, proposers, masks, total, needs_log_prob, pixels)
+
+
+def _pixel_source(
+    generative: tuple[BoundFactor, ...], potentials: tuple[BoundFactor, ...], shape: tuple[int, ...]
+) -> PixelSource | None:
+    """How pixel-input potentials will see x̂_0; ``ValueError`` when they cannot.
+
+    All generative experts must name the same latent space (unnamed counts as a name). The
+    first of them with an autoencoder decodes; with none, the space must be pixels in [-1, 1]
+    (unnamed, or named ``pixels…``) of shape (C, H, W) or (C, F, H, W).
+    """
+    readers = [b.name for b in potentials if b.info.pixel_input]
+    if not readers:
+        return None
+    spaces = sorted({b.info.latent_space for b in generative})
+    if len(spaces) > 1:
+        raise ValueError(
+            f"factors: pixel-input expert {readers[0]!r} needs one latent space to decode, but "
+            f"the generative experts have {spaces}"
+        )
+    for b in generative:
+        if b.info.supports(Capability.AUTOENCODER):
+            return PixelSource(b)
+    if spaces[0] and not spaces[0].startswith("pixels"):
+        raise ValueError(
+            f"factors: pixel-input expert {readers[0]!r} needs pixels, but no generative expert "
+            f"of latent space {spaces[0]!r} has an autoencoder to decode x̂_0"
+        )
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"factors: pixel-input expert {readers[0]!r} needs pixels, but the samples {shape} "
+            "are neither (C, H, W) nor (C, F, H, W) and no generative expert decodes them"
+        )
+    return PixelSource(None)
 
 
 def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
@@ -506,8 +557,7 @@ def _potentials(
     n = x0.shape[0]
     rewards = torch.zeros(n, dtype=torch.float64)
     constraints = torch.zeros(n, dtype=torch.float64)
-    jobs = [Call(b, "log_potential", x0, per_sample_output=True) for b in problem.potentials]
-    for b, value in zip(problem.potentials, calls.run(jobs), strict=True):
+    for b, value in zip(problem.potentials, _potential_values(problem, calls, x0), strict=True):
         value = value.detach().to("cpu", torch.float64)
         if torch.isnan(value).any() or torch.isposinf(value).any():
             raise ValueError(
@@ -520,6 +570,31 @@ def _potentials(
             violated = torch.full_like(value, -penalty)
             constraints += torch.where(torch.isneginf(value), violated, b.factor.weight * value)
     return rewards, constraints
+
+
+def _potential_values(problem: _Problem, calls: ExpertCalls, x0: Tensor) -> list[Tensor]:
+    """Each potential's ``log_potential``, in factor order: of x̂_0, or for pixel-input
+    experts of its pixels, decoded once and shared by all of them."""
+    pixels = None if problem.pixels is None else _decode_pixels(problem.pixels, calls, x0)
+    jobs = [
+        Call(b, "log_potential", pixels if b.info.pixel_input else x0, per_sample_output=True)
+        for b in problem.potentials
+    ]
+    return calls.run(jobs)
+
+
+def _decode_pixels(source: PixelSource, calls: ExpertCalls, x0: Tensor) -> Tensor:
+    """pixels = clamp((D(x̂_0) + 1)/2, 0, 1), D the decoder ([-1, 1] out; identity in pixel
+    space), shape (N, C, H, W) or (N, C, F, H, W)."""
+    decoded = x0
+    if source.decoder is not None:
+        decoded = calls.run([Call(source.decoder, "decode", x0, any_sample_shape=True)])[0]
+        if decoded.ndim not in (4, 5) or not torch.isfinite(decoded).all():
+            raise ValueError(
+                f"expert {source.decoder.name!r}: decode() returned shape {tuple(decoded.shape)} "
+                "or non-finite pixels; expected finite (N, C, H, W) or (N, C, F, H, W)"
+            )
+    return ((decoded + 1) / 2).clamp(0, 1)
 
 
 def _scale(
@@ -548,10 +623,9 @@ def _check_alive(
     """Raise naming the level and the factor that killed the last particles."""
     if not torch.isneginf(log_w).all():
         return
-    jobs = [Call(b, "log_potential", x0, per_sample_output=True) for b in problem.potentials]
     deaths = {
         b.name: int(torch.isneginf(v).sum())
-        for b, v in zip(problem.potentials, calls.run(jobs), strict=True)
+        for b, v in zip(problem.potentials, _potential_values(problem, calls, x0), strict=True)
     }
     culprits = [name for name, d in sorted(deaths.items(), key=lambda kv: -kv[1]) if d > 0]
     detail = ", ".join(f"{name!r} ({deaths[name]} of {x0.shape[0]})" for name in culprits)
