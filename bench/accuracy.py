@@ -116,11 +116,17 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def run_task(
-    task: Task, config: Config, log=print, keep: dict[str, baselines.Run] | None = None
+    task: Task,
+    config: Config,
+    log=print,
+    keep: dict[str, baselines.Run] | None = None,
+    runner=None,
 ) -> dict:
     """All applicable methods on one task over the config's seeds, with floors and ratios.
 
     ``keep``, if given, receives each method's first-seed :class:`~baselines.Run` (for plots).
+    ``runner(method, task, seed, total) -> Run`` replaces :func:`baselines.run` (the demo runs
+    the methods through a Sampler service).
     """
     started = time.perf_counter()
     ref = reference(task, config.reference_size)
@@ -133,7 +139,7 @@ def run_task(
     for method in baselines.applicable(task):
         per_seed = []
         for seed in range(config.seeds):
-            run = baselines.run(method, task, seed, total)
+            run = (runner or baselines.run)(method, task, seed, total)
             if keep is not None and seed == 0:
                 keep[method] = run
             per_seed.append(evaluate(task, run, ref) | {"num_particles": float(run.num_particles)})

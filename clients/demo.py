@@ -1,57 +1,145 @@
-"""The CPU demo: R3's ring × bar product (task T1) with exact ground truth.
+"""``poegen demo``: the demos, each through a real local stack.
 
-Runs poegen and naive score summation (Composable Diffusion) in-process on the analytic
-experts at the same expert-call budget, writes a figure with three scatter plots side by side
-(exact samples, summation, poegen's weighted particles resampled to equal weights), each
-titled with its energy distance to the exact product, and prints the accuracy table of T1.
+::
 
-    poegen demo [--out out/demo_t1.png] [--seeds 3] [--particles 1024]   (or python -m poegen.clients.demo)
+    poegen demo [--analytic] [--out out/demo_t1.png] [--seeds 3] [--particles 1024]
+                [--steps N] [--reference 8192] [--in-process]
+    bash scripts/demo.sh            # the same, after installing what it needs
 
-No GPU, no downloads; about 15 s on 2 CPU cores.
+**The analytic demo** (``--analytic``; the default while it is the only one): R3's ring × bar
+product (task T1 of :mod:`poegen.bench.tasks`) with exact ground truth. It brings up a
+:class:`~poegen.clients.stack.LocalStack`: the ring and the bar as two ``poegen serve
+analytic`` processes and the Sampler service as a third; then, as a client of that Sampler
+(:class:`~poegen.clients.sdk.Client`), it runs poegen and naive score summation (Composable
+Diffusion: the same kernel without MCMC and weights) at the same expert-call budget, for each
+seed. It writes a figure with three scatter plots side by side (exact samples, summation,
+poegen's weighted particles resampled to equal weights), each titled with its energy distance
+to the exact product, prints the accuracy table of T1, and stops the stack. No GPU, no
+downloads; about a minute on 2 CPU cores, most of it starting the three processes.
+
+``--in-process`` runs the same jobs with the kernel in this process (the experts stay
+remote), skipping the Sampler service.
+
+Adding a demo: write ``run(options: DemoOptions) -> int`` in a module, add it to
+:data:`DEMOS` under its name (``poegen demo --NAME`` selects it; a flag per name) and, to make
+it the default, set :data:`DEFAULT_DEMO`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+import typer
 
 logger = logging.getLogger(__name__)
 
-
-def _add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("out/demo_t1.png"), help="PNG path")
-    parser.add_argument("--particles", type=int, default=1024, help="poegen's particles N")
-    parser.add_argument("--steps", type=int, default=None, help="noise levels (default 100)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds averaged in the table")
-    parser.add_argument("--reference", type=int, default=8192, help="exact reference draws")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+DEMOS: dict[str, str] = {"analytic": "poegen.clients.demo:run_analytic"}
+"""Demo name → ``module:function`` taking :class:`DemoOptions` and returning the status."""
+DEFAULT_DEMO = "analytic"
 
 
-def register(app: Any) -> None:
-    return None
+@dataclasses.dataclass(frozen=True, slots=True)
+class DemoOptions:
+    """What every demo takes (a demo ignores what it has no use for)."""
+
+    out: Path | None = None
+    particles: int | None = None
+    steps: int | None = None
+    seeds: int = 3
+    reference: int = 8192
+    threads: int = 2
+    in_process: bool = False
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register ``poegen demo``."""
-    parser = subparsers.add_parser("demo", help="CPU demo: exact vs summation vs poegen on T1")
-    _add_flags(parser)
-    parser.set_defaults(func=run)
+def demo_function(name: str) -> Callable[[DemoOptions], int]:
+    module, _, function = DEMOS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="poegen demo", description="ring x bar: exact vs summation vs poegen (CPU)"
-    )
-    _add_flags(parser)
-    return parser.parse_args(argv)
+# --------------------------------------------------------------------------- the analytic demo
+
+
+def t1_stack(task: Any) -> dict[str, Any]:
+    """A stack file's contents serving the task's generative experts (inline expert files)."""
+    experts = []
+    for factor in task.factors:
+        e = factor.expert
+        experts.append(
+            {
+                "name": e.name,
+                "backend": "analytic",
+                "expert": "gaussian_mixture",
+                "params": {
+                    "means": e.means.tolist(),
+                    "covariances": e.covariances.tolist(),
+                    "weights": e.weights.tolist(),
+                    "name": e.name,
+                },
+                "latent_space": "toy-2d",
+            }
+        )
+    return {"experts": experts, "sampler": {"max_jobs": 2}}
+
+
+def remote_runner(client: Any, log: Callable[[str], None]) -> Callable[..., Any]:
+    """``runner(method, task, seed, total) -> baselines.Run`` through ``client``."""
+    from poegen.bench import baselines
+    from poegen.clients.spec import GenerationSpec
+
+    def run(method: str, task: Any, seed: int, total: int) -> Any:
+        if method == "poegen":
+            factors, settings = task.factors, task.settings
+        elif method == "summation":
+            factors = task.generative
+            base = task.settings.model_copy(update={"mcmc_steps": 0})
+            n = max(1, total // baselines.cost_per_particle(base, len(factors), 0))
+            settings = base.model_copy(update={"num_particles": n})
+        else:  # not applicable to T1 (no rewards); run in-process as the bench does
+            return baselines.run(method, task, seed, total)
+        spec = GenerationSpec.from_mapping(
+            {
+                "seed": seed,
+                "sample_shape": list(task.sample_shape),
+                "settings": settings.model_dump(),
+                "experts": [{"endpoint": f.expert.name, "weight": f.weight} for f in factors],
+                "output": {"decode": "none"},
+            }
+        )
+        started = time.perf_counter()
+        result = client.generate(spec)
+        seconds = time.perf_counter() - started
+        evaluations: dict[str, int] = {}
+        for event in result.trace:
+            for name, (_, _, samples) in event.timings.items():
+                evaluations[name] = evaluations.get(name, 0) + samples
+        log(
+            f"  {method:<9} seed {seed}: {settings.num_particles:5d} particles, "
+            f"{len(result.trace)} levels, {sum(evaluations.values()):,} evaluations, "
+            f"{seconds:.1f}s"
+        )
+        weighted = method == "poegen"
+        particles = result.particles.to(torch.float64)
+        return baselines.Run(
+            method,
+            particles,
+            result.log_weights if weighted else None,
+            result.log_evidence if weighted else float("nan"),
+            particles[result.best_index] if weighted else None,
+            evaluations,
+            settings.num_particles,
+            seconds,
+        )
+
+    return run
 
 
 def plot(path: Path, panels: list[tuple[str, torch.Tensor]], title: str) -> None:
@@ -80,31 +168,48 @@ def plot(path: Path, panels: list[tuple[str, torch.Tensor]], title: str) -> None
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m poegen.clients.demo``: the same as ``poegen demo``."""
-    return run(parse_args(argv))
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.particles < 8 or args.seeds < 1 or args.reference < 16:
-        raise SystemExit("demo: needs --particles >= 8, --seeds >= 1, --reference >= 16")
-    torch.set_num_threads(args.threads)
+def run_analytic(options: DemoOptions) -> int:
+    """The analytic demo (see the module docstring)."""
     from poegen.bench import accuracy, metrics, tasks
+    from poegen.clients.sdk import Client
+    from poegen.clients.stack import LocalStack
     from poegen.kernel import particles
 
+    if (options.particles or 1024) < 8 or options.seeds < 1 or options.reference < 16:
+        raise ValueError("demo: needs --particles >= 8, --seeds >= 1, --reference >= 16")
+    torch.set_num_threads(options.threads)
+    out = options.out or Path("out/demo_t1.png")
     started = time.perf_counter()
     task = tasks.t1()
     config = dataclasses.replace(
         accuracy.FULL,
-        seeds=args.seeds,
-        num_particles=args.particles,
-        num_steps=args.steps,
-        reference_size=args.reference,
+        seeds=options.seeds,
+        num_particles=options.particles,
+        num_steps=options.steps,
+        reference_size=options.reference,
     )
     task = accuracy.configure(task, config)
-    keep: dict = {}
-    result = accuracy.run_task(task, config, log=lambda *a, **k: None, keep=keep)
-
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    say(f"poegen demo: {task.description}; exact product vs score summation vs poegen")
+    say("starting a local stack: 2 expert servers (ring, bar) + the Sampler service …")
+    with LocalStack.from_mapping(t1_stack(task)) as stack:
+        endpoints = stack.endpoints
+        for name, address in endpoints.experts.items():
+            say(f"  expert {name:<6} at {address}")
+        say(
+            f"  sampler      at {endpoints.sampler}"
+            + ("  (unused: --in-process)" if options.in_process else "")
+        )
+        say(
+            f"stack up in {time.perf_counter() - started:.1f}s; running {options.seeds} seed(s) of each method"
+        )
+        keep: dict = {}
+        with Client.from_stack(stack, in_process=options.in_process) as client:
+            result = accuracy.run_task(
+                task, config, log=lambda *a, **k: None, keep=keep,
+                runner=remote_runner(client, say),
+            )  # fmt: skip
+    say("stack stopped")
     n = task.settings.num_particles
     generator = torch.Generator().manual_seed(2024)
     exact = task.target.sample(n, generator)
@@ -113,13 +218,13 @@ def run(args: argparse.Namespace) -> int:
     summed_draws = summed.particles[
         torch.randperm(summed.particles.shape[0], generator=generator)[:n]
     ]
-    ref = accuracy.reference(task, args.reference)
+    ref = accuracy.reference(task, options.reference)
     floor = result["noise_floor"]["energy_distance"]["mean"]
     ed_sum = ref.energy_distance(summed.particles)
     ed_poe = ref.energy_distance(poe.particles, poe.log_weights)
     ed_exact = ref.energy_distance(exact)
     plot(
-        args.out,
+        out,
         [
             (f"exact product (ED {ed_exact:.1e}; floor {floor:.1e})", exact),
             (f"score summation (ED {ed_sum:.1e})", summed_draws),
@@ -128,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         f"{task.description}: {n} points each, equal expert-call budget "
         f"({metrics.kish_ess(poe.log_weights, n):.0f} ESS)",
     )
+    print()
     print(accuracy.format_table({"T1": result}))
     ratio = result["ratios"]["summation"]["energy_distance"]
     print(
@@ -135,8 +241,67 @@ def run(args: argparse.Namespace) -> int:
         f"(poegen {result['methods']['poegen']['summary']['energy_distance']['mean']:.2e}, "
         f"noise floor {floor:.2e})"
     )
-    print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s")
+    print(f"wrote {out} in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+# --------------------------------------------------------------------------- command
+
+
+def demo_command(
+    analytic: Annotated[
+        bool, typer.Option("--analytic", help="the analytic ring x bar demo (exact ground truth)")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="figure path (PNG)")] = None,
+    particles: Annotated[int | None, typer.Option(help="poegen's particles N")] = None,
+    steps: Annotated[int | None, typer.Option(help="noise levels")] = None,
+    seeds: Annotated[int, typer.Option(help="seeds averaged in the table")] = 3,
+    reference: Annotated[int, typer.Option(help="exact reference draws")] = 8192,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="run the kernel here, not in the Sampler")
+    ] = False,
+) -> int:
+    """Run the demo through a real local stack (expert servers + Sampler, CPU, no downloads).
+
+    Example: [bold]poegen demo --analytic --out out/demo_t1.png[/bold]
+    """
+    chosen = [name for name, on in (("analytic", analytic),) if on] or [DEFAULT_DEMO]
+    options = DemoOptions(out, particles, steps, seeds, reference, threads, in_process)
+    try:
+        return demo_function(chosen[0])(options)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``poegen demo``."""
+    app.command("demo", help=demo_command.__doc__)(demo_command)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags of ``python -m poegen.clients.demo`` (the analytic demo)."""
+    parser = argparse.ArgumentParser(
+        prog="poegen demo", description="ring x bar: exact vs summation vs poegen (CPU)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("out/demo_t1.png"), help="PNG path")
+    parser.add_argument("--particles", type=int, default=None, help="poegen's particles N")
+    parser.add_argument("--steps", type=int, default=None, help="noise levels (default 100)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds averaged in the table")
+    parser.add_argument("--reference", type=int, default=8192, help="exact reference draws")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--in-process", action="store_true", help="kernel here, no Sampler")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m poegen.clients.demo``: the analytic demo, as ``poegen demo --analytic``."""
+    args = parse_args(argv)
+    options = DemoOptions(
+        args.out, args.particles, args.steps, args.seeds, args.reference, args.threads,
+        args.in_process,
+    )  # fmt: skip
+    return run_analytic(options)
 
 
 if __name__ == "__main__":
