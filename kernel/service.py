@@ -21,6 +21,15 @@ Request → kernel:
 * ``factors[i]``: ``address`` (``host:port``, in ``allowed_experts`` when that list is set,
   else PERMISSION_DENIED), ``weight`` (1 when unset), ``condition`` (prepared once when
   present), ``region`` (shape ``sample_shape``), ``name``.
+* ``factors[i].links`` and ``sources``: condition tensors rendered by other experts. A link
+  ``{tensor, source, output}`` sets tensor ``tensor`` of factor i's condition to output
+  ``output`` of the ``Render`` of ``source``: a named factor (its ``name``) or one of
+  ``sources`` (experts that only render: ``name``, ``address``, ``condition`` prepared once).
+  Links are resolved once per job, before the factor's ``Prepare``: sources are connected
+  first, then factors in dependency order (a factor linking to another factor waits for it),
+  each ``(source, output)`` rendered once. A link to nothing, to itself, to an expert
+  without ``RENDER``, to an output the expert does not render, or links forming a cycle →
+  INVALID_ARGUMENT on ``factors[i].links[k].<field>``; sources' failures name ``sources[j]``.
 * ``seed`` → the job's ``torch.Generator``; the kernel runs in float32 on the CPU, so a job
   reproduces :func:`~poegen.kernel.sampler.sample` run in-process in float32 with the same
   experts and seed, bit for bit.
@@ -81,6 +90,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError, maps_errors
+from poegen.kernel.experts import Capability
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.kernel.sampler import AllParticlesDiedError, LevelTrace, SampleResult, sample_iter
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -97,7 +107,7 @@ from poegen.kernel.transport import (
     server_options,
     tune_allocator,
 )
-from poegen.v1 import sampler_pb2, sampler_pb2_grpc
+from poegen.v1 import expert_pb2, sampler_pb2, sampler_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +145,15 @@ class SamplerServerConfig(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class LinkPlan:
+    """Condition tensor ``tensor`` := output ``output`` of the Render of ``source``."""
+
+    tensor: str
+    source: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
 class FactorPlan:
     """One factor of a job, validated: where, with what weight, condition and region."""
 
@@ -143,6 +162,16 @@ class FactorPlan:
     condition: Any | None  # poegen.v1.Condition
     region: torch.Tensor | None
     name: str | None
+    links: tuple[LinkPlan, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlan:
+    """An expert that only renders conditions for links."""
+
+    name: str
+    address: str
+    condition: Any | None  # poegen.v1.Condition
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +183,8 @@ class JobPlan:
     settings: SamplerSettings
     seed: int
     preview: bool
+    sources: tuple[SourcePlan, ...] = ()
+    waves: tuple[tuple[int, ...], ...] = ()  # factor indices, in link-dependency order
 
 
 # --------------------------------------------------------------------------- request
@@ -175,20 +206,92 @@ def parse_request(request: sampler_pb2.GenerateRequest, config: SamplerServerCon
             f"{config.max_elements}",
         )
     factors = tuple(_parse_factor(i, f, shape, config) for i, f in enumerate(request.factors))
-    return JobPlan(factors, shape, settings, int(request.seed), bool(request.preview))
+    sources = tuple(_parse_source(j, s, config) for j, s in enumerate(request.sources))
+    waves = link_waves(factors, sources)
+    return JobPlan(
+        factors, shape, settings, int(request.seed), bool(request.preview), sources, waves
+    )
 
 
-def _parse_factor(
-    i: int, spec: sampler_pb2.FactorSpec, shape: tuple[int, ...], config: SamplerServerConfig
-) -> FactorPlan:
-    where = f"factors[{i}]"
-    address = spec.address.strip()
+def _check_address(where: str, address: str, config: SamplerServerConfig) -> str:
+    address = address.strip()
     if not address or ":" not in address:
         raise ExpertError.invalid(f"{where}.address", "needs host:port of an ExpertService")
     if config.allowed_experts and address not in config.allowed_experts:
         raise ExpertError.permission_denied(
             f"{where}.address", "not among the expert addresses this sampler may call"
         )
+    return address
+
+
+def _parse_source(
+    j: int, spec: sampler_pb2.ConditionSource, config: SamplerServerConfig
+) -> SourcePlan:
+    where = f"sources[{j}]"
+    if not spec.name.strip():
+        raise ExpertError.invalid(f"{where}.name", "required: links refer to sources by name")
+    address = _check_address(where, spec.address, config)
+    condition = spec.condition if spec.HasField("condition") else None
+    return SourcePlan(spec.name.strip(), address, condition)
+
+
+def _parse_links(where: str, spec: sampler_pb2.FactorSpec) -> tuple[LinkPlan, ...]:
+    links, tensors = [], set()
+    for k, link in enumerate(spec.links):
+        for field in ("tensor", "source", "output"):
+            if not getattr(link, field).strip():
+                raise ExpertError.invalid(f"{where}.links[{k}].{field}", "required")
+        if link.tensor in tensors:
+            raise ExpertError.invalid(f"{where}.links[{k}].tensor", f"{link.tensor!r} linked twice")
+        tensors.add(link.tensor)
+        links.append(LinkPlan(link.tensor, link.source.strip(), link.output))
+    return tuple(links)
+
+
+def link_waves(
+    factors: Sequence[FactorPlan], sources: Sequence[SourcePlan]
+) -> tuple[tuple[int, ...], ...]:
+    """Factor indices grouped so every factor comes after the factors it links to.
+
+    Raises ``ExpertError`` for duplicate names, links to nothing or to themselves, and cycles.
+    """
+    owner: dict[str, str] = {}
+    for where, name in [(f"sources[{j}]", s.name) for j, s in enumerate(sources)] + [
+        (f"factors[{i}]", f.name) for i, f in enumerate(factors) if f.name
+    ]:
+        if name in owner:
+            raise ExpertError.invalid(f"{where}.name", f"{name!r} also names {owner[name]}")
+        owner[name] = where
+    index = {f.name: i for i, f in enumerate(factors) if f.name}
+    needs: list[set[int]] = []
+    for i, f in enumerate(factors):
+        deps = set()
+        for k, link in enumerate(f.links):
+            if link.source not in owner:
+                raise ExpertError.invalid(
+                    f"factors[{i}].links[{k}].source", f"no factor or source named {link.source!r}"
+                )
+            if owner[link.source] == f"factors[{i}]":
+                raise ExpertError.invalid(f"factors[{i}].links[{k}].source", "links to itself")
+            if link.source in index:
+                deps.add(index[link.source])
+        needs.append(deps)
+    waves, done = [], set()
+    while len(done) < len(factors):
+        wave = tuple(i for i in range(len(factors)) if i not in done and needs[i] <= done)
+        if not wave:
+            stuck = min(set(range(len(factors))) - done)
+            raise ExpertError.invalid(f"factors[{stuck}].links", "the links form a cycle")
+        waves.append(wave)
+        done |= set(wave)
+    return tuple(waves)
+
+
+def _parse_factor(
+    i: int, spec: sampler_pb2.FactorSpec, shape: tuple[int, ...], config: SamplerServerConfig
+) -> FactorPlan:
+    where = f"factors[{i}]"
+    address = _check_address(where, spec.address, config)
     weight = spec.weight if spec.HasField("weight") else 1.0
     if not math.isfinite(weight):
         raise ExpertError.invalid(f"{where}.weight", "must be finite")
@@ -203,7 +306,9 @@ def _parse_factor(
             )
         region = region.to(torch.float32, copy=True)
     condition = spec.condition if spec.HasField("condition") else None
-    return FactorPlan(address, float(weight), condition, region, spec.name or None)
+    return FactorPlan(
+        address, float(weight), condition, region, spec.name or None, _parse_links(where, spec)
+    )
 
 
 def settings_from_proto(msg: sampler_pb2.SamplerSettings) -> SamplerSettings:
@@ -371,25 +476,89 @@ class Job:
         return None
 
     def _connect(self) -> list[RemoteExpert]:
-        """Connect every factor's expert, concurrently; on failure close those connected."""
-        config, factors = self._config, self.plan.factors
+        """Connect the sources, then the factors wave by wave with their links resolved.
+
+        Returns the factors' experts in factor order (sources are only closed at the end).
+        """
+        plan = self.plan
+        where = [f"sources[{j}]" for j in range(len(plan.sources))]
+        sources = self._connect_all(
+            [(w, s.address, s.condition) for w, s in zip(where, plan.sources, strict=True)]
+        )
+        providers = {s.name: (w, e) for s, w, e in zip(plan.sources, where, sources, strict=True)}
+        experts: list[RemoteExpert | None] = [None] * len(plan.factors)
+        renders: dict[tuple[str, str], torch.Tensor] = {}  # each (source, output) once per job
+        for wave in plan.waves or (tuple(range(len(plan.factors))),):
+            items = [
+                (f"factors[{i}]", plan.factors[i].address, self._condition(i, providers, renders))
+                for i in wave
+            ]
+            for i, expert in zip(wave, self._connect_all(items), strict=True):
+                experts[i] = expert
+                if plan.factors[i].name:
+                    providers[plan.factors[i].name] = (f"factors[{i}]", expert)
+        connected = [e for e in experts if e is not None]
+        if self._stop.is_set():
+            for expert in connected:
+                expert.cancel()
+        return connected
+
+    def _condition(
+        self,
+        i: int,
+        providers: dict[str, tuple[str, RemoteExpert]],
+        renders: dict[tuple[str, str], torch.Tensor],
+    ) -> Any | None:
+        """Factor i's condition with its linked tensors filled in from their Renders."""
+        factor = self.plan.factors[i]
+        if not factor.links:
+            return factor.condition
+        condition = expert_pb2.Condition()
+        if factor.condition is not None:
+            condition.CopyFrom(factor.condition)
+        for k, link in enumerate(factor.links):
+            key = (link.source, link.output)
+            if key not in renders:
+                renders[key] = self._render(
+                    f"factors[{i}].links[{k}]", link, *providers[link.source]
+                )
+            condition.tensors[link.tensor].CopyFrom(codec.encode(renders[key]))
+        return condition
+
+    @staticmethod
+    def _render(where: str, link: LinkPlan, owner: str, expert: RemoteExpert) -> torch.Tensor:
+        if not expert.describe().supports(Capability.RENDER):
+            raise ExpertError.invalid(f"{where}.source", f"{link.source!r} renders nothing")
+        try:
+            return expert.render([link.output])[link.output]
+        except RemoteExpertError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT and e.field == "names":
+                raise ExpertError.invalid(f"{where}.output", e.reason) from None
+            raise _FactorError(None, e, where=owner) from None
+
+    def _connect_all(self, items: Sequence[tuple[str, str, Any | None]]) -> list[RemoteExpert]:
+        """Connect ``(where, address, condition)`` experts concurrently; a failure raises
+        ``_FactorError`` naming its ``where`` (those connected are closed by ``_main``)."""
+        if not items:
+            return []
+        config = self._config
         token = config.expert_token.get_secret_value() if config.expert_token else None
         tls = channel_credentials(config.expert_ca_file) if config.expert_ca_file else None
 
-        def connect(i: int) -> RemoteExpert:
+        def connect(where: str, address: str, condition: Any | None) -> RemoteExpert:
             if self._stop.is_set():
                 raise RemoteExpertError(
                     grpc.StatusCode.CANCELLED, "", "job stopped", method="Describe",
-                    address=factors[i].address,
+                    address=address,
                 )  # fmt: skip
             expert = RemoteExpert.connect(
-                factors[i].address,
-                condition=factors[i].condition,
+                address,
+                condition=condition,
                 token=token,
                 tls=tls,
                 deadline_s=config.expert_deadline_s,
                 retries=config.expert_retries,
-                jitter_seed=i,
+                jitter_seed=_jitter_seed(where),
                 shared_memory=config.shared_memory,
                 max_message_bytes=config.max_message_bytes,
             )
@@ -397,26 +566,30 @@ class Job:
                 self._experts.append(expert)  # closed by _main whatever happens next
             return expert
 
-        with ThreadPoolExecutor(len(factors), thread_name_prefix="poegen-connect") as pool:
-            futures = [pool.submit(connect, i) for i in range(len(factors))]
+        with ThreadPoolExecutor(len(items), thread_name_prefix="poegen-connect") as pool:
+            futures = [pool.submit(connect, *item) for item in items]
             errors = [f.exception() for f in futures]
-        for i, error in enumerate(errors):
+        for (where, _, _), error in zip(items, errors, strict=True):
             if error is not None:
-                raise _FactorError(i, error)
-        experts = [f.result() for f in futures]
-        if self._stop.is_set():
-            for expert in experts:
-                expert.cancel()
-        return experts
+                index = int(where[8:-1]) if where.startswith("factors[") else None
+                raise _FactorError(index, error, where=where)
+        return [f.result() for f in futures]
+
+
+def _jitter_seed(where: str) -> int:
+    """Factor i keeps seed i (as before links); sources take 1_000_000 + j."""
+    number = int(where[where.index("[") + 1 : -1])
+    return number if where.startswith("factors[") else 1_000_000 + number
 
 
 class _FactorError(Exception):
-    """An error while connecting factor ``index``."""
+    """An error while connecting factor ``index`` (or the source ``where`` names)."""
 
-    def __init__(self, index: int, error: BaseException) -> None:
+    def __init__(self, index: int | None, error: BaseException, *, where: str = "") -> None:
         super().__init__(index, error)
         self.index = index
         self.error = error
+        self.where = where or f"factors[{index}]"
 
 
 def job_error(error: BaseException, plan: JobPlan) -> BaseException:
@@ -424,7 +597,7 @@ def job_error(error: BaseException, plan: JobPlan) -> BaseException:
     if isinstance(error, _FactorError):
         inner = error.error
         if isinstance(inner, RemoteExpertError):
-            return _expert_error(error.index, inner, connecting=True)
+            return _expert_error(error.index, inner, connecting=True, where=error.where)
         return inner
     if isinstance(error, RemoteExpertError):
         index = next((i for i, f in enumerate(plan.factors) if f.address == error.address), None)
@@ -436,8 +609,10 @@ def job_error(error: BaseException, plan: JobPlan) -> BaseException:
     return error
 
 
-def _expert_error(index: int | None, err: RemoteExpertError, *, connecting: bool) -> ExpertError:
-    where = f"factors[{index}]" if index is not None else "factors"
+def _expert_error(
+    index: int | None, err: RemoteExpertError, *, connecting: bool, where: str = ""
+) -> ExpertError:
+    where = where or (f"factors[{index}]" if index is not None else "factors")
     code = err.code
     quoted = f"expert at {err.address}, {err.method}: {code.name}: {err}"
     if code == grpc.StatusCode.CANCELLED:
@@ -632,13 +807,16 @@ __all__ = [
     "FactorPlan",
     "Job",
     "JobPlan",
+    "LinkPlan",
     "SamplerHost",
     "SamplerServerConfig",
     "SamplerServicer",
+    "SourcePlan",
     "create_sampler_server",
     "generate_result",
     "job_error",
     "level_event",
+    "link_waves",
     "parse_request",
     "serve_sampler",
     "settings_from_proto",
