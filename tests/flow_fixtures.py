@@ -261,6 +261,22 @@ def build_wan_i2v(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
+def build_wan_vace(path: Path, *, seed: int = 0) -> Path:
+    """WanVACEPipeline: a VACE transformer (control layers 0 and 2, 96 control channels)."""
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    parts = wan_parts()
+    parts["transformer"] = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        vace_layers=[0, 2], vace_in_channels=96,
+    )  # fmt: skip
+    WanVACEPipeline(**parts).save_pretrained(path)
+    return path
+
+
 # ---------------------------------------------------------------------- session fixture
 
 
@@ -275,6 +291,7 @@ class FlowModels:
         "sd3": build_sd3,
         "wan": build_wan,
         "wan_i2v": build_wan_i2v,
+        "wan_vace": build_wan_vace,
     }
 
     def __init__(self, root: Path) -> None:

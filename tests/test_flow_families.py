@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import FluxControlPipeline, FluxPipeline, WanImageToVideoPipeline
+from diffusers import FluxControlPipeline, FluxPipeline, WanImageToVideoPipeline, WanVACEPipeline
 from flow_fixtures import flow_models  # noqa: F401 - session fixture
 
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
@@ -23,7 +23,7 @@ from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
 
 ADAPTERS = {"flux": FluxAdapter, "flux_depth": FluxAdapter, "sd3": SD3Adapter, "wan": WanAdapter,
-            "wan_i2v": WanAdapter}  # fmt: skip
+            "wan_i2v": WanAdapter, "wan_vace": WanAdapter}  # fmt: skip
 STEPS, SEED = 3, 11
 
 
@@ -134,6 +134,31 @@ def test_wan_image_to_video_equals_the_pipeline(flow_models):  # noqa: F811
         image=_to_pil(image), prompt="a ball rolling", negative_prompt="static", height=32,
         width=32, num_frames=9, latents=_noise(shape), num_inference_steps=STEPS,
         guidance_scale=5.0, output_type="latent", max_sequence_length=16,
+    ).frames  # fmt: skip
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_wan_vace_depth_video_equals_the_pipeline(flow_models):  # noqa: F811
+    expert = _expert(flow_models, "wan_vace")
+    g = torch.Generator().manual_seed(4)
+    # (F, 1, H, W) in [0, 1], a renderer's layout; 8-bit levels, as the pipeline's frames are
+    depth = torch.round(torch.rand(9, 1, 32, 32, generator=g) * 255) / 255
+    mask = (torch.rand(9, 1, 32, 32, generator=g) > 0.3).float()
+    condition = Condition(
+        text="a ball rolling", tensors={"depth": depth, "mask": mask},
+        scalars={"guidance_scale": 5.0, "conditioning_scale": 0.8},
+    )  # fmt: skip
+    shape = (16, 3, 4, 4)
+    got = _one_particle(expert.prepare(condition), shape)
+    pipe = WanVACEPipeline.from_pretrained(flow_models.path("wan_vace"))
+    pipe.set_progress_bar_config(disable=True)
+    # the same frames as the pipeline's inputs: (2d − 1) and the mask as 3-channel videos
+    video = [_to_pil((2 * d - 1).expand(3, -1, -1)) for d in depth]
+    masks = [_to_pil((2 * m - 1).expand(3, -1, -1)) for m in mask]
+    want = pipe(
+        video=video, mask=masks, prompt="a ball rolling", height=32, width=32, num_frames=9,
+        latents=_noise(shape), num_inference_steps=STEPS, guidance_scale=5.0,
+        conditioning_scale=0.8, output_type="latent", max_sequence_length=16,
     ).frames  # fmt: skip
     assert (got - want).abs().max() <= 1e-5
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import WanImageToVideoPipeline, WanPipeline
+from diffusers import WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from torch import Tensor
 
@@ -65,6 +65,7 @@ from poegen.kernel.errors import ExpertError
 PIPELINES: dict[str, Any] = {
     "WanPipeline": WanPipeline,
     "WanImageToVideoPipeline": WanImageToVideoPipeline,
+    "WanVACEPipeline": WanVACEPipeline,
 }
 OPTIONS = ("guidance_scale", "negative_prompt", "max_sequence_length")
 
@@ -104,6 +105,56 @@ def _first_frame(condition: Condition) -> Tensor:
     return image
 
 
+def _video_tensor(condition: Condition, name: str, low: float) -> Tensor | None:
+    """A per-frame video tensor ``(F, C, H, W)`` (or ``(F, H, W)``) with values in [low, 1]."""
+    t = condition.tensors.get(name)
+    if t is None:
+        return None
+    field = f"condition.tensors[{name}]"
+    if t.ndim == 3:  # (F, H, W)
+        t = t.unsqueeze(1)
+    if t.ndim != 4 or not t.is_floating_point():
+        raise ExpertError.invalid(f"{field}.shape", f"{list(t.shape)}, expected float (F, C, H, W)")
+    if not torch.isfinite(t).all() or t.min() < low or t.max() > 1:
+        raise ExpertError.invalid(field, f"values must lie in [{low:g}, 1]")
+    return t.float()
+
+
+def _control_video(condition: Condition) -> Tensor:
+    """The VACE control video (1, 3, F, H, W) in [-1, 1]: ``control_video`` (F, 3, H, W) in
+    [-1, 1], or ``depth`` (F, 1, H, W) in [0, 1] (as a renderer gives it), mapped to 2·d − 1."""
+    video = _video_tensor(condition, "control_video", -1.0)
+    if video is None:
+        depth = _video_tensor(condition, "depth", 0.0)
+        if depth is None:
+            raise ExpertError.invalid(
+                "condition.tensors[control_video]", "a VACE model needs a control_video or depth"
+            )
+        video = 2 * depth - 1
+    if video.shape[1] == 1:
+        video = video.expand(-1, 3, -1, -1)
+    if video.shape[1] != 3:
+        raise ExpertError.invalid(
+            "condition.tensors[control_video].shape", f"{video.shape[1]} channels, expected 1 or 3"
+        )
+    return video.permute(1, 0, 2, 3).unsqueeze(0).contiguous()
+
+
+def _control_mask(condition: Condition, shape: torch.Size) -> Tensor:
+    """Where VACE generates (1) or keeps the control video (0): ``mask`` (F, 1, H, W) in
+    [0, 1]; all ones when absent. Shape ``shape`` (1, 3, F, H, W)."""
+    mask = _video_tensor(condition, "mask", 0.0)
+    if mask is None:
+        return torch.ones(shape)
+    mask = mask[:, :1].permute(1, 0, 2, 3).unsqueeze(0)
+    if mask.shape[2:] != shape[2:]:
+        raise ExpertError.invalid(
+            "condition.tensors[mask].shape",
+            f"{list(mask.shape[2:])} (F, H, W) differs from the control video's {list(shape[2:])}",
+        )
+    return mask.expand(shape).contiguous()
+
+
 def _to_pil(image: Tensor) -> PIL.Image.Image:
     """(3, H, W) in [-1, 1] → an RGB image, as a user would hand the pipeline."""
     array = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -118,6 +169,7 @@ class WanExpert(FamilyExpert):
 
     def __init__(self, pipe: Any, opts: Any, **kw: Any) -> None:
         self.image_to_video = isinstance(pipe, WanImageToVideoPipeline)
+        self.vace = isinstance(pipe, WanVACEPipeline)
         super().__init__(pipe, opts, **kw)
         self.guidance_scale = opts.number("guidance_scale", 5.0)
         self.negative_prompt = opts.get("negative_prompt", "")
@@ -137,11 +189,15 @@ class WanExpert(FamilyExpert):
 
     @torch.no_grad()
     def prepare(self, condition: Condition) -> WanView:
-        """Encode prompt and negative prompt once (UMT5); the first frame for I2V."""
-        tensors = (
-            ("negative_prompt", "image") if self.image_to_video else ("negative_prompt", "box")
-        )
-        scalars = ("guidance_scale", "num_frames") if self.image_to_video else ("guidance_scale",)
+        """Encode prompt and negative prompt once (UMT5); the first frame for I2V; the control
+        video for VACE."""
+        tensors: tuple[str, ...] = ("negative_prompt", "box")
+        scalars: tuple[str, ...] = ("guidance_scale",)
+        if self.image_to_video:
+            tensors, scalars = ("negative_prompt", "image"), ("guidance_scale", "num_frames")
+        elif self.vace:
+            tensors = ("negative_prompt", "control_video", "depth", "mask")
+            scalars = ("guidance_scale", "conditioning_scale")
         check_keys(condition, tensors, scalars)
         box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
@@ -156,12 +212,11 @@ class WanExpert(FamilyExpert):
             max_sequence_length=self.max_sequence_length,
             device=self.device,
         )
-        image = None
-        if self.image_to_video:
-            image = self._image_condition(condition)
+        image = self._image_condition(condition) if self.image_to_video else None
+        control = self._control_condition(condition) if self.vace else None
         return WanView(
             self, embeds.to(dtype), None if not cfg else neg_embeds.to(dtype),
-            guidance if cfg else None, image, box,
+            guidance if cfg else None, image, box, control,
         )  # fmt: skip
 
     def _image_condition(self, condition: Condition) -> tuple[Tensor, Tensor | None]:
@@ -189,6 +244,27 @@ class WanExpert(FamilyExpert):
             int(frames), torch.float32, self.device, None, torch.zeros(shape),
         )  # fmt: skip
         return latents_condition, embeds
+
+    def _control_condition(self, condition: Condition) -> tuple[Tensor, Tensor]:
+        """VACE: (conditioning latents (1, 96, F, H, W), per-layer scale), as the pipeline
+        builds them from a control video, its mask and no reference image."""
+        pipe = self.pipe
+        video = _control_video(condition)
+        frames = video.shape[2]
+        k, s = self.layout.temporal_compression, self.layout.spatial_compression
+        if (frames - 1) % k:
+            raise ExpertError.invalid(
+                "condition.tensors[control_video].shape", f"{frames} frames, expected {k}·n + 1"
+            )
+        check_multiple(video, "condition.tensors[control_video]", (3, 4), s * self.layout.multiple)
+        mask = _control_mask(condition, video.shape)
+        video, mask = video.to(self.device), mask.to(self.device)
+        latents = pipe.prepare_video_latents(video, mask, [[]], None, self.device)
+        latents = torch.cat([latents, pipe.prepare_masks(mask, [[]], None)], dim=1)
+        scale = condition_scalar(condition, "conditioning_scale", 1.0)
+        layers = len(pipe.transformer.config.vace_layers)
+        scales = torch.full((layers,), scale, device=self.device, dtype=self.transformer_dtype)
+        return latents.to(self.transformer_dtype), scales
 
     def schedule(self, num_steps: int, sample_shape: tuple[int, ...]) -> list[float]:
         """The scheduler's grid for N steps (Wan: a static shift)."""
@@ -239,10 +315,12 @@ class WanView(FamilyView):
         guidance: float | None,
         image: tuple[Tensor, Tensor | None] | None,
         box: tuple[int, int, int, int] | None = None,
+        control: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__(expert, box)
         self.embeds, self.neg_embeds, self.guidance = embeds, neg_embeds, guidance
         self.image = image
+        self.control = control
 
     def _velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         expert: WanExpert = self.expert  # type: ignore[assignment]
@@ -264,6 +342,16 @@ class WanView(FamilyView):
             latents = torch.cat([latents, condition.expand(b, -1, -1, -1, -1)], dim=1)
             if image_embeds is not None:
                 extra["encoder_hidden_states_image"] = image_embeds.expand(b, -1, -1)
+        if self.control is not None:
+            control, scales = self.control
+            if control.shape[2:] != x.shape[2:]:
+                raise ExpertError.invalid(
+                    "x.shape",
+                    f"latent grid {list(x.shape[2:])} does not match the control video's "
+                    f"{list(control.shape[2:])}",
+                )
+            extra["control_hidden_states"] = control.expand(b, -1, -1, -1, -1)
+            extra["control_hidden_states_scale"] = scales
         hidden = latents.to(dtype)
         t = timesteps(
             sigma.to(device), expert.pipe.scheduler.config.num_train_timesteps, torch.float32
