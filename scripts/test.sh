@@ -8,6 +8,11 @@ bash scripts/setup.sh dev,demo,flow,vlm,physics
 if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq openssl
 fi
+# Mesa EGL (software llvmpipe): MuJoCo's offscreen renderer for the physics and graphics
+# experts, which set MUJOCO_GL=egl themselves
+if ! ldconfig -p | grep -q libEGL_mesa.so.0; then
+  apt-get update -qq && apt-get install -y -qq libegl1 libegl-mesa0 libgl1-mesa-dri
+fi
 if command -v npm >/dev/null 2>&1 && [ -f package-lock.json ]; then
   [ -x node_modules/.bin/buf ] || npm ci --silent --no-audit --no-fund
 fi
