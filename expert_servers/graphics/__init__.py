@@ -48,8 +48,8 @@ from poegen.expert_servers.physics.scene import (
     Camera,
     Scene,
     SceneObject,
-    _FieldError,
-    _first_error,
+    SchemaFieldError,
+    first_error,
     load_document,
 )
 from poegen.expert_servers.server.adapter import (
@@ -85,7 +85,7 @@ class Placement(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Placement:
         if len(self.scale) not in (1, 3):
-            raise _FieldError("scale", f"needs 1 or 3 values, got {len(self.scale)}")
+            raise SchemaFieldError("scale", f"needs 1 or 3 values, got {len(self.scale)}")
         return self
 
     def scene(self) -> Scene:
@@ -160,7 +160,7 @@ def parse_placement(condition: Condition) -> tuple[Placement, Tensor | None]:
     try:
         return Placement.model_validate(data), image
     except ValidationError as e:
-        path, reason = _first_error(e)
+        path, reason = first_error(e)
         raise ExpertError.invalid(path, reason) from None
 
 

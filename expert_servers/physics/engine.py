@@ -174,7 +174,7 @@ def simulate_and_render(
     k, extrinsics = camera_matrices(model, data, camera, width, height)
     model.vis.global_.offwidth = max(int(model.vis.global_.offwidth), width)
     model.vis.global_.offheight = max(int(model.vis.global_.offheight), height)
-    with lock or threading.Lock(), _renderer(model, width, height) as renderer:
+    with lock or threading.Lock(), _Offscreen(model, width, height) as renderer:
         for i in range(frames):
             if i:
                 for _ in range(steps_per_frame):
@@ -195,7 +195,9 @@ def simulate_and_render(
     return Rendering(rgb, depth, labels, names, positions, times, k, extrinsics, near, far)
 
 
-class _renderer:
+class _Offscreen:
+    """``mujoco.Renderer`` as a context manager: closed on exit, start-up errors named."""
+
     def __init__(self, model: mujoco.MjModel, width: int, height: int) -> None:
         self.args = (model, height, width)
 

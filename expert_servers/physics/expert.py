@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 import mujoco
@@ -358,7 +357,3 @@ def rendering_tensors(r: Rendering) -> dict[str, Tensor]:
         "intrinsics": torch.from_numpy(r.intrinsics).float(),
         "extrinsics": torch.from_numpy(r.extrinsics).float(),
     }
-
-
-def object_names(rendering: Rendering) -> Mapping[str, int]:
-    return {n: i for i, n in enumerate(rendering.names)}

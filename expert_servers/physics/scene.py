@@ -107,13 +107,15 @@ class SceneObject(BaseModel):
         counts = _SIZE_COUNT[self.shape]
         if len(self.size) not in counts:
             want = " or ".join(map(str, counts))
-            raise _FieldError("size", f"a {self.shape} needs {want} values, got {len(self.size)}")
+            raise SchemaFieldError(
+                "size", f"a {self.shape} needs {want} values, got {len(self.size)}"
+            )
         if (self.shape == "mesh") != (self.mesh is not None):
-            raise _FieldError("mesh", "required for shape mesh, and only for it")
+            raise SchemaFieldError("mesh", "required for shape mesh, and only for it")
         if self.euler is not None and self.quaternion is not None:
-            raise _FieldError("quaternion", "give euler or quaternion, not both")
+            raise SchemaFieldError("quaternion", "give euler or quaternion, not both")
         if self.quaternion is not None and not any(self.quaternion):
-            raise _FieldError("quaternion", "must not be zero")
+            raise SchemaFieldError("quaternion", "must not be zero")
         return self
 
 
@@ -132,13 +134,13 @@ class Camera(BaseModel):
     def _check(self) -> Camera:
         forward = np.subtract(self.look_at, self.position)
         if np.linalg.norm(forward) < 1e-9:
-            raise _FieldError("look_at", "equals camera.position, the camera looks nowhere")
+            raise SchemaFieldError("look_at", "equals camera.position, the camera looks nowhere")
         if np.linalg.norm(np.cross(forward, self.up)) < 1e-9 * np.linalg.norm(forward):
-            raise _FieldError("up", "is parallel to the viewing direction (or zero)")
+            raise SchemaFieldError("up", "is parallel to the viewing direction (or zero)")
         if self.fov is not None and self.focal_length is not None:
-            raise _FieldError("focal_length", "give fov or focal_length, not both")
+            raise SchemaFieldError("focal_length", "give fov or focal_length, not both")
         if self.far <= self.near:
-            raise _FieldError("far", "must exceed camera.near")
+            raise SchemaFieldError("far", "must exceed camera.near")
         return self
 
     def fovy(self, height: int) -> float:
@@ -173,7 +175,7 @@ class Scene(BaseModel):
         return max(1, round(1 / (self.fps * self.timestep)))
 
 
-class _FieldError(ValueError):
+class SchemaFieldError(ValueError):
     """A validator's error on one field of its model (the path is completed by the parser)."""
 
     def __init__(self, field: str, reason: str) -> None:
@@ -191,12 +193,12 @@ def _loc(parts: tuple[Any, ...]) -> str:
     return out
 
 
-def _first_error(error: ValidationError) -> tuple[str, str]:
+def first_error(error: ValidationError) -> tuple[str, str]:
     """(path, reason) of the first problem; validator errors complete the path themselves."""
     item = error.errors(include_url=False)[0]
     loc = tuple(p for p in item["loc"] if not str(p).startswith("function-"))
     cause = item.get("ctx", {}).get("error")
-    if isinstance(cause, _FieldError):
+    if isinstance(cause, SchemaFieldError):
         return _loc((*loc, cause.field)), cause.reason
     # tagged tuple/literal unions append the member's type name: drop it
     loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("tuple[", "literal["))))
@@ -210,7 +212,7 @@ def parse_scene(data: Any, *, field: str = "condition.text") -> Scene:
     try:
         return Scene.model_validate(data)
     except ValidationError as e:
-        path, reason = _first_error(e)
+        path, reason = first_error(e)
         raise ExpertError.invalid(path, reason) from None
 
 
