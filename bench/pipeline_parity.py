@@ -1,0 +1,261 @@
+"""One flow expert over gRPC against the diffusers pipeline's ``__call__``, per family.
+
+Run ``HF_HUB_OFFLINE=1 .venv/bin/python bench/pipeline_parity.py`` (``--quick`` for a smoke
+run with the test-sized models). It prints one table and writes
+``bench/results/pipeline_parity.json``.
+
+For FLUX, SD3 and Wan text-to-video, in one run:
+
+* **time ratio** = median wall time of a poegen run / median wall time of the pipeline's
+  ``__call__``, at equal steps (target ≤ 1.05); also the ratio of the fastest runs, the better
+  estimate on a machine that other jobs share. The poegen run is what a client does: connect
+  to the expert host (``Describe``, ``Prepare``: the prompts are encoded), take the expert's
+  grid (``Schedule``), and ``sample()`` one particle with zero MCMC steps, every velocity a
+  ``Velocity`` RPC over loopback. The pipeline call encodes the same prompts and runs the same
+  steps from the same initial latents (``output_type="latent"``: neither side decodes).
+* **encoder calls**: forward calls of the text encoders per run, counted with forward hooks
+  on the real encoder modules of both sides; one per encoder and condition (prompt, negative
+  prompt), never one per step.
+* **max |Δ|**: the largest difference between the two outputs (the parity tests require
+  ≤ 1e-5; the adapters reproduce the pipelines exactly in float32).
+
+The models are random-weight folders built with :mod:`poegen.expert_servers.flow.tiny`, with
+larger transformers than the tests use (``--quick``: the test sizes), so that a step costs what
+a small real model's does on this CPU and the ratio measures the protocol's overhead, not
+Python's. The expert host runs in this process on its own event-loop thread (as the tests'
+hosts do); the kernel calls it from a worker thread. Runs alternate (pipeline, poegen) after
+one warm-up of each; the medians of ``--repeats`` runs are reported. Torch runs ``--threads``
+intra-op threads (1 by default: on the shared 2-core machine, 2 threads oversubscribe and a
+forward's time varies by ×2 from run to run; 1 thread gives stable, comparable timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+
+from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
+from poegen.expert_servers.flow.common import text_tensor
+from poegen.expert_servers.flow.tiny import build_flux, build_sd3, build_wan
+from poegen.expert_servers.server import ModelRef, ServerConfig, create_server
+from poegen.kernel import codec
+from poegen.kernel.remote import RemoteExpert
+from poegen.kernel.sampler import sample
+from poegen.kernel.spec import Factor, SamplerSettings
+from poegen.v1 import expert_pb2
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_parity.json"
+PROMPT, NEGATIVE, SEED = "a red cube on a table", "blurry", 0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One family: how to build it, serve it, and call its pipeline."""
+
+    name: str
+    build: Callable[..., Path]
+    adapter: Any
+    pipeline: Any
+    shape: tuple[int, ...]  # latent sample shape
+    call: dict[str, Any]  # extra pipeline arguments
+    guidance: float
+    transformer: dict[str, Any]  # bench-sized transformer config
+    encoders: tuple[str, ...]
+
+
+def cases(quick: bool) -> list[Case]:
+    big = not quick
+    flux_shape = (16, 32, 32) if big else (16, 8, 8)
+    sd3_shape = (4, 32, 32) if big else (4, 8, 8)
+    wan_shape = (16, 3, 16, 16) if big else (16, 3, 4, 4)
+    s = 2  # the tiny VAEs' spatial compression (FLUX/SD3); Wan's is 8
+    return [
+        Case(
+            "flux", build_flux, FluxAdapter, FluxPipeline, flux_shape,
+            dict(height=flux_shape[1] * s, width=flux_shape[2] * s), 3.5,
+            dict(num_layers=2, num_single_layers=4, attention_head_dim=64,
+                 num_attention_heads=4, axes_dims_rope=[16, 24, 24]) if big else {},
+            ("text_encoder", "text_encoder_2"),
+        ),
+        Case(
+            "sd3", build_sd3, SD3Adapter, StableDiffusion3Pipeline, sd3_shape,
+            dict(height=sd3_shape[1] * s, width=sd3_shape[2] * s, negative_prompt=NEGATIVE), 4.0,
+            dict(num_layers=4, attention_head_dim=64, num_attention_heads=4, patch_size=2,
+                 sample_size=32, caption_projection_dim=256) if big else {},
+            ("text_encoder", "text_encoder_2", "text_encoder_3"),
+        ),
+        Case(
+            "wan", build_wan, WanAdapter, WanPipeline, wan_shape,
+            dict(height=wan_shape[2] * 8, width=wan_shape[3] * 8, num_frames=9,
+                 negative_prompt=NEGATIVE), 5.0,
+            dict(num_layers=4, attention_head_dim=64, num_attention_heads=4, ffn_dim=512)
+            if big else {},
+            ("text_encoder",),
+        ),
+    ]  # fmt: skip
+
+
+class Counter:
+    """Forward calls of a set of modules (hooks on the real encoders)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.calls = 0
+        self._hooks = [m.register_forward_hook(self._bump) for m in modules]
+
+    def _bump(self, *_: Any) -> None:
+        self.calls += 1
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+class Host:
+    """An expert host on its own event-loop thread."""
+
+    def __init__(self, served: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> Any:
+            host, port = create_server(ServerConfig(), expert=served)
+            await host.start()
+            return host, port
+
+        self.host, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(60)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.host.stop(0), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def condition(case: Case) -> expert_pb2.Condition:
+    msg = expert_pb2.Condition(text=PROMPT, scalars={"guidance_scale": case.guidance})
+    if case.name != "flux":
+        msg.tensors["negative_prompt"].CopyFrom(codec.encode(text_tensor(NEGATIVE)))
+    return msg
+
+
+def poegen_run(address: str, case: Case, steps: int) -> torch.Tensor:
+    """Connect (Describe, Prepare), Schedule, sample one particle: the client's whole run."""
+    settings = SamplerSettings(num_particles=1, mcmc_steps=0, num_steps=steps, schedule="expert")
+    with RemoteExpert.connect(address, condition=condition(case)) as remote:
+        result = sample(
+            [Factor(remote)], case.shape, settings, generator=torch.Generator().manual_seed(SEED)
+        )
+    return result.particles
+
+
+def pipeline_run(pipe: Any, case: Case, steps: int) -> torch.Tensor:
+    noise = torch.randn((1, *case.shape), generator=torch.Generator().manual_seed(SEED))
+    latents = FluxPipeline._pack_latents(noise, 1, *case.shape) if case.name == "flux" else noise
+    out = pipe(
+        PROMPT, latents=latents, num_inference_steps=steps, guidance_scale=case.guidance,
+        output_type="latent", max_sequence_length=16, **case.call,
+    )  # fmt: skip
+    if case.name == "wan":
+        return out.frames
+    if case.name == "flux":
+        return FluxPipeline._unpack_latents(out.images, case.call["height"], case.call["width"], 2)
+    return out.images
+
+
+def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
+    folder = case.build(root / case.name, transformer=case.transformer)
+    ref = ModelRef(case.name, folder)
+    served = case.adapter().load(ref, {"max_sequence_length": "16"}, lambda f, m: None)
+    pipe = case.pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    expert_encoders = Counter([getattr(served.expert.pipe, n) for n in case.encoders])
+    pipe_encoders = Counter([getattr(pipe, n) for n in case.encoders])
+    host = Host(served)
+    address = f"127.0.0.1:{host.port}"
+    try:
+        with torch.no_grad():
+            ours, theirs = poegen_run(address, case, steps), pipeline_run(pipe, case, steps)
+        encoder_calls = (expert_encoders.take(), pipe_encoders.take())
+        times: dict[str, list[float]] = {"poegen": [], "pipeline": []}
+        for _ in range(repeats):
+            for side in ("pipeline", "poegen"):
+                started = time.perf_counter()
+                with torch.no_grad():
+                    if side == "poegen":
+                        poegen_run(address, case, steps)
+                    else:
+                        pipeline_run(pipe, case, steps)
+                times[side].append(time.perf_counter() - started)
+    finally:
+        host.close()
+    poegen_s, pipeline_s = statistics.median(times["poegen"]), statistics.median(times["pipeline"])
+    return {
+        "family": case.name,
+        "latent_shape": list(case.shape),
+        "steps": steps,
+        "poegen_s": poegen_s,
+        "pipeline_s": pipeline_s,
+        "ratio": poegen_s / pipeline_s,
+        "ratio_min": min(times["poegen"]) / min(times["pipeline"]),
+        "encoder_calls_poegen": encoder_calls[0],
+        "encoder_calls_pipeline": encoder_calls[1],
+        "max_abs_diff": float((ours - theirs).abs().max()),
+        "times": times,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="test-sized models, fewer repeats")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 10)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (5)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (4 if args.quick else 10)
+    repeats = args.repeats or (2 if args.quick else 5)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases(args.quick):
+            rows.append(measure(case, Path(tmp), steps, repeats))
+            r = rows[-1]
+            print(
+                f"{r['family']:5s} latents {tuple(r['latent_shape'])!s:16s} steps {steps:3d}  "
+                f"pipeline {r['pipeline_s']:7.3f} s  poegen {r['poegen_s']:7.3f} s  "
+                f"ratio {r['ratio']:5.3f} (of minima {r['ratio_min']:5.3f})  encoder calls {r['encoder_calls_poegen']} "
+                f"(pipeline {r['encoder_calls_pipeline']})  max|Δ| {r['max_abs_diff']:.1e}",
+                flush=True,
+            )
+    report = {
+        "benchmark": "pipeline_parity",
+        "quick": args.quick,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "target_ratio": 1.05,
+        "results": rows,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
