@@ -7,6 +7,7 @@ pipelines, and the pieces around the velocity are checked one at a time.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -200,3 +201,33 @@ def test_box_crops_the_model_input_and_zeroes_outside(flow_models):  # noqa: F81
     mask = torch.zeros_like(v, dtype=torch.bool)
     mask[inside] = True
     assert (v[~mask] == 0).all()
+
+
+def test_expert_velocity_is_the_empty_condition(flow_models):  # noqa: F811
+    expert = _expert(flow_models, "wan")
+    x, sigma = (
+        torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(5)),
+        torch.tensor([0.8, 0.2]),
+    )
+    torch.testing.assert_close(
+        expert.velocity(x, sigma), expert.prepare(Condition()).velocity(x, sigma)
+    )
+
+
+def test_wan_folder_with_a_unipc_scheduler_gets_the_flow_match_grid(flow_models, tmp_path):  # noqa: F811
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    folder = shutil.copytree(flow_models.path("wan"), tmp_path / "wan_unipc")
+    shutil.rmtree(folder / "scheduler")
+    UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    ).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]  # as real Wan 2.1 folders
+    (folder / "model_index.json").write_text(json.dumps(index))
+    expert = WanAdapter().load(ModelRef("wan_unipc", folder), {}, lambda f, m: None).expert
+    want = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    want.set_timesteps(5)
+    assert expert.schedule(5, (16, 3, 4, 4)) == [float(s) for s in want.sigmas]
