@@ -23,6 +23,7 @@ from poegen.expert_servers.server.adapter import ModelRef
 from poegen.expert_servers.vlm import VLMAdapter
 from poegen.kernel import codec
 from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
+from poegen.kernel.remote import RemoteExpert
 from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
 from poegen.v1 import expert_pb2, sampler_pb2, sampler_pb2_grpc
@@ -126,6 +127,26 @@ def test_final_pixels_are_the_decoded_particles() -> None:
     )  # fmt: skip
     want = ((gauss.decode(result.particles) + 1) / 2).clamp(0, 1)
     assert torch.equal(reward.seen[-1], want)
+
+
+def test_a_remote_generative_expert_decodes_through_the_decode_rpc() -> None:
+    local, reward = LatentGaussian(), PixelReward()
+    loop = LoopThread()
+    try:
+        address = loop.serve(LatentGaussian()).address
+        with RemoteExpert.connect(address) as remote:
+            assert remote.describe().supports(Capability.AUTOENCODER)
+            result = sample(
+                [Factor(remote), Factor(reward)], (1, 4, 4), SETTINGS,
+                generator=torch.Generator().manual_seed(2),
+            )  # fmt: skip
+    finally:
+        loop.close()
+    want = ((local.decode(result.particles) + 1) / 2).clamp(0, 1)
+    assert torch.allclose(reward.seen[-1], want, atol=1e-6)
+    # per level one Velocity and one Decode (level 0 also evaluates the starting noise)
+    calls = [t.experts["gauss"].calls for t in result.trace]
+    assert calls == [3] + [2] * (len(calls) - 1)
 
 
 @pytest.mark.parametrize(

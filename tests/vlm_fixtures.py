@@ -213,6 +213,8 @@ def save_qwen2_vl(path: Path, *, version: str = "2") -> Path:
         "num_key_value_heads": 2,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
         "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
     }
     tokens = {
         "image_token_id": ids["image_pad"],
