@@ -224,3 +224,29 @@ def test_scene_errors_name_the_yaml_path(tmp_path: Path) -> None:
         with pytest.raises(ExpertError) as err:
             expert.prepare(Condition(text=text))
         assert err.value.field == field, (text, err.value)
+
+
+def test_mjcf_cannot_reach_files_or_exhaust_memory(tmp_path: Path) -> None:
+    expert = PhysicsExpert(tmp_path)
+    body = '<body pos="0 0 0.5"><geom type="sphere" size="0.2"/></body>'
+    camera = '<camera pos="0 -3 0.5" xyaxes="1 0 0 0 0 1"/>'
+    # a huge offscreen buffer asked by the file: the render is still the requested size
+    huge = f'<mujoco><visual><global offwidth="60000" offheight="60000"/></visual><worldbody>{camera}{body}</worldbody></mujoco>'
+    out = expert.prepare(Condition(text=huge, scalars={"width": 16, "height": 16})).render()
+    assert out["rgb"].shape == (1, 3, 16, 16) and out["mask"].sum() > 0
+    cases = [
+        (f'<mujoco><size memory="8G"/><worldbody>{camera}</worldbody></mujoco>', "size.memory",
+         ExpertError.resource_exhausted("", "").code),
+        ('<mujoco><asset><mesh file="x.stl"></asset></mujoco>', "condition.text",
+         ExpertError.invalid("", "").code),
+        ('<mujoco><include file="other.xml"/></mujoco>', "condition.text",
+         ExpertError.invalid("", "").code),
+        ('<mujoco><compiler meshdir="/etc"/></mujoco>', "compiler.meshdir",
+         ExpertError.invalid("", "").code),
+        ("<mujoco>" + " " * (1 << 20) + "</mujoco>", "condition.text",
+         ExpertError.resource_exhausted("", "").code),
+    ]  # fmt: skip
+    for text, field, code in cases:
+        with pytest.raises(ExpertError) as err:
+            expert.prepare(Condition(text=text))
+        assert (err.value.field, err.value.code) == (field, code), err.value

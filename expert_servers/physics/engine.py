@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -44,6 +45,10 @@ import mujoco
 from poegen.kernel.errors import ExpertError
 
 _FILE_TAGS = {"mesh", "texture", "hfield", "skin", "model"}
+_FILE_WORDS = re.compile(r"file|include|meshdir|texturedir|assetdir", re.IGNORECASE)
+MAX_MJCF_CHARS = 1 << 20
+MAX_ARENA_BYTES = 256 << 20
+MAX_GEOMS = 10_000
 _ASSET_SUFFIXES = (".obj", ".stl", ".msh", ".png")
 
 
@@ -73,10 +78,17 @@ Resolver = Callable[..., Path]
 def compile_mjcf(xml: str, root: Path | None, resolve: Resolver | None) -> mujoco.MjModel:
     """MjModel of MJCF text; file references only from the asset root (module docstring)."""
     assets: dict[str, bytes] = {}
+    if len(xml) > MAX_MJCF_CHARS:
+        raise ExpertError.resource_exhausted("condition.text", f"over {MAX_MJCF_CHARS} characters")
     try:
         tree = ET.fromstring(xml)
     except ET.ParseError:
-        tree = None  # let MuJoCo word the parse error
+        # let MuJoCo word the parse error, unless the text might name files we cannot check
+        if _FILE_WORDS.search(xml):
+            raise ExpertError.invalid(
+                "condition.text", "MJCF that names files or includes must be well-formed XML"
+            ) from None
+        tree = None
     if tree is not None:
         for element in tree.iter():
             if element.tag == "include":
@@ -95,9 +107,18 @@ def compile_mjcf(xml: str, root: Path | None, resolve: Resolver | None) -> mujoc
             path = resolve(root, name, field=f"{element.tag}.file", suffixes=_ASSET_SUFFIXES)
             assets[name] = path.read_bytes()
     try:
-        return mujoco.MjModel.from_xml_string(xml, assets)
+        model = mujoco.MjModel.from_xml_string(xml, assets)
     except ValueError as e:
         raise ExpertError.invalid("condition.text", f"MuJoCo: {str(e).strip()}") from None
+    if model.narena > MAX_ARENA_BYTES:  # <size memory=…>: MjData would allocate it
+        raise ExpertError.resource_exhausted(
+            "size.memory", f"{model.narena} bytes of simulation memory, at most {MAX_ARENA_BYTES}"
+        )
+    if model.ngeom > MAX_GEOMS:
+        raise ExpertError.resource_exhausted(
+            "condition.text", f"{model.ngeom} geoms, at most {MAX_GEOMS}"
+        )
+    return model
 
 
 def object_bodies(model: mujoco.MjModel) -> list[int]:
@@ -172,8 +193,8 @@ def simulate_and_render(
     positions = np.empty((frames, len(bodies), 3))
     times = np.empty(frames)
     k, extrinsics = camera_matrices(model, data, camera, width, height)
-    model.vis.global_.offwidth = max(int(model.vis.global_.offwidth), width)
-    model.vis.global_.offheight = max(int(model.vis.global_.offheight), height)
+    # the offscreen buffer is exactly the render size (an MJCF may ask for a huge one)
+    model.vis.global_.offwidth, model.vis.global_.offheight = width, height
     with lock or threading.Lock(), _Offscreen(model, width, height) as renderer:
         for i in range(frames):
             if i:

@@ -217,7 +217,9 @@ def parse_scene(data: Any, *, field: str = "condition.text") -> Scene:
 
 
 def load_document(text: str, *, field: str = "condition.text") -> Any:
-    """JSON or YAML (safe loader) text → Python data."""
+    """JSON or YAML (safe loader) text → Python data (at most 1 MiB of text)."""
+    if len(text) > 1 << 20:
+        raise ExpertError.resource_exhausted(field, "a scene of over 1 MiB of text")
     try:
         return json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
