@@ -243,6 +243,8 @@ def test_mjcf_cannot_reach_files_or_exhaust_memory(tmp_path: Path) -> None:
          ExpertError.invalid("", "").code),
         ('<mujoco><compiler meshdir="/etc"/></mujoco>', "compiler.meshdir",
          ExpertError.invalid("", "").code),
+        ('<mujoco><asset><texture type="cube" fileright="/etc/x.png"/></asset></mujoco>',
+         "texture.fileright", ExpertError.invalid("", "").code),
         ("<mujoco>" + " " * (1 << 20) + "</mujoco>", "condition.text",
          ExpertError.resource_exhausted("", "").code),
     ]  # fmt: skip

@@ -99,13 +99,15 @@ def compile_mjcf(xml: str, root: Path | None, resolve: Resolver | None) -> mujoc
                         raise ExpertError.invalid(
                             f"compiler.{attr}", "not supported; name files under the asset root"
                         )
-            name = element.attrib.get("file")
-            if name is None:
-                continue
-            if element.tag not in _FILE_TAGS or root is None or resolve is None:
-                raise ExpertError.invalid(f"{element.tag}.file", "file references not allowed")
-            path = resolve(root, name, field=f"{element.tag}.file", suffixes=_ASSET_SUFFIXES)
-            assets[name] = path.read_bytes()
+            # file, and a cube texture's fileright, fileleft, fileup, …
+            for attr, name in element.attrib.items():
+                if not attr.lower().startswith("file"):
+                    continue
+                field = f"{element.tag}.{attr}"
+                if element.tag not in _FILE_TAGS or root is None or resolve is None:
+                    raise ExpertError.invalid(field, "file references are not allowed here")
+                path = resolve(root, name, field=field, suffixes=_ASSET_SUFFIXES)
+                assets[name] = path.read_bytes()
     try:
         model = mujoco.MjModel.from_xml_string(xml, assets)
     except ValueError as e:
