@@ -135,7 +135,8 @@ def test_wan_image_to_video_refuses_bad_conditions(flow_models):  # noqa: F811
 @pytest.mark.parametrize(
     ("options", "field"),
     [({"torch_dtype": "float8"}, "options[torch_dtype]"), ({"cpu_offload": "yes"}, "options[cpu_offload]"),
-     ({"guidance_scale": "nan"}, "options[guidance_scale]"), ({"steps": "3"}, "options[steps]")],
+     ({"guidance_scale": "nan"}, "options[guidance_scale]"), ({"steps": "3"}, "options[steps]"),
+     ({"device": "not-a-device"}, "options[device]")],
 )  # fmt: skip
 def test_bad_load_options_name_the_option(flow_models, options, field):  # noqa: F811
     from poegen.expert_servers.server import ModelRef

@@ -231,3 +231,18 @@ def test_wan_folder_with_a_unipc_scheduler_gets_the_flow_match_grid(flow_models,
     want = FlowMatchEulerDiscreteScheduler(shift=3.0)
     want.set_timesteps(5)
     assert expert.schedule(5, (16, 3, 4, 4)) == [float(s) for s in want.sigmas]
+
+
+def test_bfloat16_option_runs_the_transformer_in_bfloat16(flow_models):  # noqa: F811
+    expert = _expert(flow_models, "flux", torch_dtype="bfloat16")
+    assert expert.pipe.transformer.dtype == torch.bfloat16
+    view = expert.prepare(Condition(text="a cat"))
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    v = view.velocity(x, torch.tensor([0.6]))
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    full = (
+        _expert(flow_models, "flux")
+        .prepare(Condition(text="a cat"))
+        .velocity(x, torch.tensor([0.6]))
+    )
+    assert (v - full).abs().max() < 0.1 * full.abs().max()  # bf16 rounding, same model

@@ -22,7 +22,7 @@ from remote_helpers import LoopThread
 
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
 from poegen.expert_servers.flow.common import text_tensor
-from poegen.expert_servers.server import ModelRef
+from poegen.expert_servers.server import Condition, ModelRef
 from poegen.kernel import codec
 from poegen.kernel.remote import RemoteExpert
 from poegen.kernel.sampler import sample
@@ -155,3 +155,36 @@ def test_region_that_does_not_fit_the_latent_grid_is_refused(loop, flow_models):
             SamplerSettings(num_particles=1, mcmc_steps=0, num_steps=2),
             generator=torch.Generator().manual_seed(0),
         )
+
+
+@pytest.mark.slow  # a process start imports torch and diffusers again: ~10-30 s on 2 cores
+def test_poegen_serve_flux_process_answers_the_same(flow_models):  # noqa: F811
+    """``poegen serve flux --model DIR``: the entry point, a separate process, the same numbers."""
+    from server_helpers import start_process
+
+    family = FAMILIES["flux"]
+    folder = flow_models.path("flux")
+    process = start_process(
+        ["-m", "poegen.clients.cli", "serve", "flux", "--model", str(folder), "--option",
+         "max_sequence_length=16", "--host", "127.0.0.1", "--port", "0"],
+        env={"HF_HUB_OFFLINE": "1"}, timeout=60,
+    )  # fmt: skip
+    try:
+        local = family.adapter().load(
+            ModelRef("flux", folder), {"max_sequence_length": "16"}, lambda f, m: None
+        )
+        view = local.expert.prepare(Condition(text=PROMPT, scalars={"guidance_scale": 3.5}))
+        x = torch.randn(2, *family.shape, generator=torch.Generator().manual_seed(1))
+        sigma = torch.tensor([0.9, 0.3])
+        with RemoteExpert.connect(
+            f"127.0.0.1:{process.port}", condition=_condition(family), retries=30
+        ) as remote:
+            assert remote.describe().latent_space == "flux-vae-16"
+            assert remote.schedule(STEPS, family.shape) == local.expert.schedule(
+                STEPS, family.shape
+            )
+            torch.testing.assert_close(
+                remote.velocity(x, sigma), view.velocity(x, sigma), rtol=0, atol=0
+            )
+    finally:
+        assert process.stop() == 0

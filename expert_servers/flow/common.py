@@ -97,6 +97,8 @@ def parse_options(options: Mapping[str, str], extra: Iterable[str] = ()) -> Load
         device = torch.device(options.get("device", "cpu"))
     except RuntimeError:
         raise ExpertError.invalid("options[device]", "not a torch device string") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExpertError.invalid("options[device]", "this server has no CUDA device")
     offload = options.get("cpu_offload", "none")
     if offload not in OFFLOAD:
         raise ExpertError.invalid("options[cpu_offload]", f"{offload!r}, expected one of {OFFLOAD}")
