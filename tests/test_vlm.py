@@ -276,3 +276,15 @@ def test_bad_input_over_grpc_and_the_server_keeps_serving(vlm_root: Path) -> Non
             assert described.pixel_input and described.kind == pb.EXPERT_KIND_DISCRIMINATIVE
 
     run(body(), timeout=60)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_bfloat16_weights_score_close_to_float32(vlm_root: Path, family: str) -> None:
+    pixels = fx.random_images(2, seed=5)
+    scores = [
+        load(vlm_root, family, **options)
+        .expert.prepare(Condition(text="a cat"))
+        .log_potential(pixels)
+        for options in ({}, {"dtype": "bfloat16"})
+    ]
+    assert (scores[0] - scores[1]).abs().max() < 0.05

@@ -101,7 +101,11 @@ class TransformersJudge:
 
     @torch.inference_mode()
     def answer(self, images: Sequence[Image.Image], question: str) -> tuple[Tensor, Tensor]:
-        inputs = {k: v.to(self.device) for k, v in self.inputs(images, question).items()}
+        dtype = self.model.dtype
+        inputs = {
+            k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in self.inputs(images, question).items()
+        }
         with self.lock:  # one forward at a time: the host's worker threads share the model
             logits = self.model(**inputs).logits[:, -1]
         return scoring.from_logits(logits, self.yes, self.no)
