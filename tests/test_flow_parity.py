@@ -157,6 +157,41 @@ def test_region_that_does_not_fit_the_latent_grid_is_refused(loop, flow_models):
         )
 
 
+def test_sampler_service_with_a_flux_expert_equals_the_pipeline(loop, flow_models):  # noqa: F811
+    """The product path: a Generate job on the Sampler service, the expert on its own host."""
+    import grpc
+
+    from poegen.kernel.errors import from_rpc_error
+    from poegen.v1 import sampler_pb2, sampler_pb2_grpc
+
+    family = FAMILIES["flux"]
+    address = _serve(loop, flow_models, family)
+    sampler = loop.sampler()
+    settings = sampler_pb2.SamplerSettings(
+        num_particles=1, mcmc_steps=0, num_steps=STEPS, schedule="expert"
+    )
+
+    def request(region: torch.Tensor | None = None) -> sampler_pb2.GenerateRequest:
+        factor = sampler_pb2.FactorSpec(address=address, condition=_condition(family))
+        if region is not None:
+            factor.region.CopyFrom(codec.encode(region))
+        return sampler_pb2.GenerateRequest(
+            factors=[factor], sample_shape=list(family.shape), settings=settings, seed=SEED
+        )
+
+    with grpc.insecure_channel(sampler.address) as channel:
+        stub = sampler_pb2_grpc.SamplerServiceStub(channel)
+        replies = list(stub.Generate(request()))
+        with pytest.raises(grpc.RpcError) as failed:
+            list(stub.Generate(request(torch.ones(16, 4, 4))))
+    particles = codec.decode(replies[-1].result.particles, field="particles")
+    noise = torch.randn((1, *family.shape), generator=torch.Generator().manual_seed(SEED))
+    want = _pipeline_latents(family, flow_models.path("flux"), noise)
+    assert (particles - want).abs().max() <= 1e-5
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "region" in from_rpc_error(failed.value).field
+
+
 @pytest.mark.slow  # a process start imports torch and diffusers again: ~10-30 s on 2 cores
 def test_poegen_serve_flux_process_answers_the_same(flow_models):  # noqa: F811
     """``poegen serve flux --model DIR``: the entry point, a separate process, the same numbers."""
