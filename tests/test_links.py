@@ -20,7 +20,7 @@ from poegen.expert_servers.physics import PhysicsAdapter
 from poegen.expert_servers.server import ModelRef
 from poegen.kernel import codec
 from poegen.kernel.errors import from_rpc_error
-from poegen.kernel.remote import RemoteExpert
+from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.v1 import expert_pb2, sampler_pb2, sampler_pb2_grpc
 
 SCENE = """
@@ -193,3 +193,61 @@ def test_link_waves_order_factors_after_their_sources() -> None:
 
     factors = [factor("a", "b", "src"), factor("b", "c"), factor("c"), factor("", "src")]
     assert link_waves(factors, [SourcePlan("src", "h:1", None)]) == ((2, 3), (1,), (0,))
+
+
+# ------------------------------------------------------------------ depth-to-video (Wan VACE)
+
+
+@pytest.fixture(scope="module")
+def vace(flow_models, stack) -> Iterator[Served]:  # noqa: F811
+    from poegen.expert_servers.flow import WanAdapter
+
+    served = WanAdapter().load(ModelRef("wan_vace", flow_models.path("wan_vace")), {}, _progress)
+    loop = LoopThread()
+    try:
+        yield loop.serve(served)
+    finally:
+        loop.close()
+
+
+def _video_request(
+    stack: dict[str, Served], vace: Served, depth: torch.Tensor | None
+) -> sampler_pb2.GenerateRequest:
+    condition = expert_pb2.Condition(text="a ball falling")
+    links = []
+    if depth is None:
+        links = [sampler_pb2.ConditionLink(tensor="depth", source="sim", output="depth")]
+    else:
+        condition.tensors["depth"].CopyFrom(codec.encode(depth))
+    scene = expert_pb2.Condition(text=SCENE, scalars={"frames": 5, "fps": 8})
+    return sampler_pb2.GenerateRequest(
+        factors=[sampler_pb2.FactorSpec(address=vace.address, condition=condition, links=links)],
+        sources=[
+            sampler_pb2.ConditionSource(
+                name="sim", address=stack["physics"].address, condition=scene
+            )
+        ],
+        sample_shape=[16, 2, 2, 2],  # 5 frames of 16×16 pixels in Wan's latents
+        settings=sampler_pb2.SamplerSettings(num_particles=2, mcmc_steps=0, sigmas=SIGMAS),
+        seed=5,
+    )
+
+
+def test_simulated_depth_video_drives_a_depth_to_video_expert(
+    stack: dict[str, Served], vace: Served
+) -> None:
+    with RemoteExpert.connect(
+        stack["physics"].address,
+        condition=expert_pb2.Condition(text=SCENE, scalars={"frames": 5, "fps": 8}),
+    ) as physics:
+        depth = physics.render(["depth"])["depth"]
+        # this server encodes with FLUX's image VAE: the clip is a source, not a constraint
+        with pytest.raises(RemoteExpertError) as err:
+            physics.propose(torch.zeros(1, 16, 8, 8), torch.tensor([0.5]), seed=0)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert depth.shape == (5, 1, 16, 16)
+    linked = _generate(stack["sampler"], _video_request(stack, vace, None))
+    assert linked.shape == (2, 16, 2, 2, 2)
+    assert torch.equal(linked, _generate(stack["sampler"], _video_request(stack, vace, depth)))
+    flat = _generate(stack["sampler"], _video_request(stack, vace, torch.zeros_like(depth)))
+    assert not torch.equal(linked, flat)

@@ -266,8 +266,18 @@ class SceneView:
         self.parent = parent
         self.rendering = rendering
         self._outputs = rendering_tensors(rendering)
-        target, mask = self._sample_space(parent)
-        self.constraint = MaskedTarget(
+        self._no_target: ExpertError | None = None
+        self._constraint: MaskedTarget | None = None
+        try:
+            target, mask = self._sample_space(parent)
+        except ExpertError as e:
+            # the autoencoder cannot take this clip (a video through an image VAE): the view
+            # still renders, as a condition source; only the constraint refuses
+            self._no_target = ExpertError.failed_precondition(
+                "handle", f"this scene has no target in the sample space ({e})"
+            )
+            return
+        self._constraint = MaskedTarget(
             target,
             mask,
             weight,
@@ -276,6 +286,14 @@ class SceneView:
             project=Capability.PROJECT in parent.moves,
         )
         self._outputs |= {"target": target, "target_mask": mask}
+
+    @property
+    def constraint(self) -> MaskedTarget:
+        """The masked-target constraint on the rendering (refused when there is no target)."""
+        if self._constraint is None:
+            assert self._no_target is not None
+            raise self._no_target
+        return self._constraint
 
     def target_rgb(self) -> Tensor:
         """The frames the constraint ties to, ``(F, 3, H, W)`` in [0, 1]: the rendering."""
@@ -300,12 +318,15 @@ class SceneView:
 
     def describe(self) -> ExpertInfo:
         info = self.parent.describe()
-        digest = hashlib.sha256(self.constraint.target.numpy().tobytes()).hexdigest()[:12]
+        if self._constraint is None:
+            return info
+        target = self._constraint.target
+        digest = hashlib.sha256(target.numpy().tobytes()).hexdigest()[:12]
         return ExpertInfo(
             name=info.name,
             kind=info.kind,
             capabilities=info.capabilities,
-            sample_shape=tuple(self.constraint.target.shape),
+            sample_shape=tuple(target.shape),
             model_id=info.model_id,
             revision=f"{info.revision}-{digest}",
             latent_space=info.latent_space,
