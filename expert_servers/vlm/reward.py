@@ -24,7 +24,6 @@ or ``x`` (values outside [0, 1]).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -103,9 +102,6 @@ class VQAView:
 
     def describe(self) -> ExpertInfo:
         return self.reward.describe()
-
-    def with_query(self, **changes: object) -> VQAView:
-        return VQAView(self.reward, dataclasses.replace(self.query, **changes))
 
     def log_potential(self, x0: Tensor) -> Tensor:
         """Σ_q w_q·s_q per sample, ``(B,)`` float64; ``x0`` are pixels in [0, 1]."""
