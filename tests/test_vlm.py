@@ -288,3 +288,15 @@ def test_bfloat16_weights_score_close_to_float32(vlm_root: Path, family: str) ->
         for options in ({}, {"dtype": "bfloat16"})
     ]
     assert (scores[0] - scores[1]).abs().max() < 0.05
+
+
+def test_a_chat_template_renders_the_prompt(vlm_root: Path, tmp_path: Path) -> None:
+    templated = fx.save_llava(tmp_path / "llava", chat_template=fx.LLAVA_TEMPLATE)
+    with_template = VLMAdapter().load(ModelRef("t", templated), {}, lambda f, m: None).expert
+    without = load(vlm_root, "llava").expert
+    assert with_template.judge.prompt("Q?") == "USER: <image>\nQ? ASSISTANT:"
+    pixels = fx.random_images(2, seed=6)
+    scores = [
+        r.prepare(Condition(text="a cat")).log_potential(pixels) for r in (with_template, without)
+    ]
+    assert torch.equal(scores[0], scores[1])

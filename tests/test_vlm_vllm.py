@@ -327,7 +327,7 @@ def test_endpoint_options_are_checked() -> None:
 @pytest.mark.gpu
 def test_vllm_images_on_gpu(tmp_path: Path) -> None:
     """A tiny LLaVA through the vLLM engine (CUDA build) agrees with transformers on images."""
-    model = fx.save_llava(tmp_path / "llava")
+    model = fx.save_llava(tmp_path / "llava", chat_template=fx.LLAVA_TEMPLATE)
     script = (
         "import json, sys, torch\n"
         "from poegen.expert_servers.vlm import VLLMAdapter\n"

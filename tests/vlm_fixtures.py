@@ -83,7 +83,18 @@ def random_images(n: int, size: int = 64, *, seed: int = 0, frames: int | None =
     return torch.rand(shape, generator=g)
 
 
-def save_llava(path: Path) -> Path:
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<image>{{ '\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %} "
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def save_llava(path: Path, *, chat_template: str | None = None) -> Path:
+    """LLaVA; ``chat_template`` (e.g. :data:`LLAVA_TEMPLATE`, which vLLM's ``chat`` needs) is
+    saved with the processor."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -129,6 +140,7 @@ def save_llava(path: Path) -> Path:
         patch_size=16,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=chat_template,
     )
     torch.manual_seed(0)
     LlavaForConditionalGeneration(cfg).eval().save_pretrained(path)
