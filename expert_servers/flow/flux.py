@@ -15,7 +15,9 @@ Conditions (``Prepare``): ``text`` (the prompt, through CLIP and T5 with the pip
 ``control_image`` (pixels in [-1, 1], ``(C, H, W)`` or ``(1, C, H, W)``, C = 1 or 3) or
 ``depth`` (a depth map in [0, 1], same shapes; mapped to 2·d − 1): it is VAE-encoded once (the
 posterior's mode, so the expert stays deterministic), packed and concatenated with the latent
-tokens along channels, as ``FluxControlPipeline`` does. Its grid must match x's.
+tokens along channels, as ``FluxControlPipeline`` does. Its grid must match x's. A
+text-to-image condition may carry tensor ``box`` (``[top, left, height, width]`` in latent
+cells, even): the transformer then sees only that crop (:class:`~.family.FamilyView`).
 
 ``Schedule``: the pipeline's grid ``linspace(1, 1/N, N)`` shifted by the scheduler with
 ``mu = calculate_shift(H/2 · W/2, ...)`` (FLUX's dynamic shifting), via ``retrieve_timesteps``.

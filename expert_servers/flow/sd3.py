@@ -6,7 +6,8 @@ Folders: a ``StableDiffusion3Pipeline`` folder. The expert works on latents ``(B
 Conditions: ``text`` (the prompt, through both CLIPs and T5 with the pipeline's
 ``encode_prompt``), the negative prompt (tensor ``negative_prompt``, UTF-8 bytes; default:
 option ``negative_prompt``, else empty), scalar ``guidance_scale`` (classifier-free guidance;
-default: option ``guidance_scale``, else 7.0; ≤ 1 turns CFG off). Velocity, as the pipeline's
+default: option ``guidance_scale``, else 7.0; ≤ 1 turns CFG off), tensor ``box`` (the crop
+the transformer sees, see :class:`~.family.FamilyView`). Velocity, as the pipeline's
 loop computes it, with one batched call over [negative; positive]::
 
     v_u, v_c = transformer([x; x], t = σ·1000, [neg; pos]).chunk(2)

@@ -1,13 +1,15 @@
-"""``WanAdapter``: Wan 2.1 text-to-video and image-to-video as generative experts.
+"""``WanAdapter``: Wan 2.1 text-to-video, image-to-video and VACE control as generative experts.
 
-Folders: a ``WanPipeline`` (text-to-video) or ``WanImageToVideoPipeline`` (Wan 2.1 style, with
-a CLIP image encoder) folder. The expert works on video latents ``(B, 16, F, H, W)``: F latent
-frames for 4·(F − 1) + 1 pixel frames (the VAE's temporal compression), H and W multiples of
-the transformer's patch (2).
+Folders: a ``WanPipeline`` (text-to-video), ``WanImageToVideoPipeline`` (Wan 2.1 style, with
+a CLIP image encoder) or ``WanVACEPipeline`` (control video) folder; Wan 2.2 folders (two
+transformers, expanded timesteps) are refused. The expert works on video latents
+``(B, 16, F, H, W)``: F latent frames for 4·(F − 1) + 1 pixel frames (the VAE's temporal
+compression), H and W multiples of the transformer's patch (2).
 
 Conditions: ``text`` (through UMT5 with the pipeline's ``encode_prompt``), the negative prompt
 (tensor ``negative_prompt``, UTF-8 bytes; default: option ``negative_prompt``), scalar
-``guidance_scale`` (CFG; default: option ``guidance_scale``, else 5.0; ≤ 1 turns it off). As
+``guidance_scale`` (CFG; default: option ``guidance_scale``, else 5.0; ≤ 1 turns it off), for
+text-to-video tensor ``box`` (the crop of every frame the transformer sees). As
 the pipeline's loop, two transformer calls per velocity (conditional, then unconditional)::
 
     v = v_u + g·(v_c − v_u),   v_c = transformer(x, t = σ·1000, pos),  v_u = … neg
@@ -16,6 +18,13 @@ Image-to-video (an I2V folder) also needs tensor ``image`` (the first frame, pix
 [-1, 1], ``(3, H, W)``) and scalar ``num_frames`` (pixel frames, 4k + 1). ``Prepare`` runs the
 pipeline's ``encode_image`` (CLIP) and ``prepare_latents`` once: the VAE latents of the first
 frame followed by zeros, with the frame mask, concatenated with x along channels at each call.
+
+Control video (a ``WanVACEPipeline`` folder): tensor ``control_video`` (F, 3, H, W) in [-1, 1]
+or ``depth`` (F, 1, H, W) in [0, 1] (a renderer's layout, mapped to 2·d − 1), optional ``mask``
+(F, 1, H, W) in [0, 1] (1: generate, 0: keep the control video; default all ones) and scalar
+``conditioning_scale`` (default 1). ``Prepare`` runs the pipeline's ``prepare_video_latents``
+and ``prepare_masks`` once (no reference images); each call passes them as the VACE
+transformer's ``control_hidden_states``.
 
 ``Schedule``: the scheduler's ``set_timesteps(N)`` (static ``shift``; for a UniPC folder,
 ``flow_shift`` on a FlowMatchEulerDiscreteScheduler). Encode/Decode: the Wan VAE with the
