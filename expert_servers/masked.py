@@ -30,9 +30,11 @@ How the kernel uses these (``poegen.kernel.sampler``): at every level, after the
 transition, ``propose`` then ``project`` run on all particles (in factor order); then
 ``log_potential(x̂_0)`` times the factor's weight enters φ_k, hence the SMC weights, and the
 MCMC moves see it only through the *potential stage* (a second accept test on
-exp(φ_k(x̂_0') − φ_k(x̂_0)); ``mcmc_rewards=True``). The kernel never asks a constraint for a
-gradient, so the exact score above is documented and available as :meth:`MaskedTarget.score`
-(of the noised tie, below), but the sampler does not add it to the Langevin drift.
+exp(φ_k(x̂_0') − φ_k(x̂_0)); ``mcmc_rewards=True``). With ``score=True`` the expert instead
+announces ``SCORE`` and ``LOG_PROB`` and the tie acts *inside* the MCMC moves: the sampler adds
+w·:meth:`MaskedTarget.score` (the exact score of the tie noised to the level, below) to the
+summed generative score of every move, w·:meth:`log_prob` to the MALA/HMC log-density, and no
+longer uses the log-potential (which would count the tie twice).
 
 The tie noised to level σ: with x_σ = (1 − σ)·x_0 + σ·ε and a flat prior on x_0, the Gaussian
 factor on x_0 becomes, on the masked coordinates (binary mask),
@@ -40,8 +42,8 @@ x_σ ~ N((1 − σ)·x_ref, ((1 − σ)²/w + σ²)·I), whose score is exact::
 
       ∇_{x_σ} log q_σ(x_σ) = −m⊙(x_σ − (1 − σ)·x_ref) / ((1 − σ)²/w + σ²)
 
-(:meth:`score`, :meth:`log_prob`). A kernel that summed constraint experts' scores into the
-MCMC target (as it sums generative ones) would get the tie inside the moves exactly.
+(:meth:`score`, :meth:`log_prob`); with ``score=True`` the sampler sums it into the MCMC
+target as it sums generative scores.
 
 Sample shapes: ``target`` has shape S; inputs are ``(B, *S)``; outputs follow x's dtype and
 device. Registered in ``poegen.experts`` as ``masked_target`` (YAML: ``target`` and ``mask``
@@ -121,6 +123,8 @@ class MaskedTarget:
         max_batch: the largest batch per call, or ``None``.
         propose: announce ``PROPOSE`` (the random replacement).
         project: announce ``PROJECT`` (the deterministic shell projection).
+        score: announce ``SCORE`` and ``LOG_PROB``: the noised tie joins the sampler's MCMC
+            target (see the module docstring) instead of its weights.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class MaskedTarget:
         max_batch: int | None = None,
         propose: bool = True,
         project: bool = False,
+        score: bool = False,
     ) -> None:
         self.target = _as_tensor(target, "target")
         if self.target.ndim == 0:
@@ -146,9 +151,13 @@ class MaskedTarget:
         self.weight = weight
         self._name = str(name)
         self._max_batch = None if max_batch is None else int(max_batch)
-        self._capabilities = frozenset(
-            c for c, on in ((Capability.PROPOSE, propose), (Capability.PROJECT, project)) if on
+        switches = (
+            (Capability.PROPOSE, propose),
+            (Capability.PROJECT, project),
+            (Capability.SCORE, score),
+            (Capability.LOG_PROB, score),
         )
+        self._capabilities = frozenset(c for c, on in switches if on)
 
     # ------------------------------------------------------------------ protocol
 
@@ -264,6 +273,7 @@ class MaskedTarget:
             max_batch=self._max_batch,
             propose=Capability.PROPOSE in self._capabilities,
             project=Capability.PROJECT in self._capabilities,
+            score=Capability.SCORE in self._capabilities,
         )
 
     def _params(self, like: Tensor) -> tuple[Tensor, Tensor]:

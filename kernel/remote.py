@@ -25,7 +25,7 @@ samples fits the message size limit (the smaller of ours and the server's).
 channel.
 
 Calls and their RPCs: ``velocity(x, σ)`` → ``Velocity``; ``log_prob(x, σ)`` and
-``log_potential(x0)`` → ``LogProb`` (with and without σ); ``propose(x, σ, seed=)`` and
+``log_potential(x0)`` → ``LogProb`` (with and without σ); ``score(x, σ)`` → ``Score``; ``propose(x, σ, seed=)`` and
 ``project(x, σ)`` → ``Propose``; ``encode(pixels)`` / ``decode(latents)`` → ``Encode`` /
 ``Decode``; ``schedule(num_steps, sample_shape)`` → ``Schedule``; ``render(names)`` →
 ``Render`` for the prepared condition. Every reply's model revision is recorded in
@@ -108,8 +108,8 @@ _KINDS = {
     expert_pb2.EXPERT_KIND_DISCRIMINATIVE: ExpertKind.DISCRIMINATIVE,
     expert_pb2.EXPERT_KIND_CONSTRAINT: ExpertKind.CONSTRAINT,
 }
-# CAPABILITY_SCORE has no RPC of its own (the score comes from Velocity): not announced.
 _CAPABILITIES = {
+    expert_pb2.CAPABILITY_SCORE: Capability.SCORE,
     expert_pb2.CAPABILITY_LOG_PROB: Capability.LOG_PROB,
     expert_pb2.CAPABILITY_PROPOSE: Capability.PROPOSE,
     expert_pb2.CAPABILITY_PROJECT: Capability.PROJECT,
@@ -280,6 +280,11 @@ class RemoteExpert:
         request = expert_pb2.LogProbRequest()
         tensors = {"x": x, "sigma": sigma}
         return self._call("LogProb", request, tensors, "log_prob", x, _per_sample(x))
+
+    def score(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """∇ log q_σ(x_σ) ``(B, *S)`` from ``Score``."""
+        request = expert_pb2.ScoreRequest()
+        return self._call("Score", request, {"x": x, "sigma": sigma}, "score", x, x.dtype)
 
     def log_potential(self, x0: Tensor) -> Tensor:
         """log-potential ``(B,)`` of clean estimates from ``LogProb`` without σ."""

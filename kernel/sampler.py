@@ -38,6 +38,14 @@ particle dies, and moves into violation are rejected); at level k of L it gives
 are blurry averages (at σ = 1, the mean of the prior), which can lie outside a constraint that
 the final samples satisfy. ``constraint_penalty=inf`` restores the kill-at-every-level rule.
 
+Scored constraints. A constraint expert that announces ``SCORE`` (e.g. a Gaussian tie of a
+masked region to a rendering, noised to each level exactly) is a soft factor *of the
+intermediate targets* instead of a potential: w_c·score_c(x_σ, σ) joins the summed score of
+every MCMC move (and w_c·log q_c,σ the MALA/HMC log-density, so it must announce ``LOG_PROB``
+for those), like a generative factor without a velocity. Its ``log_potential`` is then not
+used (the weights would count it twice); its proposals and projections still run. Stiff ties
+(large w) want a smaller ``step_size`` or MALA: η = c·σ²/W_max does not include them.
+
 Pixel-input potentials (``ExpertInfo.pixel_input``, e.g. a VLM reward) score decoded pixels:
 every evaluation of the potentials (reweighting, each move's potential stage) decodes x̂_0
 *once*, through the ``decode`` of the first generative expert with an autoencoder, and shares
@@ -166,6 +174,7 @@ class _Problem:
     generative: tuple[BoundFactor, ...]
     potentials: tuple[BoundFactor, ...]  # discriminative and constraint
     proposers: tuple[BoundFactor, ...]
+    ties: tuple[BoundFactor, ...]  # constraints with an exact noised score: inside π_σ
     masks: tuple[Tensor, ...]  # w_i·m_i per generative factor, shape S
     total_weight: Tensor  # W(c), shape S
     needs_log_prob: bool
@@ -225,7 +234,8 @@ def sample_iter(
         raise ValueError("num_steps: the noise grid needs a level strictly between 0 and 1")
     scales = reward_scales(settings, len(sigmas) - 1).tolist()
     n = settings.num_particles
-    with ExpertCalls([*problem.generative, *problem.potentials], settings.max_batch) as calls:
+    experts = [*problem.generative, *problem.ties, *problem.potentials]
+    with ExpertCalls(experts, settings.max_batch) as calls:
         target_at = _target_factory(problem, calls)
         x = torch.randn((n, *shape), generator=generator, dtype=dtype).to(device)
         here = target_at(sigmas[0])(x)
@@ -340,14 +350,26 @@ def _build_problem(
     for b in bound:
         if b.info.kind == ExpertKind.CONSTRAINT and b.factor.weight <= 0:
             raise ValueError(f"weight: constraint {b.name!r} needs a positive weight")
-    potentials = tuple(b for b in bound if b.info.kind != ExpertKind.GENERATIVE)
+    ties = tuple(
+        b
+        for b in bound
+        if b.info.kind == ExpertKind.CONSTRAINT and b.info.supports(Capability.SCORE)
+    )
+    for b in ties:
+        if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
+            raise ValueError(
+                f"mcmc: {settings.mcmc!r} needs log_prob from the scored constraint {b.name!r}, "
+                "which gives none (use 'ula' or 'uhmc')"
+            )
+    potentials = tuple(b for b in bound if b.info.kind != ExpertKind.GENERATIVE and b not in ties)
     proposers = tuple(
         b
-        for b in potentials
-        if b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT)
+        for b in bound
+        if b.info.kind != ExpertKind.GENERATIVE
+        and (b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT))
     )
     pixels = _pixel_source(generative, potentials, shape)
-    return _Problem(generative, potentials, proposers, masks, total, needs_log_prob, pixels)
+    return _Problem(generative, potentials, proposers, ties, masks, total, needs_log_prob, pixels)
 
 
 def _pixel_source(
@@ -411,28 +433,37 @@ def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) ->
 
 
 def _target_factory(problem: _Problem, calls: ExpertCalls) -> Callable[[float], mcmc.Target]:
-    """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity."""
+    """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity.
+
+    Scored constraints (``problem.ties``) add w_c·score_c(x_σ, σ) to the score and
+    w_c·log q_c,σ(x_σ) to the log-density; they do not move the transition's velocity.
+    """
+    g, t = len(problem.generative), len(problem.ties)
 
     def at(sigma: float) -> mcmc.Target:
         def evaluate(x: Tensor) -> mcmc.TargetEval:
             sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
             jobs = [Call(b, "velocity", x, (sig,)) for b in problem.generative]
+            jobs += [Call(b, "score", x, (sig,)) for b in problem.ties]
             if problem.needs_log_prob:
                 jobs += [
                     Call(b, "log_prob", x, (sig,), per_sample_output=True)
-                    for b in problem.generative
+                    for b in (*problem.generative, *problem.ties)
                 ]
             out = calls.run(jobs)
-            velocities = out[: len(problem.generative)]
+            velocities, tie_scores = out[:g], out[g : g + t]
             score = sum(
                 m * score_from_velocity(x, sig, v)
                 for m, v in zip(problem.masks, velocities, strict=True)
             )
+            score = score + sum(
+                b.factor.weight * s for b, s in zip(problem.ties, tie_scores, strict=True)
+            )
             velocity = sum(m * v for m, v in zip(problem.masks, velocities, strict=True))
             log_prob = None
             if problem.needs_log_prob:
-                weights = [b.factor.weight for b in problem.generative]
-                lps = out[len(problem.generative) :]
+                weights = [b.factor.weight for b in (*problem.generative, *problem.ties)]
+                lps = out[g + t :]
                 log_prob = sum(w * lp for w, lp in zip(weights, lps, strict=True))
             return mcmc.TargetEval(score, log_prob, velocity / problem.total_weight)
 
@@ -656,5 +687,5 @@ def _take(evaluation: mcmc.TargetEval, idx: Tensor) -> mcmc.TargetEval:
 def _records(problem: _Problem) -> tuple[ExpertRecord, ...]:
     return tuple(
         ExpertRecord(b.name, str(b.info.kind), b.info.model_id, b.info.revision)
-        for b in (*problem.generative, *problem.potentials)
+        for b in (*problem.generative, *problem.ties, *problem.potentials)
     )

@@ -86,8 +86,7 @@ def test_describe_maps_the_servers_answer(loop: LoopThread) -> None:
         info = remote.describe()
     assert info.name == "m"
     assert info.kind == ExpertKind.GENERATIVE
-    # SCORE has no RPC of its own: the kernel derives scores from Velocity
-    assert info.capabilities == frozenset({Capability.LOG_PROB})
+    assert info.capabilities == frozenset({Capability.LOG_PROB, Capability.SCORE})
     assert info.sample_shape == (3,)
     assert info.max_batch == 8
     assert info.model_id == "analytic"

@@ -125,6 +125,18 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         )
 
     @maps_errors
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse | Reply:
+        model = self._models.require()
+        x = self._tensor(request, "x")
+        sigma = self._tensor(request, "sigma")
+        room = self._reply_room(request, x)
+        out = await self._serving.score(model, x, sigma, request.handle)
+        reply = pb.ScoreResponse(revision=model.revision)
+        return await self._serving.reply(reply, "score", out, room, self._limits.shared_memory)
+
+    @maps_errors
     async def Propose(
         self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProposeResponse | Reply:

@@ -154,13 +154,17 @@ class ExpertServing:
     async def log_prob(
         self, model: LoadedModel, x: Tensor, sigma: Tensor | None, handle: str
     ) -> Tensor:
-        """Generative: log p_σ(x_σ) (needs σ). Other kinds: log-potential of x̂_0 (no σ)."""
+        """With σ: log q_σ(x_σ) (generative experts, and others announcing LOG_PROB). Without:
+        the log-potential of x̂_0 (discriminative and constraint experts)."""
         generative = model.info.kind == ExpertKind.GENERATIVE
+        has_log_prob = model.info.supports(Capability.LOG_PROB)
         if generative and sigma is None:
             raise ExpertError.invalid("sigma", "required for a generative expert")
-        if not generative and sigma is not None:
-            raise ExpertError.invalid("sigma", f"must be absent for a {model.info.kind} expert")
-        if generative and not model.info.supports(Capability.LOG_PROB):
+        if not generative and sigma is not None and not has_log_prob:
+            raise ExpertError.invalid(
+                "sigma", f"must be absent for a {model.info.kind} expert without log_prob"
+            )
+        if generative and not has_log_prob:
             raise ExpertError.failed_precondition("x", "this expert does not answer LogProb")
         batch = self._check_batch(model, x, "x", "LogProb")
         target = self._target(model, handle)
@@ -175,6 +179,16 @@ class ExpertServing:
         if bool(torch.isnan(out).any()) or bool(torch.isposinf(out).any()):
             raise RuntimeError(f"{model.info.name}: log_prob holds NaN or +inf")
         return out
+
+    async def score(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
+        """∇ log q_σ(x_σ) of shape ``x.shape``, dtype ``x.dtype`` (capability SCORE)."""
+        if not model.info.supports(Capability.SCORE):
+            raise ExpertError.failed_precondition("x", "this expert does not answer Score")
+        batch = self._check_batch(model, x, "x", "Score")
+        validate_sigma(sigma, batch)
+        target = self._target(model, handle)
+        out = await self._run(target.score, (x, "x"), x, sigma)
+        return _checked(out, tuple(x.shape), "score").to(x.dtype)
 
     async def propose(
         self,

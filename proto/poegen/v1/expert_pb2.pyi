@@ -293,3 +293,23 @@ class RenderResponse(_message.Message):
     tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
     revision: str
     def __init__(self, tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., revision: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("x", "sigma", "handle", "reply_shared_memory")
+    X_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    x: _tensor_pb2.Tensor
+    sigma: _tensor_pb2.Tensor
+    handle: str
+    reply_shared_memory: _tensor_pb2.SharedMemoryRef
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigma: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., handle: _Optional[str] = ..., reply_shared_memory: _Optional[_Union[_tensor_pb2.SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("score", "revision")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    score: _tensor_pb2.Tensor
+    revision: str
+    def __init__(self, score: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...

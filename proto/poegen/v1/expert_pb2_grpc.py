@@ -92,6 +92,11 @@ class ExpertServiceStub:
                 request_serializer=poegen_dot_v1_dot_expert__pb2.RenderRequest.SerializeToString,
                 response_deserializer=poegen_dot_v1_dot_expert__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/poegen.v1.ExpertService/Score',
+                request_serializer=poegen_dot_v1_dot_expert__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_expert__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -181,6 +186,14 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Score (gradient of the log-density of x_sigma at a level) of an expert that announces
+        CAPABILITY_SCORE; a scored constraint joins the sampler's MCMC target through it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +251,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Render,
                     request_deserializer=poegen_dot_v1_dot_expert__pb2.RenderRequest.FromString,
                     response_serializer=poegen_dot_v1_dot_expert__pb2.RenderResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=poegen_dot_v1_dot_expert__pb2.ScoreRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_expert__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -540,6 +558,33 @@ class ExpertService:
             '/poegen.v1.ExpertService/Render',
             poegen_dot_v1_dot_expert__pb2.RenderRequest.SerializeToString,
             poegen_dot_v1_dot_expert__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poegen.v1.ExpertService/Score',
+            poegen_dot_v1_dot_expert__pb2.ScoreRequest.SerializeToString,
+            poegen_dot_v1_dot_expert__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
