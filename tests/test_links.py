@@ -38,6 +38,17 @@ def _progress(fraction: float, message: str) -> None:
     del fraction, message
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run 20–40× slower with two OpenMP threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def stack(flow_models, tmp_path_factory) -> Iterator[dict[str, Served]]:  # noqa: F811
     root = tmp_path_factory.mktemp("physics-assets")

@@ -152,7 +152,7 @@ TABLE = [
 @pytest.mark.parametrize("backend", ["physics", "graphics"])
 def test_bad_input_table_over_grpc(model_root: Path, backend: str) -> None:
     adapter = PhysicsAdapter() if backend == "physics" else GraphicsAdapter()
-    good = _condition("scenes/ball.yaml") if backend == "physics" else _condition(CUBE)
+    good = _condition("scenes/ball.yaml", frames=1) if backend == "physics" else _condition(CUBE)
 
     async def body() -> None:
         async with running(_config(model_root), adapter=adapter) as server:

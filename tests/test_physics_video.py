@@ -5,6 +5,7 @@ expert keeping the ball's fully covered latent cells on the encoded simulation."
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,6 +31,17 @@ fps: 24
 
 def _progress(fraction: float, message: str) -> None:
     del fraction, message
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run 20–40× slower with two OpenMP threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
