@@ -66,7 +66,7 @@ class SwapEvent:
 
 def rpc_failure(e: grpc.RpcError, address: str, what: str) -> Exception:
     """The SDK error of a failed call to ``address``."""
-    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
     err = from_rpc_error(e)
     if err is not None:
         return GenerationError(err.code, err.field, err.reason, where=f"{what} at {address}")
@@ -78,7 +78,7 @@ def rpc_failure(e: grpc.RpcError, address: str, what: str) -> Exception:
 
 
 def _details(e: grpc.RpcError) -> str:
-    details = e.details() if isinstance(e, grpc.Call) else ""
+    details = e.details() if callable(getattr(e, "details", None)) else ""
     return (details or str(e)).splitlines()[0][:300]
 
 

@@ -40,7 +40,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from poegen.expert_servers.server.cli import stop_with_parent
+from poegen.expert_servers.server.cli import exit_now, stop_with_parent
 from poegen.expert_servers.server.config import ConfigError, format_validation_error, read_yaml
 from poegen.kernel.service import SamplerServerConfig, serve_sampler
 
@@ -118,7 +118,10 @@ def sampler_command(
     flags = SamplerFlags(
         config, host, port, max_jobs, grace, tuple(allow_expert or ()), shared_memory
     )
-    return run(flags)
+    status = run(flags)
+    if status == 2:
+        return status  # nothing was served
+    exit_now(status)  # drained and stopped: skip the interpreter's slow teardown
 
 
 def register(app: typer.Typer) -> None:

@@ -64,7 +64,7 @@ from torch import Tensor
 
 from poegen.clients.endpoints import EndpointInfo, describe, rpc_failure
 from poegen.clients.errors import GenerationError, GenerationTimeout, PoegenError
-from poegen.clients.spec import GenerationSpec, to_request
+from poegen.clients.spec import GenerationSpec, address_of, to_request
 from poegen.kernel import codec
 from poegen.kernel.transport import DEFAULT_MAX_MESSAGE_BYTES, bearer_metadata, channel_options
 from poegen.v1 import sampler_pb2, sampler_pb2_grpc
@@ -371,7 +371,8 @@ class AsyncClient:
 
     def _default_shape(self, spec: GenerationSpec) -> list[int]:
         for i, expert in enumerate(spec.experts):
-            info = describe(expert.resolve_address(self.endpoints), token=self.expert_token)
+            address = address_of(expert, self.endpoints, f"experts[{i}]")
+            info = describe(address, token=self.expert_token)
             if info.kind == "generative" and info.sample_shape:
                 return list(info.sample_shape)
             if i == len(spec.experts) - 1 and info.sample_shape:

@@ -487,7 +487,7 @@ def to_request(
     for i, expert in enumerate(spec.experts):
         where = f"experts[{i}]"
         factor = sampler_pb2.FactorSpec(
-            address=_address(expert, endpoints, where), weight=expert.weight
+            address=address_of(expert, endpoints, where), weight=expert.weight
         )
         if expert.label:
             factor.name = expert.label
@@ -503,7 +503,7 @@ def to_request(
     for j, source in enumerate(spec.sources):
         where = f"sources[{j}]"
         msg = sampler_pb2.ConditionSource(
-            name=source.name, address=_address(source, endpoints, where)
+            name=source.name, address=address_of(source, endpoints, where)
         )
         if source.condition is not None:
             msg.condition.CopyFrom(_checked(source.condition.to_proto, f"{where}.condition"))
@@ -518,7 +518,8 @@ def to_request(
     )
 
 
-def _address(entry: _Endpoint, endpoints: Mapping[str, str] | None, where: str) -> str:
+def address_of(entry: _Endpoint, endpoints: Mapping[str, str] | None, where: str) -> str:
+    """The address of an expert or source of a spec; ``SpecError`` naming ``where``."""
     try:
         return entry.resolve_address(endpoints)
     except KeyError as e:
@@ -556,6 +557,7 @@ __all__ = [
     "SourceSpec",
     "SpecBuilder",
     "TensorFile",
+    "address_of",
     "json_schema",
     "load_image",
     "settings_to_proto",

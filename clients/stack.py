@@ -104,7 +104,7 @@ class ExpertProcess(BaseModel):
     options: dict[str, str] = Field(default_factory=dict, description="--option key=value")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(0, ge=0, le=65535, description="bind port; 0 picks a free one")
-    grace_s: float = Field(2.0, ge=0, description="drain time on shutdown")
+    grace_s: float = Field(1.0, ge=0, description="drain time on shutdown")
     args: list[str] = Field(default_factory=list, description="extra flags of `poegen serve`")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment")
     startup_timeout_s: float = Field(120.0, gt=0, description="listening and SERVING within")
@@ -356,7 +356,7 @@ class LocalStack:
         return [*cmd, *spec.args]
 
     def _sampler_command(self) -> list[str]:
-        settings = {"grace_s": 2.0, **(self.config.sampler or {})}
+        settings = {"grace_s": 1.0, **(self.config.sampler or {})}
         config = self._write("sampler.yaml", {"sampler": settings})
         return [*self._cli(), "sampler", "--config", str(config)]
 
