@@ -124,12 +124,13 @@ def test_served_over_grpc_load_velocity_and_bad_input(flow_models):  # noqa: F81
         async with running(config, adapter=FlowAdapter()) as server:
             events = await collect(
                 server.stub.LoadModel(
-                    pb.LoadModelRequest(model_id="unet_classes"), metadata=ADMIN_MD
+                    pb.LoadModelRequest(model_id="unet_classes", options={"max_batch": "8"}),
+                    metadata=ADMIN_MD,
                 )
             )
             assert events[-1].stage == pb.LOAD_STAGE_READY
             described = await server.stub.Describe(pb.DescribeRequest())
-            assert described.latent_space == "pixels-1"
+            assert described.latent_space == "pixels-1" and described.max_batch == 8
             prepared = await server.stub.Prepare(
                 pb.PrepareRequest(condition=pb.Condition(scalars={"class_label": 7.0}))
             )

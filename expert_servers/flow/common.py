@@ -11,7 +11,8 @@ Options (``LoadModel`` options / ``poegen serve --option``), all strings on the 
 * ``negative_prompt``: the default negative prompt (SD3, Wan); a condition's tensor
   ``negative_prompt`` (UTF-8 bytes as a u8 vector) overrides it;
 * ``max_sequence_length``: the T5/UMT5 token limit of the prompt encoders;
-* ``latent_space``: overrides the name announced in ``Describe``.
+* ``latent_space``: overrides the name announced in ``Describe``;
+* ``max_batch``: the largest batch one call may carry (the kernel chunks larger batches).
 
 Family-specific options are listed by each adapter. An unknown option, or a bad value, is an
 ``ExpertError`` on ``options[<name>]``. A missing folder, or a folder of another family, is an
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMMON_OPTIONS = frozenset({"torch_dtype", "device", "cpu_offload", "latent_space"})
+COMMON_OPTIONS = frozenset({"torch_dtype", "device", "cpu_offload", "latent_space", "max_batch"})
 OFFLOAD = ("none", "model", "sequential")
 
 
@@ -54,6 +55,7 @@ class LoadOptions:
     cpu_offload: str = "none"
     latent_space: str = ""
     extra: Mapping[str, str] | None = None
+    max_batch: int | None = None
 
     def get(self, name: str, default: str) -> str:
         return (self.extra or {}).get(name, default)
@@ -103,9 +105,13 @@ def parse_options(options: Mapping[str, str], extra: Iterable[str] = ()) -> Load
     if offload not in OFFLOAD:
         raise ExpertError.invalid("options[cpu_offload]", f"{offload!r}, expected one of {OFFLOAD}")
     rest = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
+    max_batch = options.get("max_batch", "")
+    if max_batch and (not max_batch.isdigit() or int(max_batch) < 1):
+        raise ExpertError.invalid("options[max_batch]", f"{max_batch!r} is not a positive integer")
     return LoadOptions(
-        DTYPES[dtype_name], device, offload, options.get("latent_space", ""), rest or None
-    )
+        DTYPES[dtype_name], device, offload, options.get("latent_space", ""), rest or None,
+        int(max_batch) if max_batch else None,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------- folders

@@ -79,7 +79,9 @@ class FluxAdapter:
         progress(0.1, f"loading {name}")
         pipe = load_pipeline(PIPELINES[name], folder, ref, opts)
         expert = FluxExpert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
-        return ServedModel(expert, latent_space=expert.describe().latent_space)
+        return ServedModel(
+            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+        )
 
 
 def _control_pixels(condition: Condition) -> Tensor | None:

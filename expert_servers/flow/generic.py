@@ -117,7 +117,9 @@ class FlowAdapter:
             model, vae, scheduler, scale, model_id=ref.model_id,
             revision=model_revision(folder), latent_space=opts.latent_space,
         )  # fmt: skip
-        return ServedModel(expert, latent_space=expert.describe().latent_space)
+        return ServedModel(
+            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+        )
 
 
 def _load(cls: type[ModelMixin], path: Path, ref: ModelRef, opts: LoadOptions) -> Any:

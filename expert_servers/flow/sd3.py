@@ -75,7 +75,9 @@ class SD3Adapter:
         progress(0.1, f"loading {name}")
         pipe = load_pipeline(PIPELINES[name], folder, ref, opts)
         expert = SD3Expert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
-        return ServedModel(expert, latent_space=expert.describe().latent_space)
+        return ServedModel(
+            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+        )
 
 
 class SD3Expert(FamilyExpert):

@@ -97,7 +97,9 @@ class WanAdapter:
                 "model_id", f"{ref.model_id!r}: only single-transformer Wan 2.1 folders are served"
             )
         expert = WanExpert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
-        return ServedModel(expert, latent_space=expert.describe().latent_space)
+        return ServedModel(
+            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+        )
 
 
 def _first_frame(condition: Condition) -> Tensor:
