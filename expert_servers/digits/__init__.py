@@ -11,7 +11,7 @@ folder                    model                                  served by
 ``flow-0to4``             the same on digits 0–4                 ``poegen serve flow``
 ``flow-even``             the same on 0, 2, 4, 6, 8              ``poegen serve flow``
 ``classifier-reward``     ``ResNetForImageClassification``       ``poegen serve classifier``
-``classifier-judge``      ``ConvNextForImageClassification``     the benchmark only
+``classifier-judge``      ``RegNetForImageClassification``       the benchmark only
 ========================  =====================================  ============================
 
 ``weights/training.json`` records the training settings, the held-out test indices of

@@ -20,16 +20,17 @@ What it writes under ``DIR`` (each folder loads with ``from_pretrained``):
   with an exponential moving average of the weights (``diffusers.training_utils.EMAModel``),
   the average being what ships.
 * ``classifier-reward`` (a ``ResNetForImageClassification``) and ``classifier-judge`` (a
-  ``ConvNextForImageClassification``): digit classifiers built from a config with random
+  ``RegNetForImageClassification``): digit classifiers built from a config with random
   weights and trained here with different seeds and architectures, each with a
   ``preprocessor_config.json`` (a ``ViTImageProcessor``: resize to 16×16, normalise
   (p − 0.5)/0.5, so pixels in [0, 1] become the flow models' [-1, 1]). The first is the
   reward of the demo; the second only judges the benchmark, so no figure is graded by the
   expert that steered it. Labels are named ``zero`` … ``nine``.
-* ``training.json``: the settings, the held-out test indices of ``load_digits`` (see
+* ``training.json``: the settings (per model), the held-out test indices of ``load_digits`` (see
   :mod:`.data`), the final losses, test accuracies, sizes and seconds per model.
 
-Only the training split is seen by any model.
+Only the training split is seen by any model. ``--only NAME …`` retrains the named models and
+keeps the other entries of an existing ``training.json`` in ``DIR``.
 """
 
 from __future__ import annotations
@@ -135,11 +136,11 @@ def train_flow(data: Digits, cfg: TrainConfig, seed: int) -> tuple[object, float
 
 
 def build_classifier(name: str):
-    """A small random-weight transformers image classifier (ResNet for the reward, ConvNeXt
+    """A small random-weight transformers image classifier (ResNet for the reward, RegNet-X
     for the judge), ten labels named zero … nine."""
     from transformers import (
-        ConvNextConfig,
-        ConvNextForImageClassification,
+        RegNetConfig,
+        RegNetForImageClassification,
         ResNetConfig,
         ResNetForImageClassification,
     )
@@ -160,16 +161,16 @@ def build_classifier(name: str):
             **labels,
         )
         return ResNetForImageClassification(config)
-    config = ConvNextConfig(
+    config = RegNetConfig(
         num_channels=1,
-        patch_size=2,
-        num_stages=2,
+        embedding_size=16,
         hidden_sizes=[32, 64],
-        depths=[2, 2],
-        image_size=IMAGE_SIZE,
+        depths=[1, 2],
+        groups_width=8,
+        layer_type="x",
         **labels,
     )
-    return ConvNextForImageClassification(config)
+    return RegNetForImageClassification(config)
 
 
 def build_processor():
@@ -231,7 +232,7 @@ def train_all(out: Path, cfg: TrainConfig, only: tuple[str, ...] | None = None) 
     torch.set_flush_denormal(True)  # tiny Adam moments as denormals slow CPU math tenfold
     train_idx, test_idx = split_indices(len(digits.labels), seed=SPLIT_SEED)
     train, test = subset(digits, train_idx), subset(digits, test_idx)
-    models: dict[str, dict] = {}
+    models = _previous_models(out) if only else {}
     for offset, (name, classes) in enumerate(FLOW_CLASSES.items()):
         if only and name not in only:
             continue
@@ -243,7 +244,7 @@ def train_all(out: Path, cfg: TrainConfig, only: tuple[str, ...] | None = None) 
         models[name] = dict(
             kind="flow", classes=list(classes or range(10)), train_size=len(data.labels),
             final_loss=loss, bytes=folder_bytes(out / name),
-            seconds=round(time.perf_counter() - start, 1),
+            seconds=round(time.perf_counter() - start, 1), config=asdict(cfg),
         )  # fmt: skip
     for offset, name in enumerate(CLASSIFIERS):
         if only and name not in only:
@@ -256,7 +257,7 @@ def train_all(out: Path, cfg: TrainConfig, only: tuple[str, ...] | None = None) 
         models[name] = dict(
             kind="classifier", architecture=type(model).__name__, final_loss=loss,
             test_accuracy=accuracy, bytes=folder_bytes(out / name),
-            seconds=round(time.perf_counter() - start, 1),
+            seconds=round(time.perf_counter() - start, 1), config=asdict(cfg),
         )  # fmt: skip
     record = dict(
         config=asdict(cfg),
@@ -265,9 +266,16 @@ def train_all(out: Path, cfg: TrainConfig, only: tuple[str, ...] | None = None) 
                   split_seed=SPLIT_SEED, test_indices=test_idx.tolist()),
         models=models,
         total_bytes=sum(m["bytes"] for m in models.values()),
+        total_seconds=round(sum(m["seconds"] for m in models.values()), 1),
     )  # fmt: skip
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _previous_models(out: Path) -> dict[str, dict]:
+    """The models an earlier run recorded in ``out`` (kept when ``--only`` retrains some)."""
+    path = out / "training.json"
+    return dict(json.loads(path.read_text())["models"]) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> None:
