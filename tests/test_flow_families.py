@@ -120,6 +120,28 @@ def test_flux_depth_control_equals_the_control_pipeline(flow_models):  # noqa: F
     assert not torch.allclose(view.velocity(x, sigma), other.velocity(x, sigma))
 
 
+def test_flux_true_cfg_with_a_negative_prompt_equals_the_pipeline(flow_models):  # noqa: F811
+    expert = _expert(flow_models, "flux")
+    condition = Condition(
+        text="a cat", tensors={"negative_prompt": text_tensor("blurry")},
+        scalars={"true_cfg_scale": 2.5, "guidance_scale": 3.0},
+    )  # fmt: skip
+    shape = (16, 8, 8)
+    view = expert.prepare(condition)
+    got = _one_particle(view, shape)
+    out = expert.pipe(
+        "a cat", negative_prompt="blurry", true_cfg_scale=2.5, guidance_scale=3.0,
+        latents=FluxPipeline._pack_latents(_noise(shape), 1, *shape), num_inference_steps=STEPS,
+        height=16, width=16, output_type="latent", max_sequence_length=16,
+    ).images  # fmt: skip
+    want = FluxPipeline._unpack_latents(out, 16, 16, expert.pipe.vae_scale_factor)
+    assert (got - want).abs().max() <= 1e-5
+    plain = _one_particle(
+        expert.prepare(Condition(text="a cat", scalars={"guidance_scale": 3.0})), shape
+    )
+    assert not torch.allclose(got, plain)
+
+
 def test_wan_image_to_video_equals_the_pipeline(flow_models):  # noqa: F811
     expert = _expert(flow_models, "wan_i2v")
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1

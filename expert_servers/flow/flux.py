@@ -11,7 +11,10 @@ unpacking happen inside :meth:`FluxView.velocity` with the pipeline's own helper
 
 Conditions (``Prepare``): ``text`` (the prompt, through CLIP and T5 with the pipeline's
 ``encode_prompt``); scalar ``guidance_scale`` (the guidance embedding; default: option
-``guidance_scale``, else 3.5); for a control folder, the control image as tensor
+``guidance_scale``, else 3.5); scalar ``true_cfg_scale`` with tensor ``negative_prompt`` (UTF-8
+bytes; defaults: options of the same names): FLUX's "true CFG", a second transformer call with
+the negative prompt, v = v_neg + s·(v − v_neg), when s > 1 and the negative prompt is not
+empty (the pipeline's rule); for a control folder, the control image as tensor
 ``control_image`` (pixels in [-1, 1], ``(C, H, W)`` or ``(1, C, H, W)``, C = 1 or 3) or
 ``depth`` (a depth map in [0, 1], same shapes; mapped to 2·d − 1): it is VAE-encoded once (the
 posterior's mode, so the expert stays deterministic), packed and concatenated with the latent
@@ -23,8 +26,8 @@ cells, even): the transformer then sees only that crop (:class:`~.family.FamilyV
 ``mu = calculate_shift(H/2 · W/2, ...)`` (FLUX's dynamic shifting), via ``retrieve_timesteps``.
 
 Encode/Decode: z = (mode(VAE(pixels)) − shift_factor)·scaling_factor; decode inverts and clamps
-to [-1, 1]. Options: the common ones plus ``guidance_scale`` and ``max_sequence_length``
-(default 512).
+to [-1, 1]. Options: the common ones plus ``guidance_scale``, ``true_cfg_scale``,
+``negative_prompt`` and ``max_sequence_length`` (default 512).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from poegen.expert_servers.flow.common import (
     check_pixels,
     check_steps,
     condition_scalar,
+    condition_text,
     load_pipeline,
     model_folder,
     model_revision,
@@ -64,7 +68,7 @@ from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, 
 from poegen.kernel.errors import ExpertError
 
 PIPELINES = {"FluxPipeline": FluxPipeline, "FluxControlPipeline": FluxControlPipeline}
-OPTIONS = ("guidance_scale", "max_sequence_length")
+OPTIONS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "max_sequence_length")
 
 
 class FluxAdapter:
@@ -114,6 +118,8 @@ class FluxExpert(FamilyExpert):
         self.control = isinstance(pipe, FluxControlPipeline)
         super().__init__(pipe, opts, **kw)
         self.guidance_scale = opts.number("guidance_scale", 3.5)
+        self.true_cfg_scale = opts.number("true_cfg_scale", 1.0)
+        self.negative_prompt = opts.get("negative_prompt", "")
         self.max_sequence_length = opts.integer("max_sequence_length", 512)
 
     def _layout(self) -> LatentLayout:
@@ -132,23 +138,34 @@ class FluxExpert(FamilyExpert):
     def prepare(self, condition: Condition) -> FluxView:
         """Encode the prompt once (CLIP pooled + T5 tokens); the control image, if any."""
         tensors = ("control_image", "depth") if self.control else ("box",)
-        check_keys(condition, tensors, ("guidance_scale",))
+        check_keys(condition, (*tensors, "negative_prompt"), ("guidance_scale", "true_cfg_scale"))
         box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
+        true_cfg = condition_scalar(condition, "true_cfg_scale", self.true_cfg_scale)
+        negative = condition_text(condition, "negative_prompt", self.negative_prompt)
         pixels = _control_pixels(condition)
         if self.control and pixels is None:
             raise ExpertError.invalid(
                 "condition.tensors[control_image]", "a control model needs a control_image or depth"
             )
-        embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=condition.text,
+        prompt = self._encode(condition.text)
+        # the pipeline's rule: true CFG runs only with a scale > 1 and a negative prompt
+        uncond = self._encode(negative) if true_cfg > 1 and negative else None
+        control = None if pixels is None else self._control_tokens(pixels)
+        view = FluxView(self, prompt, guidance, control, box)
+        if uncond is not None:
+            view.true_cfg = (true_cfg, uncond)
+        return view
+
+    def _encode(self, text: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(T5 token embeddings, CLIP pooled embedding, text ids) of one prompt."""
+        return self.pipe.encode_prompt(
+            prompt=text,
             prompt_2=None,
             device=self.device,
             num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length,
         )
-        control = None if pixels is None else self._control_tokens(pixels)
-        return FluxView(self, embeds, pooled, text_ids, guidance, control, box)
 
     @torch.no_grad()
     def _control_tokens(self, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -214,17 +231,16 @@ class FluxView(FamilyView):
     def __init__(
         self,
         expert: FluxExpert,
-        embeds: Tensor,
-        pooled: Tensor,
-        text_ids: Tensor,
+        prompt: tuple[Tensor, Tensor, Tensor],
         guidance: float,
         control: tuple[Tensor, tuple[int, int]] | None,
         box: tuple[int, int, int, int] | None = None,
     ) -> None:
         super().__init__(expert, box)
-        self.embeds, self.pooled, self.text_ids = embeds, pooled, text_ids
+        self.prompt = prompt
         self.guidance = guidance
         self.control = control
+        self.true_cfg: tuple[float, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def _velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         """v(x_σ, σ) for unpacked latents (B, 16, H, W)."""
@@ -248,15 +264,24 @@ class FluxView(FamilyView):
         if pipe.transformer.config.guidance_embeds:
             guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(b)
         t = timesteps(sigma.to(device), pipe.scheduler.config.num_train_timesteps, dtype)
-        v = pipe.transformer(
-            hidden_states=tokens,
-            timestep=t / 1000,
-            guidance=guidance,
-            pooled_projections=self.pooled.expand(b, -1),
-            encoder_hidden_states=self.embeds.expand(b, -1, -1),
-            txt_ids=self.text_ids,
-            img_ids=image_ids,
-            return_dict=False,
-        )[0]
+
+        def run(prompt: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+            embeds, pooled, text_ids = prompt
+            return pipe.transformer(
+                hidden_states=tokens,
+                timestep=t / 1000,
+                guidance=guidance,
+                pooled_projections=pooled.expand(b, -1),
+                encoder_hidden_states=embeds.expand(b, -1, -1),
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+
+        v = run(self.prompt)
+        if self.true_cfg is not None:  # v = v_neg + s·(v − v_neg), a second call as the pipeline
+            scale, negative = self.true_cfg
+            v_neg = run(negative)
+            v = v_neg + scale * (v - v_neg)
         s = expert.layout.spatial_compression
         return pipe._unpack_latents(v, h * s, w * s, s).to(x.device, x.dtype)
