@@ -196,3 +196,11 @@ def test_bad_load_options_and_ids(model_root: Path) -> None:
             assert code == grpc.StatusCode.FAILED_PRECONDITION and err.field == "handle"
 
     run(body(), timeout=120)
+
+
+def test_backends_are_registered() -> None:
+    from poegen.expert_servers.server.backends import backend_class, create_adapter
+
+    assert backend_class("physics") is PhysicsAdapter
+    assert backend_class("graphics") is GraphicsAdapter
+    assert isinstance(create_adapter("physics"), PhysicsAdapter)
