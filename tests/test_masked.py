@@ -183,3 +183,19 @@ def test_over_grpc_a_prepared_target_gives_the_in_process_samples(loop: LoopThre
                    SETTINGS, generator=torch.Generator().manual_seed(0))  # fmt: skip
     torch.testing.assert_close(remote_run.particles, local.particles)
     assert _masked_error(remote_run.particles) < 0.3
+
+
+def test_built_from_an_expert_yaml_file(tmp_path) -> None:
+    from poegen.expert_servers.server import load_expert_file
+
+    path = tmp_path / "tie.yaml"
+    path.write_text(
+        "expert: masked_target\n"
+        "params: {target: [[3.0, -3.0, 2.0], [0.5, 0.0, -1.0]], mask: [[1, 1, 1], [0, 0, 0]],"
+        " weight: 2.0, project: true}\n"
+    )
+    served = load_expert_file(path)
+    expert = served.expert
+    assert isinstance(expert, MaskedTarget)
+    assert torch.equal(expert.target, TARGET) and torch.equal(expert.mask, MASK)
+    assert expert.describe().capabilities == {Capability.PROPOSE, Capability.PROJECT}
