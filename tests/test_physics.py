@@ -247,8 +247,29 @@ def test_mjcf_cannot_reach_files_or_exhaust_memory(tmp_path: Path) -> None:
          "texture.fileright", ExpertError.invalid("", "").code),
         ("<mujoco>" + " " * (1 << 20) + "</mujoco>", "condition.text",
          ExpertError.resource_exhausted("", "").code),
+        (f'<mujoco><option timestep="0"/><worldbody>{camera}</worldbody></mujoco>',
+         "option.timestep", ExpertError.invalid("", "").code),
     ]  # fmt: skip
     for text, field, code in cases:
         with pytest.raises(ExpertError) as err:
             expert.prepare(Condition(text=text))
         assert (err.value.field, err.value.code) == (field, code), err.value
+
+
+def test_mjcf_camera_choice(tmp_path: Path) -> None:
+    expert = PhysicsExpert(tmp_path)
+    mjcf = """<mujoco><worldbody>
+      <camera pos="0 -3 0.5" xyaxes="1 0 0 0 0 1"/>
+      <camera pos="3 0 0.5" xyaxes="0 1 0 0 0 1"/>
+      <body pos="0.5 0 0.5"><geom type="box" size="0.2 0.1 0.1"/></body>
+    </worldbody></mujoco>"""
+    size = {"width": 16, "height": 16}
+    first = expert.prepare(Condition(text=mjcf, scalars=size)).render()["mask"]
+    second = expert.prepare(Condition(text=mjcf, scalars={**size, "camera": 2})).render()["mask"]
+    assert first.sum() > 0 and second.sum() > 0 and not torch.equal(first, second)
+    with pytest.raises(ExpertError) as err:
+        expert.prepare(Condition(text=mjcf, scalars={**size, "camera": 3}))
+    assert err.value.field == "condition.text"
+    with pytest.raises(ExpertError) as err:
+        expert.prepare(Condition(text="objects: []", scalars={"camera": 1}))
+    assert err.value.field == "condition.scalars[camera]"

@@ -176,7 +176,9 @@ def simulate_and_render(
 ) -> Rendering:
     """Step and render ``frames`` frames (frame 0: the initial state)."""
     if model.ncam <= camera:
-        raise ExpertError.invalid("condition.text", "the scene has no camera")
+        raise ExpertError.invalid(
+            "condition.text", f"the scene has {model.ncam} camera(s), camera {camera + 1} asked for"
+        )
     data = mujoco.MjData(model)
     mujoco.mj_forward(model, data)
     if initialise is not None:

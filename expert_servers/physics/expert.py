@@ -36,7 +36,8 @@ The condition: ``text`` is the scene — YAML or JSON of the schema in
 :mod:`~poegen.expert_servers.physics.scene`, inline MJCF (text starting with ``<``), or the
 name of a ``.yaml``/``.yml``/``.json``/``.xml`` file under the asset root; scalars
 ``width``, ``height``, ``frames``, ``fps`` override the scene's (an MJCF scene takes them only
-from here: defaults 64, 64, 1, 16; its first camera renders, or scalar ``camera``), scalar
+from here: defaults 64, 64, 1, 16; its first camera renders, or the scalar ``camera``-th,
+counting from 1), scalar
 ``weight`` sets w (default: the adapter's option ``weight``, else 1). The objects of an MJCF
 scene are the bodies attached to the world.
 """
@@ -187,11 +188,10 @@ class PhysicsExpert:
             name = unknown[0] if unknown else f"tensors[{sorted(condition.tensors)[0]}]"
             field = f"condition.scalars[{name}]" if unknown else f"condition.{name}"
             raise ExpertError.invalid(field, f"not understood (scalars: {', '.join(SCALARS)})")
-        rendering = self.simulate(condition)
         weight = condition.scalars.get("weight", self.weight)
         if not (math.isfinite(weight) and weight > 0):
             raise ExpertError.invalid("condition.scalars[weight]", "must be positive and finite")
-        return SceneView(self, rendering, weight)
+        return SceneView(self, self.simulate(condition), weight)
 
     def simulate(self, condition: Condition) -> Rendering:
         """Parse, bound, compile, simulate and render the condition's scene."""
@@ -214,6 +214,8 @@ class PhysicsExpert:
         )
         if not (math.isfinite(scene.fps) and scene.fps > 0):
             raise ExpertError.invalid("condition.scalars[fps]", "must be positive and finite")
+        if "camera" in condition.scalars:
+            raise ExpertError.invalid("condition.scalars[camera]", "only MJCF scenes have several")
         check_limits(scene, self.limits)
         mjcf = scene_to_mjcf(
             scene, lambda name, field: load_mesh(self.root, name, field, self.limits.max_mesh_faces)
@@ -244,6 +246,8 @@ class PhysicsExpert:
         if not (math.isfinite(fps) and fps > 0):
             raise ExpertError.invalid("condition.scalars[fps]", "must be positive and finite")
         model = compile_mjcf(xml, self.root, resolve_asset)
+        if not model.opt.timestep > 0:
+            raise ExpertError.invalid("option.timestep", "must be positive")
         steps = max(1, round(1 / (fps * model.opt.timestep)))
         bodies = len(object_bodies(model))
         # the same bounds as a schema scene (timestep and objects as compiled)
