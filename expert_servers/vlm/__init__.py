@@ -13,9 +13,12 @@ Backends (entry points of group ``poegen.backends``):
   endpoint (option ``endpoint=http://HOST:PORT/v1``), :mod:`.vllm_backend`. Runs in its own
   environment (``scripts/setup_vllm.sh``), as a separately deployed service.
 
+Serve one with ``poegen serve vlm --model DIR [--option dtype=bfloat16 …]`` (or ``vllm``; the
+engine needs the environment of ``scripts/setup_vllm.sh``).
+
 Modules: ``questions`` (condition → questions), ``scoring`` (distribution → log P(Yes)),
 ``reward`` (the expert and its views; pixels → images), ``hf``, ``vllm_backend``, ``adapters``,
-``__main__`` (``python -m poegen.expert_servers.vlm``: serve one model). See docs/vlm.md.
+``options``. See docs/vlm.md.
 """
 
 from poegen.expert_servers.vlm.adapters import VLLMAdapter, VLMAdapter
