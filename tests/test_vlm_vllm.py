@@ -14,6 +14,9 @@ mechanics. Two subprocesses start together, once per module:
 Agreement with the transformers backend on the same folder and questions is stated as
 ``AGREEMENT`` (nats on log P(Yes); measured differences are ~1e-6, from the two stacks' float32
 kernels). Endpoint faults (no logprobs, a timeout) are injected with a small local HTTP server.
+The endpoint's image path (data URLs) runs against a tiny transformers LLaVA behind a minimal
+``/v1/chat/completions`` (the route for a VLM where vLLM cannot serve one) and must equal the
+in-process score exactly.
 
 ``test_vllm_images_on_gpu`` (marker ``gpu``, deselected by default) runs the image path: a tiny
 LLaVA through a CUDA build of vLLM, which this CPU machine cannot install.
@@ -21,6 +24,8 @@ LLaVA through a CUDA build of vLLM, which this CPU machine cannot install.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import os
@@ -38,6 +43,7 @@ import pytest
 import torch
 import vlm_fixtures as fx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from remote_helpers import LoopThread, free_port
 
 from poegen.expert_servers.server.adapter import Condition, ModelRef
@@ -334,6 +340,75 @@ def test_endpoint_options_are_checked() -> None:
         with pytest.raises(ExpertError) as err:
             VLLMAdapter().load(ModelRef("x"), options, lambda f, m: None)
         assert err.value.field == field
+
+
+# ------------------------------------------------------------------ images through an endpoint
+
+
+class LlavaEndpoint(BaseHTTPRequestHandler):
+    """``/v1/chat/completions`` answered by a tiny transformers LLaVA (``server.llava``):
+    the route for a VLM behind an OpenAI-compatible endpoint on a machine where vLLM cannot
+    serve one. Images arrive as data URLs; the reply lists the top log-probabilities."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        parts = body["messages"][0]["content"]
+        url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+        question = next(p["text"] for p in parts if p["type"] == "text")
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+        model, processor = self.server.llava  # type: ignore[attr-defined]
+        inputs = processor(
+            text=[f"USER: <image>\n{question} ASSISTANT:"], images=[image], return_tensors="pt"
+        )
+        with self.server.lock, torch.no_grad():  # type: ignore[attr-defined]
+            log_p = model(**inputs).logits[0, -1].double().log_softmax(-1)
+        k = log_p.numel() if body["top_logprobs"] == -1 else body["top_logprobs"]
+        top = log_p.topk(k)
+        listed = [
+            {"token": processor.tokenizer.decode([int(i)]), "logprob": float(v)}
+            for v, i in zip(top.values, top.indices, strict=True)
+        ]
+        content = [
+            {"token": listed[0]["token"], "logprob": listed[0]["logprob"], "top_logprobs": listed}
+        ]
+        reply = {"choices": [{"index": 0, "logprobs": {"content": content}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_endpoint_sends_images_as_data_urls(tmp_path: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = fx.save_llava(tmp_path / "llava")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LlavaEndpoint)
+    server.llava = (  # type: ignore[attr-defined]
+        LlavaForConditionalGeneration.from_pretrained(path).eval(),
+        AutoProcessor.from_pretrained(path),
+    )
+    server.lock = threading.Lock()  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        options = {"endpoint": endpoint, "served_model": "llava", "top_logprobs": "-1"}
+        remote = VLLMAdapter().load(ModelRef("llava"), options, lambda f, m: None).expert
+        local = VLMAdapter().load(ModelRef("llava", path), {}, lambda f, m: None).expert
+        pixels = fx.random_images(3, seed=9)
+        got, want = (
+            r.prepare(Condition(text=QUESTIONS)).log_potential(pixels) for r in (remote, local)
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    # PNG data URLs carry the same 8-bit pixels: the same model answers the same
+    assert (got - want).abs().max() < 1e-9, (got, want)
+    assert got.unique().numel() == 3  # each image was seen
 
 
 # ------------------------------------------------------------------ GPU: images through vLLM
