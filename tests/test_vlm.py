@@ -15,6 +15,8 @@ import grpc
 import pytest
 import torch
 import vlm_fixtures as fx
+from hypothesis import given
+from hypothesis import strategies as st
 from remote_helpers import LoopThread
 from server_helpers import rpc_error, run, running, tensor
 
@@ -300,3 +302,26 @@ def test_a_chat_template_renders_the_prompt(vlm_root: Path, tmp_path: Path) -> N
         r.prepare(Condition(text="a cat")).log_potential(pixels) for r in (with_template, without)
     ]
     assert torch.equal(scores[0], scores[1])
+
+
+@given(
+    st.lists(st.floats(-20, 5), min_size=6, max_size=40),
+    st.integers(1, 40),
+    st.integers(0, 2**32 - 1),
+)
+def test_top_k_bound_never_exceeds_the_exact_probability(logits, k, seed) -> None:
+    from poegen.expert_servers.vlm import scoring
+
+    g = torch.Generator().manual_seed(seed)
+    log_p = torch.tensor(logits, dtype=torch.float64).log_softmax(0)
+    words = ["Yes", " yes", "No", "no.", "maybe", "cat"]
+    texts = [words[int(i)] for i in torch.randint(0, 6, (len(logits),), generator=g)]
+    exact_yes = log_p[[i for i, t in enumerate(texts) if scoring.answer_word(t) == "yes"]]
+    top = log_p.topk(min(k, len(logits)))
+    listed = [(texts[int(i)], float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+    log_yes, _ = scoring.from_top(listed)
+    if any(scoring.answer_word(t) == "yes" for t, _ in listed):
+        assert log_yes <= float(exact_yes.logsumexp(0)) + 1e-9
+    else:  # none listed: the k-th probability, which bounds every unlisted yes token
+        assert log_yes == min(v for _, v in listed)
+        assert exact_yes.numel() == 0 or float(exact_yes.max()) <= log_yes + 1e-12
