@@ -4,8 +4,9 @@ Two ways to run a job:
 
 * against a **Sampler service** (``Client("127.0.0.1:50050")``): the request goes over
   ``SamplerService.Generate``; the service connects to the experts;
-* **in-process** (``Client()`` with no sampler): the kernel runs in this process, in a worker
-  thread, against the remote experts (:class:`poegen.kernel.remote.RemoteExpert`).
+* **in-process** (``Client()`` with no sampler): the Sampler service's own job
+  (:class:`poegen.kernel.service.Job`: validation, link resolution, errors) runs in a worker
+  thread of this process against the remote experts, without the hop to a service.
 
 Either way::
 
@@ -53,7 +54,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,9 +291,11 @@ class AsyncClient:
         shape = spec.sample_shape or await asyncio.to_thread(self._default_shape, spec)
         request = to_request(spec, shape, self.endpoints)
         pace = _Pace(spec.total_levels())
-        source = self._remote(request, pace, deadline) if self.sampler else self._local(
-            spec, request, pace, deadline
-        )  # fmt: skip
+        source = (
+            self._remote(request, pace, deadline)
+            if self.sampler
+            else self._local(request, pace, deadline)
+        )
         trace: list[ProgressEvent] = []
         raw = None
         try:
@@ -334,38 +337,49 @@ class AsyncClient:
     # ----------------------------------------------------------------------- in-process
 
     async def _local(
-        self,
-        spec: GenerationSpec,
-        request: sampler_pb2.GenerateRequest,
-        pace: _Pace,
-        deadline: float | None,
+        self, request: sampler_pb2.GenerateRequest, pace: _Pace, deadline: float | None
     ) -> AsyncIterator[Any]:
-        job = _LocalJob(spec, request, self.expert_token, self.max_message_bytes)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        worker = threading.Thread(
-            target=job.run, args=(lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),)
+        """The Sampler service's own job (:class:`poegen.kernel.service.Job`), in this process:
+        the same validation, link resolution, errors and stop semantics, without the hop."""
+        from poegen.kernel.errors import ExpertError
+        from poegen.kernel.service import Job, SamplerServerConfig, job_error, parse_request
+
+        config = SamplerServerConfig(
+            expert_token=self.expert_token, max_message_bytes=self.max_message_bytes
         )
-        worker.start()
+        try:
+            plan = parse_request(request, config)
+        except ExpertError as e:
+            raise GenerationError(e.code, e.field, e.reason, where="in-process") from None
+        job = Job(plan, config, asyncio.get_running_loop(), lambda _: None, 0)
+        job.start()
         try:
             while True:
                 timeout = None if deadline is None else deadline - time.monotonic()
-                if timeout is not None and timeout <= 0:
-                    raise GenerationTimeout("the job ran past its timeout; it was stopped")
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
+                    if timeout is not None and timeout <= 0:
+                        raise TimeoutError
+                    item = await asyncio.wait_for(job.queue.get(), timeout)
                 except TimeoutError:
                     raise GenerationTimeout(
                         "the job ran past its timeout; it was stopped"
                     ) from None
-                if item is _DONE:
-                    return
                 if isinstance(item, BaseException):
-                    raise item
-                yield _progress(item, pace) if not isinstance(item, _RawResult) else item
+                    error = job_error(item, plan)
+                    if isinstance(error, ExpertError):
+                        raise GenerationError(
+                            error.code, error.field, error.reason, where="in-process"
+                        ) from None
+                    raise error
+                if not isinstance(item, sampler_pb2.GenerateResponse):
+                    return  # the end marker
+                if item.HasField("level"):
+                    yield _progress(item.level, pace)
+                else:
+                    yield item.result
         finally:
             job.stop()
-            await asyncio.to_thread(worker.join)
+            await asyncio.to_thread(job.join)
 
     # ----------------------------------------------------------------------- helpers
 
@@ -396,199 +410,29 @@ class AsyncClient:
         )
 
 
-# --------------------------------------------------------------------------- local jobs
-
-_DONE = object()
-
-
-@dataclass(frozen=True, slots=True)
-class _RawResult:
-    particles: Tensor
-    log_weights: Tensor
-    log_evidence: float
-    best_index: int
-    experts: tuple[ExpertRecord, ...]
-
-
-class _LocalJob:
-    """The kernel in a worker thread against remote experts; stoppable between calls."""
-
-    def __init__(
-        self,
-        spec: GenerationSpec,
-        request: sampler_pb2.GenerateRequest,
-        token: str | None,
-        max_message_bytes: int,
-    ) -> None:
-        self.spec = spec
-        self.request = request
-        self.token = token
-        self.max_message_bytes = max_message_bytes
-        self._stop = threading.Event()
-        self._experts: list[Any] = []
-        self._lock = threading.Lock()
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._lock:
-            experts = list(self._experts)
-        for expert in experts:
-            expert.cancel()
-
-    def run(self, emit: Callable[[Any], None]) -> None:
-        try:
-            self._run(emit)
-        except BaseException as e:
-            emit(_local_error(e) if not self._stop.is_set() else _DONE)
-        finally:
-            with self._lock:
-                experts, self._experts = self._experts, []
-            for expert in experts:
-                expert.close()
-            emit(_DONE)
-
-    def _connect(self, address: str, condition: Any) -> Any:
-        from poegen.kernel.remote import RemoteExpert
-
-        expert = RemoteExpert.connect(
-            address,
-            condition=condition,
-            token=self.token,
-            max_message_bytes=self.max_message_bytes,
-        )
-        with self._lock:
-            self._experts.append(expert)
-        return expert
-
-    def _run(self, emit: Callable[[Any], None]) -> None:
-        from poegen.kernel.sampler import sample_iter
-        from poegen.kernel.spec import Factor
-
-        request = self.request
-        conditions = self._linked_conditions()
-        factors, experts = [], []
-        for i, f in enumerate(request.factors):
-            expert = self._connect(f.address, conditions[i])
-            region = (
-                codec.decode(f.region, field="region").float() if f.HasField("region") else None
-            )
-            experts.append(expert)
-            factors.append(Factor(expert, weight=f.weight, region=region, name=f.name or None))
-        generator = torch.Generator().manual_seed(request.seed)
-        run = sample_iter(
-            factors, tuple(request.sample_shape), self.spec.settings.resolved(), generator=generator
-        )
-        try:
-            while not self._stop.is_set():
-                try:
-                    trace = next(run)
-                except StopIteration as done:
-                    emit(_raw_from_kernel(done.value, factors, experts))
-                    return
-                emit(trace)
-        finally:
-            run.close()
-
-    def _linked_conditions(self) -> list[Any]:
-        """Each factor's condition with its links' tensors rendered by their sources."""
-        request = self.request
-        conditions = [f.condition if f.HasField("condition") else None for f in request.factors]
-        if not any(f.links for f in request.factors):
-            return conditions
-        renderers = {s.name: (s.address, s.condition) for s in request.sources}
-        for f in request.factors:
-            renderers.setdefault(f.name, (f.address, f.condition))
-        rendered: dict[str, dict[str, Tensor]] = {}
-        for i, f in enumerate(request.factors):
-            if not f.links:
-                continue
-            condition = conditions[i] or type(f.condition)()
-            for link in f.links:
-                if link.source not in rendered:
-                    address, cond = renderers[link.source]
-                    source = self._connect(address, cond if cond.ByteSize() else None)
-                    rendered[link.source] = source.render()
-                outputs = rendered[link.source]
-                if link.output not in outputs:
-                    raise GenerationError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"factors[{i}].links",
-                        f"{link.source!r} renders {sorted(outputs)}, not {link.output!r}",
-                    )
-                condition.tensors[link.tensor].CopyFrom(codec.encode(outputs[link.output]))
-            conditions[i] = condition
-        return conditions
-
-
-def _local_error(e: BaseException) -> BaseException:
-    from poegen.kernel.errors import ExpertError
-
-    if isinstance(e, PoegenError):
-        return e
-    if isinstance(e, ExpertError):
-        where = getattr(e, "address", "")
-        return GenerationError(
-            e.code, e.field, e.reason, where=f"expert at {where}" if where else ""
-        )
-    if isinstance(e, ValueError | TypeError):
-        return GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "", str(e), where="kernel")
-    return e
-
-
-def _raw_from_kernel(result: Any, factors: Sequence[Any], experts: Sequence[Any]) -> _RawResult:
-    records = []
-    for factor, expert in zip(factors, experts, strict=True):
-        info = expert.describe()
-        revisions = tuple(expert.revisions_seen) or (info.revision,)
-        records.append(
-            ExpertRecord(factor.name or info.name, info.model_id, revisions[0], revisions)
-        )
-    return _RawResult(
-        result.particles,
-        result.log_weights.to(torch.float64),
-        float(result.log_evidence),
-        int(result.best_index),
-        tuple(records),
-    )
-
-
-def _progress(level: Any, pace: _Pace) -> ProgressEvent:
-    """A ProgressEvent from a wire ``LevelEvent`` or a kernel ``LevelTrace``."""
-    if isinstance(level, sampler_pb2.LevelEvent):
-        timings = {t.name: (t.calls, t.seconds, t.samples) for t in level.timings}
-        preview = (
-            codec.decode(level.preview, field="preview") if level.HasField("preview") else None
-        )
-        acceptance = level.acceptance_rate
-    else:
-        timings = {
-            name: (s.calls, s.seconds, getattr(s, "samples", 0))
-            for name, s in level.experts.items()
-        }
-        preview = level.preview
-        acceptance = level.acceptance
+def _progress(level: sampler_pb2.LevelEvent, pace: _Pace) -> ProgressEvent:
+    """A ProgressEvent from a wire ``LevelEvent``."""
+    preview = codec.decode(level.preview, field="preview") if level.HasField("preview") else None
     return pace.event(
         step=int(level.step),
         sigma=float(level.sigma),
         ess=float(level.ess),
         resampled=bool(level.resampled),
-        acceptance_rate=float(acceptance),
+        acceptance_rate=float(level.acceptance_rate),
         log_weight_spread=float(level.log_weight_spread),
         reward_scale=float(level.reward_scale),
         log_evidence=float(level.log_evidence),
-        timings=timings,
+        timings={t.name: (t.calls, t.seconds, t.samples) for t in level.timings},
         preview=preview,
     )
 
 
 def _result(
-    raw: Any, trace: tuple[ProgressEvent, ...], seconds: float, shape: tuple[int, ...]
+    raw: sampler_pb2.GenerateResult,
+    trace: tuple[ProgressEvent, ...],
+    seconds: float,
+    shape: tuple[int, ...],
 ) -> GenerationResult:
-    if isinstance(raw, _RawResult):
-        return GenerationResult(
-            raw.particles, raw.log_weights, raw.log_evidence, raw.best_index, raw.experts,
-            trace, seconds, shape,
-        )  # fmt: skip
     records = tuple(
         ExpertRecord(r.name, r.model_id, r.revision, tuple(r.revisions) or (r.revision,))
         for r in raw.experts

@@ -217,9 +217,13 @@ def test_leaving_a_stream_early_cancels_the_job(stack: LocalStack) -> None:
         _free_slots(client)
 
 
-def test_a_bad_address_names_the_spec_field(stack: LocalStack) -> None:
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_bad_address_names_the_spec_field(stack: LocalStack, in_process: bool) -> None:
     spec = _spec(experts=[{"endpoint": "mix"}, {"address": "127.0.0.1:1", "name": "gone"}])
-    with Client.from_stack(stack) as client, pytest.raises(GenerationError) as error:
+    with (
+        Client.from_stack(stack, in_process=in_process) as client,
+        pytest.raises(GenerationError) as error,
+    ):
         client.generate(spec, timeout=60)
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
     assert error.value.spec_field == "experts[1].address"
