@@ -141,6 +141,10 @@ def test_depth_flows_from_the_physics_server_into_flux_and_the_constraint_holds(
     by_hand = _generate(stack["sampler"], _request(stack, depth=rendered["depth"], links=False))
     assert linked.shape == (4, *SHAPE)
     assert torch.equal(linked, by_hand)  # the link delivered exactly the rendered depth
+    via_factor = _request(stack)
+    via_factor.factors[0].links[0].source = "physics"  # the constraint factor renders it too
+    del via_factor.sources[:]
+    assert torch.equal(_generate(stack["sampler"], via_factor), linked)
     flat = _generate(
         stack["sampler"], _request(stack, depth=torch.zeros(1, 1, 16, 16), links=False)
     )
