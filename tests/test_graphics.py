@@ -147,6 +147,8 @@ def test_camera_matches_the_input_image_and_composites(root: Path) -> None:
     torch.testing.assert_close(out["composite"][0] * (1 - m), image * (1 - m))
     torch.testing.assert_close(out["composite"][0] * m, out["rgb"][0] * m)
     torch.testing.assert_close(out["target"], 2 * out["composite"][0] - 1)
+    torch.testing.assert_close(out["foreground"], out["rgb"] * out["mask"])
+    assert out["foreground"][0, :, ~m[0].bool()].abs().max() == 0
 
 
 @pytest.mark.parametrize(

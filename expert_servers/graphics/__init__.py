@@ -20,7 +20,7 @@ Condition tensors: ``image`` (optional), the picture to insert into, pixels in [
 ``focal_length`` (vertical, degrees or pixels) override the camera's, ``weight`` sets w.
 
 ``render()`` gives what :class:`~poegen.expert_servers.physics.SceneView` gives for one frame
-(``rgb`` the foreground render, ``mask`` the mesh's silhouette, ``depth`` control depth,
+(``rgb`` the render, ``foreground`` = rgb·mask, ``mask`` the mesh's silhouette, ``depth`` control depth,
 ``depth_metric``, ``intrinsics``, ``extrinsics``) plus, with an input image, ``composite`` =
 image·(1 − mask) + rgb·mask. As a constraint the sample space is pixels in [-1, 1] (or the
 adapter's autoencoder's latents) and the target is the composite (else the render), tied
@@ -189,6 +189,7 @@ class InsertionView(SceneView):
     ) -> None:
         self.image = image
         super().__init__(parent, rendering, weight)
+        self._outputs["foreground"] = self._outputs["rgb"] * self._outputs["mask"]
 
     def target_rgb(self) -> Tensor:
         """image·(1 − mask) + rgb·mask with an input image (also output ``composite``)."""
