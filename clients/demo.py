@@ -6,7 +6,10 @@
                 [--steps N] [--reference 8192] [--in-process]
     bash scripts/demo.sh            # the same, after installing what it needs
 
-**The analytic demo** (``--analytic``; the default while it is the only one): R3's ring × bar
+**The digits demo** (the default): trained digit experts composed over a local stack, one
+contact sheet; see :mod:`poegen.clients.digits_demo`.
+
+**The analytic demo** (``--analytic``): R3's ring × bar
 product (task T1 of :mod:`poegen.bench.tasks`) with exact ground truth. It brings up a
 :class:`~poegen.clients.stack.LocalStack`: the ring and the bar as two ``poegen serve
 analytic`` processes and the Sampler service as a third; then, as a client of that Sampler
@@ -42,9 +45,12 @@ import typer
 
 logger = logging.getLogger(__name__)
 
-DEMOS: dict[str, str] = {"analytic": "poegen.clients.demo:run_analytic"}
+DEMOS: dict[str, str] = {
+    "analytic": "poegen.clients.demo:run_analytic",
+    "digits": "poegen.clients.digits_demo:run",
+}
 """Demo name → ``module:function`` taking :class:`DemoOptions` and returning the status."""
-DEFAULT_DEMO = "analytic"
+DEFAULT_DEMO = "digits"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
