@@ -139,7 +139,6 @@ def run_generate(
     sampler: str | None,
     endpoints: dict[str, str],
     timeout: float | None,
-    quiet: bool = False,
 ) -> Any:
     """Run a spec with a live progress bar; write outputs to ``out``; the result."""
     from poegen.clients.outputs import write_outputs
@@ -150,8 +149,6 @@ def run_generate(
     result: GenerationResult | None = None
     with Client(sampler, endpoints=endpoints) as client, _progress_bar() as bar:
         task = bar.add_task("generate", total=total, sigma=1.0, ess=1.0, resampled=0, eta="?")
-        if quiet:
-            bar.stop()
         for event in client.stream(spec, timeout=timeout):
             if isinstance(event, GenerationResult):
                 result = event
@@ -182,7 +179,8 @@ def generate_command(
     sampler: Annotated[str | None, typer.Option(help="host:port of a Sampler service")] = None,
     stack: Annotated[Path | None, typer.Option(help="bring up this stack file for the run")] = None,
     in_process: Annotated[
-        bool, typer.Option(help="run the kernel here against the experts (no Sampler)")
+        bool,
+        typer.Option("--in-process", help="run the kernel here against the experts (no Sampler)"),
     ] = False,
     endpoint: Annotated[
         list[str] | None, typer.Option(help="NAME=HOST:PORT for `endpoint:` names (repeat)")

@@ -89,6 +89,31 @@ def test_unknown_backend_is_a_usage_error_listing_the_installed(
     assert re.search(r"installed: .*analytic.*flow", err)
 
 
+def test_serve_rejects_bad_flags_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "analytic", "--option", "no-equals-sign"]) == 2
+    assert "--option: expected key=value" in capsys.readouterr().err
+    (tmp_path / "m.yaml").write_text("expert: gaussian_mixture\n")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    args = ["serve", "analytic", "--model", str(tmp_path / "m.yaml"), "--model-root", str(other)]
+    assert main(args) == 2
+    assert "is not inside --model-root" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # imports diffusers in a fresh process (~10 s of CPU)
+def test_serve_exits_1_when_the_model_fails_to_load(tmp_path: Path) -> None:
+    """The host listens (the line is printed), the load through LoadModel fails, status 1."""
+    done = poegen(
+        "serve", "flow", "--model", "no-org/no-such-model", "--port", "0",
+        env={"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert re.match(r"poegen: serving flow on 127\.0\.0\.1:\d+$", done.stdout.splitlines()[0])
+    assert "poegen serve: error: loading 'no-org/no-such-model' failed" in done.stderr
+
+
 def test_unknown_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", "--no-such-flag", "x:1"]) == 2
     assert "No such option" in capsys.readouterr().err
