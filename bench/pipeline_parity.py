@@ -7,8 +7,11 @@ run with the test-sized models). It prints one table and writes
 For FLUX, SD3 and Wan text-to-video, in one run:
 
 * **time ratio** = median wall time of a poegen run / median wall time of the pipeline's
-  ``__call__``, at equal steps (target ≤ 1.05); also the ratio of the fastest runs, the better
-  estimate on a machine that other jobs share. The poegen run is what a client does: connect
+  ``__call__``, at equal steps (target ≤ 1.05); also the ratio of the fastest runs and the
+  ratio of median CPU times (this process, all threads: server, kernel and pipeline all run
+  here), the steadier estimates on a machine that other jobs share;
+* **without gRPC**: the same ratios for the same run on the expert object in-process
+  (``prepare`` and ``sample()``), which separates the adapter and kernel from the transport. The poegen run is what a client does: connect
   to the expert host (``Describe``, ``Prepare``: the prompts are encoded), take the expert's
   grid (``Schedule``), and ``sample()`` one particle with zero MCMC steps, every velocity a
   ``Velocity`` RPC over loopback. The pipeline call encodes the same prompts and runs the same
@@ -53,7 +56,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
 from poegen.expert_servers.flow.common import text_tensor
 from poegen.expert_servers.flow.tiny import build_flux, build_sd3, build_wan
-from poegen.expert_servers.server import ModelRef, ServerConfig, create_server
+from poegen.expert_servers.server import Condition, ModelRef, ServerConfig, create_server
 from poegen.kernel import codec
 from poegen.kernel.remote import RemoteExpert
 from poegen.kernel.sampler import sample
@@ -164,6 +167,17 @@ def poegen_run(address: str, case: Case, steps: int) -> torch.Tensor:
     return result.particles
 
 
+def in_process_run(expert: Any, case: Case, steps: int) -> torch.Tensor:
+    """The same run without gRPC: Prepare and sample() on the expert object itself."""
+    tensors = {} if case.name == "flux" else {"negative_prompt": text_tensor(NEGATIVE)}
+    view = expert.prepare(
+        Condition(text=PROMPT, tensors=tensors, scalars={"guidance_scale": case.guidance})
+    )
+    settings = SamplerSettings(num_particles=1, mcmc_steps=0, num_steps=steps, schedule="expert")
+    generator = torch.Generator().manual_seed(SEED)
+    return sample([Factor(view)], case.shape, settings, generator=generator).particles
+
+
 def pipeline_run(pipe: Any, case: Case, steps: int) -> torch.Tensor:
     noise = torch.randn((1, *case.shape), generator=torch.Generator().manual_seed(SEED))
     latents = FluxPipeline._pack_latents(noise, 1, *case.shape) if case.name == "flux" else noise
@@ -192,16 +206,20 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
         with torch.no_grad():
             ours, theirs = poegen_run(address, case, steps), pipeline_run(pipe, case, steps)
         encoder_calls = (expert_encoders.take(), pipe_encoders.take())
-        times: dict[str, list[float]] = {"poegen": [], "pipeline": []}
+        runs = {
+            "pipeline": lambda: pipeline_run(pipe, case, steps),
+            "poegen": lambda: poegen_run(address, case, steps),
+            "in_process": lambda: in_process_run(served.expert, case, steps),
+        }
+        times: dict[str, list[float]] = {side: [] for side in runs}
+        cpu: dict[str, list[float]] = {side: [] for side in runs}
         for _ in range(repeats):
-            for side in ("pipeline", "poegen"):
-                started = time.perf_counter()
+            for side, run in runs.items():
+                started, cpu_started = time.perf_counter(), time.process_time()
                 with torch.no_grad():
-                    if side == "poegen":
-                        poegen_run(address, case, steps)
-                    else:
-                        pipeline_run(pipe, case, steps)
+                    run()
                 times[side].append(time.perf_counter() - started)
+                cpu[side].append(time.process_time() - cpu_started)
     finally:
         host.close()
     poegen_s, pipeline_s = statistics.median(times["poegen"]), statistics.median(times["pipeline"])
@@ -213,6 +231,11 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
         "pipeline_s": pipeline_s,
         "ratio": poegen_s / pipeline_s,
         "ratio_min": min(times["poegen"]) / min(times["pipeline"]),
+        "cpu_ratio": statistics.median(cpu["poegen"]) / statistics.median(cpu["pipeline"]),
+        "in_process_ratio": statistics.median(times["in_process"]) / pipeline_s,
+        "in_process_cpu_ratio": statistics.median(cpu["in_process"])
+        / statistics.median(cpu["pipeline"]),
+        "cpu_s": cpu,
         "encoder_calls_poegen": encoder_calls[0],
         "encoder_calls_pipeline": encoder_calls[1],
         "max_abs_diff": float((ours - theirs).abs().max()),
@@ -239,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{r['family']:5s} latents {tuple(r['latent_shape'])!s:16s} steps {steps:3d}  "
                 f"pipeline {r['pipeline_s']:7.3f} s  poegen {r['poegen_s']:7.3f} s  "
-                f"ratio {r['ratio']:5.3f} (of minima {r['ratio_min']:5.3f})  encoder calls {r['encoder_calls_poegen']} "
+                f"ratio {r['ratio']:5.3f} (minima {r['ratio_min']:5.3f}, CPU time "
+                f"{r['cpu_ratio']:5.3f})  without gRPC {r['in_process_ratio']:5.3f} (CPU "
+                f"{r['in_process_cpu_ratio']:5.3f})  encoder calls {r['encoder_calls_poegen']} "
                 f"(pipeline {r['encoder_calls_pipeline']})  max|Δ| {r['max_abs_diff']:.1e}",
                 flush=True,
             )
