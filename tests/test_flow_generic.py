@@ -177,3 +177,16 @@ def test_served_over_grpc_load_velocity_and_bad_input(flow_models):  # noqa: F81
             )
 
     run(body(), timeout=120)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    model = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not list((tmp_path / "pickled").glob("*.safetensors"))
+    with pytest.raises(ExpertError) as err:
+        FlowAdapter().load(ModelRef("pickled", tmp_path / "pickled"), {}, lambda f, m: None)
+    assert err.value.field == "model_id" and str(tmp_path) not in str(err.value)

@@ -159,9 +159,15 @@ def pipeline_class_name(folder: Path, ref: ModelRef, accepted: Iterable[str], fa
 
 
 def load_pipeline(cls: type[_T], folder: Path, ref: ModelRef, opts: LoadOptions, **kw: Any) -> _T:
-    """``cls.from_pretrained(folder)`` with the options' dtype, placed on its device."""
+    """``cls.from_pretrained(folder)`` with the options' dtype, placed on its device.
+
+    Weights load from safetensors only (``use_safetensors=True``: a folder with pickled
+    ``.bin`` weights is refused) and no remote code runs (diffusers' default).
+    """
     try:
-        pipe = cls.from_pretrained(folder, dtype=opts.torch_dtype, **kw)  # type: ignore[attr-defined]
+        pipe = cls.from_pretrained(  # type: ignore[attr-defined]
+            folder, dtype=opts.torch_dtype, use_safetensors=True, **kw
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         logger.warning("loading %r failed: %s", ref.model_id, type(e).__name__)
         raise ExpertError.invalid(

@@ -124,7 +124,7 @@ class FlowAdapter:
 
 def _load(cls: type[ModelMixin], path: Path, ref: ModelRef, opts: LoadOptions) -> Any:
     try:
-        model = cls.from_pretrained(path, dtype=opts.torch_dtype)
+        model = cls.from_pretrained(path, dtype=opts.torch_dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError, TypeError):
         raise ExpertError.invalid(
             "model_id", f"{ref.model_id!r}: {cls.__name__} could not be loaded"
