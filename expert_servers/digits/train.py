@@ -76,7 +76,8 @@ class TrainConfig:
     flow_lr: float = 2e-3
     ema_decay: float = 0.995
     flow_channels: tuple[int, ...] = (16, 32, 32)
-    classifier_steps: int = 300
+    classifier_steps: int = 600
+    classifier_noise: float = 0.3
     classifier_batch: int = 64
     classifier_lr: float = 2e-3
     threads: int = 2
@@ -187,13 +188,14 @@ def build_processor():
     )
 
 
-def augment(x0: Tensor, generator: torch.Generator) -> Tensor:
-    """Shift by up to one pixel and add a little noise (the classifiers read model samples)."""
+def augment(x0: Tensor, generator: torch.Generator, noise_std: float) -> Tensor:
+    """Shift by up to one pixel and add noise of a random std in [0, noise_std] per image
+    (the classifiers read model samples, and a reward must not be fooled by speckle)."""
     shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
     x = torch.roll(x0, shifts=shift, dims=(2, 3))
     noise = (
         torch.randn(x.shape, generator=generator)
-        * 0.1
+        * noise_std
         * torch.rand((x.shape[0], 1, 1, 1), generator=generator)
     )
     return (x + noise).clamp(-1, 1)
@@ -209,7 +211,10 @@ def train_classifier(name: str, train: Digits, test: Digits, cfg: TrainConfig, s
     model.train()
     for step in range(cfg.classifier_steps):
         batch = torch.randint(len(train.x0), (cfg.classifier_batch,), generator=gen)
-        out = model(pixel_values=augment(train.x0[batch], gen), labels=train.labels[batch])
+        out = model(
+            pixel_values=augment(train.x0[batch], gen, cfg.classifier_noise),
+            labels=train.labels[batch],
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
