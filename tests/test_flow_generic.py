@@ -190,3 +190,21 @@ def test_pickled_weights_are_refused(tmp_path):
     with pytest.raises(ExpertError) as err:
         FlowAdapter().load(ModelRef("pickled", tmp_path / "pickled"), {}, lambda f, m: None)
     assert err.value.field == "model_id" and str(tmp_path) not in str(err.value)
+
+
+def test_an_allowlisted_hub_id_loads_from_the_local_cache(flow_models, tmp_path, monkeypatch):  # noqa: F811
+    import shutil
+
+    import huggingface_hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--digits"
+    shutil.copytree(flow_models.path("unet"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    expert = FlowAdapter().load(ModelRef("org/digits", None), {}, lambda f, m: None).expert
+    assert (expert.describe().model_id, expert.describe().revision) == ("org/digits", commit)
+    with pytest.raises(ExpertError) as err:
+        FlowAdapter().load(ModelRef("org/absent", None), {}, lambda f, m: None)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and err.value.field == "model_id"
