@@ -93,7 +93,8 @@ def t1_stack(task: Any) -> dict[str, Any]:
                 "latent_space": "toy-2d",
             }
         )
-    return {"experts": experts, "sampler": {"max_jobs": 2}}
+    # three small processes on few cores: one torch thread each (see poegen.clients.stack)
+    return {"experts": experts, "sampler": {"max_jobs": 2}, "env": {"OMP_NUM_THREADS": "1"}}
 
 
 def remote_runner(client: Any, log: Callable[[str], None]) -> Callable[..., Any]:

@@ -18,6 +18,11 @@ A *stack file* lists the expert servers to start and the Sampler's settings::
         startup_timeout_s: 600           # loading a large model takes a while
     sampler:                             # SamplerServerConfig fields; `sampler: null`: none
       max_jobs: 2
+    env: {OMP_NUM_THREADS: "1"}          # every process's environment (an expert's env wins)
+
+Many small servers on few cores run faster single-threaded (``OMP_NUM_THREADS: "1"``: torch's
+OpenMP threads of several processes otherwise compete for the same cores; the T1 demo's jobs
+take about half as long); a large model on a many-core machine wants its threads.
 
 Each process is ``python -m poegen.clients.cli serve …`` or ``… sampler`` on port 0 (unless a
 port is given); the stack reads the ``poegen: serving NAME on HOST:PORT`` line each prints,
@@ -153,6 +158,9 @@ class StackConfig(BaseModel):
         default_factory=dict, description="SamplerServerConfig fields; null: no sampler"
     )
     stop_timeout_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL after this long")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment of every process (each expert's own wins)"
+    )
 
     @field_validator("sampler")
     @classmethod
@@ -280,7 +288,7 @@ class LocalStack:
             for spec in self.config.experts:
                 self._spawn(spec.name, self._expert_command(spec), spec.env, spec.startup_timeout_s)
             if self.config.sampler is not None:
-                self._spawn("sampler", self._sampler_command(), {}, 60.0)
+                self._spawn("sampler", self._sampler_command(), {}, 120.0)
             for process in self.processes:
                 self._await_ready(process)
         except BaseException:
@@ -371,6 +379,7 @@ class LocalStack:
     def _spawn(self, name: str, command: list[str], env: Mapping[str, str], timeout: float) -> None:
         full_env = {
             **os.environ,
+            **self.config.env,
             **self.env,
             **env,
             "PYTHONUNBUFFERED": "1",

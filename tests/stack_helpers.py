@@ -40,6 +40,7 @@ def stack_data(models: Path) -> dict[str, Any]:
             {"name": "right", "expert": "linear_reward", "params": REWARD},
         ],
         "sampler": {"max_jobs": 2},
+        "env": {"OMP_NUM_THREADS": "1"},
     }
 
 

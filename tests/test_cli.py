@@ -58,8 +58,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             {"name": "latent", "backend": "flow", "model": str(latent)},
         ],
         "sampler": {"max_jobs": 2},
+        "env": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     }
-    with LocalStack.from_mapping(data, env={"HF_HUB_OFFLINE": "1"}) as running:
+    with LocalStack.from_mapping(data) as running:
         yield running
 
 
