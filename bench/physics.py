@@ -153,6 +153,7 @@ def main() -> None:
     from poegen.expert_servers.flow import FluxAdapter
 
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = build_flux(root)
@@ -181,7 +182,8 @@ def main() -> None:
                              frames_per_s=args.frames / sim, prepare_s=prep, level_s=level,
                              prepare_over_level=prep / level))  # fmt: skip
     print(f"MuJoCo {mujoco.__version__}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"{'size':>6} {'frames/s':>9} {'prepare s':>10} {'level s':>9} {'prep/level':>11}")
     for r in rows:
         print(f"{r['side']:>4}² {r['frames_per_s']:>9.2f} {r['prepare_s']:>10.3f} "
@@ -190,7 +192,8 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "mujoco": mujoco.__version__, "mujoco_gl": os.environ.get("MUJOCO_GL"),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__,
+                    "load_average_1min": [load_before, os.getloadavg()[0]]},
         "settings": {"frames": args.frames, "repeats": args.repeats,
                      "particles": args.particles, "quick": args.quick},
         "rows": rows,
