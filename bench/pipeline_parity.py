@@ -54,10 +54,8 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
-from poegen.expert_servers.flow.common import text_tensor
 from poegen.expert_servers.flow.tiny import build_flux, build_sd3, build_wan
 from poegen.expert_servers.server import Condition, ModelRef, ServerConfig, create_server
-from poegen.kernel import codec
 from poegen.kernel.remote import RemoteExpert
 from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -153,7 +151,7 @@ class Host:
 def condition(case: Case) -> expert_pb2.Condition:
     msg = expert_pb2.Condition(text=PROMPT, scalars={"guidance_scale": case.guidance})
     if case.name != "flux":
-        msg.tensors["negative_prompt"].CopyFrom(codec.encode(text_tensor(NEGATIVE)))
+        msg.negative_text = NEGATIVE
     return msg
 
 
@@ -169,9 +167,9 @@ def poegen_run(address: str, case: Case, steps: int) -> torch.Tensor:
 
 def in_process_run(expert: Any, case: Case, steps: int) -> torch.Tensor:
     """The same run without gRPC: Prepare and sample() on the expert object itself."""
-    tensors = {} if case.name == "flux" else {"negative_prompt": text_tensor(NEGATIVE)}
+    negative = "" if case.name == "flux" else NEGATIVE
     view = expert.prepare(
-        Condition(text=PROMPT, tensors=tensors, scalars={"guidance_scale": case.guidance})
+        Condition(text=PROMPT, negative_text=negative, scalars={"guidance_scale": case.guidance})
     )
     settings = SamplerSettings(num_particles=1, mcmc_steps=0, num_steps=steps, schedule="expert")
     generator = torch.Generator().manual_seed(SEED)

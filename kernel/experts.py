@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
@@ -94,6 +94,31 @@ REQUIRED_METHOD = {
 
 
 @dataclass(frozen=True, slots=True)
+class LatentLayout:
+    """How a generative expert's latents relate to pixels (mirrors ``LatentLayout``).
+
+    Attributes:
+        channels: C of the latents it takes, ``(B, C, H, W)`` or ``(B, C, F, H, W)``.
+        packing: ``"2x2"`` when the model sees 2×2 patches packed into tokens (FLUX; the
+            adapter packs, the wire carries unpacked latents), else ``"none"``.
+        spatial_compression: pixels per latent cell along H and W.
+        temporal_compression: frames per latent frame after the first (video), else 1.
+        multiple: latent H and W must be multiples of this (the patch size).
+        shift: the scheduler's static time shift.
+        dynamic_shift: resolution-dependent shift settings (FLUX's base/max shift and sequence
+            lengths); empty when the shift is static.
+    """
+
+    channels: int
+    packing: str = "none"
+    spatial_compression: int = 1
+    temporal_compression: int = 1
+    multiple: int = 1
+    shift: float = 1.0
+    dynamic_shift: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ExpertInfo:
     """What an expert says about itself (mirrors ``DescribeResponse`` on the wire).
 
@@ -109,6 +134,7 @@ class ExpertInfo:
             generative experts summed in one run must share it. Empty: unnamed.
         pixel_input: discriminative and constraint experts: ``log_potential`` takes decoded
             pixels in [0, 1] rather than latents.
+        latent_layout: generative experts: how their latents relate to pixels, or ``None``.
     """
 
     name: str
@@ -120,6 +146,7 @@ class ExpertInfo:
     revision: str = ""
     latent_space: str = ""
     pixel_input: bool = False
+    latent_layout: LatentLayout | None = None
 
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities

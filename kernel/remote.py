@@ -92,7 +92,7 @@ from torch import Tensor
 
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError, from_rpc_error
-from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
+from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind, LatentLayout
 from poegen.kernel.transport import (
     DEFAULT_MAX_MESSAGE_BYTES,
     bearer_metadata,
@@ -724,6 +724,20 @@ def describe_to_info(reply: expert_pb2.DescribeResponse) -> ExpertInfo:
         revision=reply.revision,
         latent_space=reply.latent_space,
         pixel_input=reply.pixel_input,
+        latent_layout=_layout(reply) if reply.HasField("latent_layout") else None,
+    )
+
+
+def _layout(reply: expert_pb2.DescribeResponse) -> LatentLayout:
+    msg = reply.latent_layout
+    return LatentLayout(
+        channels=msg.channels,
+        packing=msg.packing,
+        spatial_compression=msg.spatial_compression,
+        temporal_compression=msg.temporal_compression,
+        multiple=msg.multiple,
+        shift=msg.shift,
+        dynamic_shift=dict(msg.dynamic_shift),
     )
 
 

@@ -16,7 +16,6 @@ from diffusers import FluxControlPipeline, FluxPipeline, WanImageToVideoPipeline
 from flow_fixtures import flow_models  # noqa: F401 - session fixture
 
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
-from poegen.expert_servers.flow.common import text_tensor
 from poegen.expert_servers.flow.wan import _to_pil
 from poegen.expert_servers.server import Condition, ModelRef
 from poegen.kernel.experts import Capability, check_expert
@@ -49,12 +48,12 @@ def test_describe_and_latent_layout(flow_models):  # noqa: F811
     info = check_expert(flux)
     assert info.latent_space == "flux-vae-16" and info.model_id == "flux"
     assert info.supports(Capability.SCHEDULE) and info.supports(Capability.AUTOENCODER)
-    layout = flux.latent_layout()
+    layout = flux.describe().latent_layout
     assert (layout.channels, layout.packing, layout.multiple) == (16, "2x2", 2)
     assert set(layout.dynamic_shift) == {
         "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"
     }  # fmt: skip
-    wan_layout = wan.latent_layout()
+    wan_layout = wan.describe().latent_layout
     assert wan.describe().latent_space == "wan-vae-16"
     assert (wan_layout.temporal_compression, wan_layout.shift, wan_layout.dynamic_shift) == (
         4,
@@ -82,7 +81,7 @@ def test_encode_decode_through_the_vae(flow_models, name, pixels):  # noqa: F811
     expert = _expert(flow_models, name)
     x = torch.rand(pixels, generator=torch.Generator().manual_seed(0)) * 2 - 1
     z = expert.encode(x)
-    layout = expert.latent_layout()
+    layout = expert.describe().latent_layout
     assert z.shape[:2] == (pixels[0], layout.channels)
     assert z.shape[-1] == pixels[-1] // layout.spatial_compression
     back = expert.decode(z)
@@ -123,7 +122,7 @@ def test_flux_depth_control_equals_the_control_pipeline(flow_models):  # noqa: F
 def test_flux_true_cfg_with_a_negative_prompt_equals_the_pipeline(flow_models):  # noqa: F811
     expert = _expert(flow_models, "flux")
     condition = Condition(
-        text="a cat", tensors={"negative_prompt": text_tensor("blurry")},
+        text="a cat", negative_text="blurry",
         scalars={"true_cfg_scale": 2.5, "guidance_scale": 3.0},
     )  # fmt: skip
     shape = (16, 8, 8)
@@ -146,7 +145,7 @@ def test_wan_image_to_video_equals_the_pipeline(flow_models):  # noqa: F811
     expert = _expert(flow_models, "wan_i2v")
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     condition = Condition(
-        text="a ball rolling", tensors={"image": image, "negative_prompt": text_tensor("static")},
+        text="a ball rolling", tensors={"image": image}, negative_text="static",
         scalars={"num_frames": 5.0, "guidance_scale": 5.0},
     )  # fmt: skip
     shape = (16, 2, 4, 4)
@@ -196,9 +195,7 @@ def test_prompts_are_encoded_once_per_condition(flow_models):  # noqa: F811
 
     hooks = [encoder.register_forward_hook(count) for encoder in encoders]
     try:
-        view = expert.prepare(
-            Condition(text="a cube", tensors={"negative_prompt": text_tensor("x")})
-        )
+        view = expert.prepare(Condition(text="a cube", negative_text="x"))
         prepared = calls[0]
         _one_particle(view, (4, 8, 8))
     finally:

@@ -21,7 +21,6 @@ from flow_fixtures import flow_models  # noqa: F401 - session fixture
 from remote_helpers import LoopThread
 
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
-from poegen.expert_servers.flow.common import text_tensor
 from poegen.expert_servers.server import Condition, ModelRef
 from poegen.kernel import codec
 from poegen.kernel.remote import RemoteExpert
@@ -71,7 +70,7 @@ def _serve(loop: LoopThread, flow_models: Any, family: Family) -> str:  # noqa: 
 def _condition(family: Family, text: str = PROMPT) -> pb.Condition:
     condition = pb.Condition(text=text, scalars={"guidance_scale": family.guidance})
     if family.name != "flux":
-        condition.tensors["negative_prompt"].CopyFrom(codec.encode(text_tensor(NEGATIVE)))
+        condition.negative_text = NEGATIVE
     return condition
 
 
@@ -101,6 +100,9 @@ def test_one_expert_over_grpc_equals_the_pipeline(loop, flow_models, name):  # n
         result = sample(
             [Factor(remote)], family.shape, settings, generator=torch.Generator().manual_seed(SEED)
         )
+        layout = remote.describe().latent_layout  # the layout crosses the wire in Describe
+    assert layout is not None and layout.channels == family.shape[0]
+    assert layout.packing == ("2x2" if name == "flux" else "none")
     # the kernel's first draw: x ~ N(0, I) of shape (N, *S) from its generator
     noise = torch.randn((1, *family.shape), generator=torch.Generator().manual_seed(SEED))
     want = _pipeline_latents(family, flow_models.path(name), noise)

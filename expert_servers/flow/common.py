@@ -8,8 +8,8 @@ Options (``LoadModel`` options / ``poegen serve --option``), all strings on the 
   ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``; needs an accelerator);
 * ``guidance_scale``: the default guidance of a condition (FLUX's guidance embedding, the CFG
   scale of SD3 and Wan); a condition's scalar ``guidance_scale`` overrides it;
-* ``negative_prompt``: the default negative prompt (SD3, Wan); a condition's tensor
-  ``negative_prompt`` (UTF-8 bytes as a u8 vector) overrides it;
+* ``negative_prompt``: the default negative prompt (SD3, Wan); a condition's
+  ``negative_text`` overrides it;
 * ``max_sequence_length``: the T5/UMT5 token limit of the prompt encoders;
 * ``latent_space``: overrides the name announced in ``Describe``;
 * ``max_batch``: the largest batch one call may carry (the kernel chunks larger batches).
@@ -201,26 +201,6 @@ def condition_scalar(condition: Condition, name: str, default: float) -> float:
     if not math.isfinite(value):
         raise ExpertError.invalid(f"condition.scalars[{name}]", "must be finite")
     return float(value)
-
-
-def condition_text(condition: Condition, name: str, default: str) -> str:
-    """A text tensor of the condition (UTF-8 bytes as a u8 vector), or ``default``."""
-    t = condition.tensors.get(name)
-    if t is None:
-        return default
-    if t.dtype != torch.uint8 or t.ndim != 1:
-        raise ExpertError.invalid(
-            f"condition.tensors[{name}]", "expected UTF-8 bytes as a u8 vector"
-        )
-    try:
-        return bytes(t.tolist()).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ExpertError.invalid(f"condition.tensors[{name}]", "not valid UTF-8") from None
-
-
-def text_tensor(text: str) -> Tensor:
-    """``text`` as a condition tensor (UTF-8 bytes, u8 vector)."""
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
 def check_keys(condition: Condition, tensors: Iterable[str], scalars: Iterable[str]) -> None:

@@ -15,14 +15,13 @@ call at a time. It never runs the pipeline's ``__call__``.
   diffusers' schedulers carry a step counter).
 
 Describe: ``latent_space`` is ``"<family>-vae-<channels>"`` (e.g. ``flux-vae-16``,
-``wan-vae-16``); :meth:`FamilyExpert.latent_layout` gives the rest (channels, packing, spatial
-and temporal compression, scheduler shift) in-process, documented in ``docs/flow.md``.
+``wan-vae-16``) and ``latent_layout`` (:class:`~poegen.kernel.experts.LatentLayout`, also on the
+wire) the rest: channels, packing, spatial and temporal compression, scheduler shift.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,35 +31,9 @@ from torch import Tensor
 from poegen.expert_servers.flow.common import Lazy, LoadOptions
 from poegen.expert_servers.server.adapter import Condition
 from poegen.kernel.errors import ExpertError
-from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind
+from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind, LatentLayout
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class LatentLayout:
-    """How a family's latents look (``Describe`` carries the name; this, the details).
-
-    Attributes:
-        channels: C of the unpacked latents the expert takes, ``(B, C, H, W)`` or
-            ``(B, C, F, H, W)``.
-        packing: ``"2x2"`` when the transformer sees 2×2 patches packed into tokens (FLUX,
-            handled inside the adapter), else ``"none"``.
-        spatial_compression: pixels per latent cell along H and W.
-        temporal_compression: frames per latent frame after the first (video), else 1.
-        multiple: H and W of the latents must be multiples of this.
-        shift: the scheduler's static shift (``"dynamic"`` shifting: see ``dynamic_shift``).
-        dynamic_shift: FLUX's resolution-dependent shift (base/max shift and sequence lengths),
-            empty when off.
-    """
-
-    channels: int
-    packing: str
-    spatial_compression: int
-    temporal_compression: int
-    multiple: int
-    shift: float
-    dynamic_shift: dict[str, float]
 
 
 def scheduler_layout(config: Any) -> tuple[float, dict[str, float]]:
@@ -90,6 +63,7 @@ class FamilyExpert:
             model_id=model_id,
             revision=revision,
             latent_space=space,
+            latent_layout=self.layout,
         )
         self._default = Lazy(lambda: self.prepare(Condition()))
 
@@ -114,9 +88,6 @@ class FamilyExpert:
 
     def describe(self) -> ExpertInfo:
         return self._info
-
-    def latent_layout(self) -> LatentLayout:
-        return self.layout
 
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         """The default condition's velocity (empty prompt)."""

@@ -11,8 +11,8 @@ unpacking happen inside :meth:`FluxView.velocity` with the pipeline's own helper
 
 Conditions (``Prepare``): ``text`` (the prompt, through CLIP and T5 with the pipeline's
 ``encode_prompt``); scalar ``guidance_scale`` (the guidance embedding; default: option
-``guidance_scale``, else 3.5); scalar ``true_cfg_scale`` with tensor ``negative_prompt`` (UTF-8
-bytes; defaults: options of the same names): FLUX's "true CFG", a second transformer call with
+``guidance_scale``, else 3.5); scalar ``true_cfg_scale`` with ``negative_text`` (defaults: options
+``true_cfg_scale`` and ``negative_prompt``): FLUX's "true CFG", a second transformer call with
 the negative prompt, v = v_neg + s·(v − v_neg), when s > 1 and the negative prompt is not
 empty (the pipeline's rule); for a control folder, the control image as tensor
 ``control_image`` (pixels in [-1, 1], ``(C, H, W)`` or ``(1, C, H, W)``, C = 1 or 3) or
@@ -48,7 +48,6 @@ from poegen.expert_servers.flow.common import (
     check_pixels,
     check_steps,
     condition_scalar,
-    condition_text,
     load_pipeline,
     model_folder,
     model_revision,
@@ -138,11 +137,11 @@ class FluxExpert(FamilyExpert):
     def prepare(self, condition: Condition) -> FluxView:
         """Encode the prompt once (CLIP pooled + T5 tokens); the control image, if any."""
         tensors = ("control_image", "depth") if self.control else ("box",)
-        check_keys(condition, (*tensors, "negative_prompt"), ("guidance_scale", "true_cfg_scale"))
+        check_keys(condition, tensors, ("guidance_scale", "true_cfg_scale"))
         box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
         true_cfg = condition_scalar(condition, "true_cfg_scale", self.true_cfg_scale)
-        negative = condition_text(condition, "negative_prompt", self.negative_prompt)
+        negative = condition.negative_text or self.negative_prompt
         pixels = _control_pixels(condition)
         if self.control and pixels is None:
             raise ExpertError.invalid(

@@ -46,9 +46,10 @@ from poegen.expert_servers.flow.common import (
     read_json,
     scheduler_sigmas,
 )
+from poegen.expert_servers.flow.family import scheduler_layout
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
 from poegen.kernel.errors import ExpertError
-from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind
+from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind, LatentLayout
 
 _MODEL_DIRS = ("", "transformer", "unet")
 FAMILY_ADAPTERS = {"Flux": "flux", "StableDiffusion3": "sd3", "Wan": "wan"}
@@ -157,6 +158,15 @@ class FlowModelExpert:
         self.num_classes = getattr(config, "num_class_embeds", None)
         self._takes_labels = "class_labels" in inspect.signature(model.forward).parameters
         space = "pixels" if vae is None else f"{type(vae).__name__.lower()}"
+        shift, dynamic = scheduler_layout(self.scheduler_config)
+        # a diffusers VAE halves the resolution at every down block but the last
+        compression = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        layout = LatentLayout(
+            channels=self.channels,
+            spatial_compression=compression,
+            shift=shift,
+            dynamic_shift=dynamic,
+        )
         self._info = ExpertInfo(
             name=name,
             kind=ExpertKind.GENERATIVE,
@@ -165,6 +175,7 @@ class FlowModelExpert:
             model_id=model_id,
             revision=revision,
             latent_space=latent_space or f"{space}-{self.channels}",
+            latent_layout=layout,
         )
 
     def describe(self) -> ExpertInfo:

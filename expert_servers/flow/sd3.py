@@ -4,8 +4,8 @@ Folders: a ``StableDiffusion3Pipeline`` folder. The expert works on latents ``(B
 (C the transformer's ``in_channels``, 16 for SD3; H, W multiples of its ``patch_size``).
 
 Conditions: ``text`` (the prompt, through both CLIPs and T5 with the pipeline's
-``encode_prompt``), the negative prompt (tensor ``negative_prompt``, UTF-8 bytes; default:
-option ``negative_prompt``, else empty), scalar ``guidance_scale`` (classifier-free guidance;
+``encode_prompt``), the negative prompt (``negative_text``; default: option
+``negative_prompt``, else empty), scalar ``guidance_scale`` (classifier-free guidance;
 default: option ``guidance_scale``, else 7.0; ≤ 1 turns CFG off), tensor ``box`` (the crop
 the transformer sees, see :class:`~.family.FamilyView`). Velocity, as the pipeline's
 loop computes it, with one batched call over [negative; positive]::
@@ -40,7 +40,6 @@ from poegen.expert_servers.flow.common import (
     check_pixels,
     check_steps,
     condition_scalar,
-    condition_text,
     load_pipeline,
     model_folder,
     model_revision,
@@ -106,10 +105,10 @@ class SD3Expert(FamilyExpert):
     @torch.no_grad()
     def prepare(self, condition: Condition) -> SD3View:
         """Encode prompt and negative prompt once (CLIP-L, CLIP-G, T5)."""
-        check_keys(condition, ("negative_prompt", "box"), ("guidance_scale",))
+        check_keys(condition, ("box",), ("guidance_scale",))
         box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
-        negative = condition_text(condition, "negative_prompt", self.negative_prompt)
+        negative = condition.negative_text or self.negative_prompt
         cfg = guidance > 1
         embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=condition.text,

@@ -7,7 +7,7 @@ transformers, expanded timesteps) are refused. The expert works on video latents
 compression), H and W multiples of the transformer's patch (2).
 
 Conditions: ``text`` (through UMT5 with the pipeline's ``encode_prompt``), the negative prompt
-(tensor ``negative_prompt``, UTF-8 bytes; default: option ``negative_prompt``), scalar
+(``negative_text``; default: option ``negative_prompt``), scalar
 ``guidance_scale`` (CFG; default: option ``guidance_scale``, else 5.0; ≤ 1 turns it off), for
 text-to-video tensor ``box`` (the crop of every frame the transformer sees). As
 the pipeline's loop, two transformer calls per velocity (conditional, then unconditional)::
@@ -52,7 +52,6 @@ from poegen.expert_servers.flow.common import (
     check_pixels,
     check_steps,
     condition_scalar,
-    condition_text,
     load_pipeline,
     model_folder,
     model_revision,
@@ -202,17 +201,17 @@ class WanExpert(FamilyExpert):
     def prepare(self, condition: Condition) -> WanView:
         """Encode prompt and negative prompt once (UMT5); the first frame for I2V; the control
         video for VACE."""
-        tensors: tuple[str, ...] = ("negative_prompt", "box")
+        tensors: tuple[str, ...] = ("box",)
         scalars: tuple[str, ...] = ("guidance_scale",)
         if self.image_to_video:
-            tensors, scalars = ("negative_prompt", "image"), ("guidance_scale", "num_frames")
+            tensors, scalars = ("image",), ("guidance_scale", "num_frames")
         elif self.vace:
-            tensors = ("negative_prompt", "control_video", "depth", "mask")
+            tensors = ("control_video", "depth", "mask")
             scalars = ("guidance_scale", "conditioning_scale")
         check_keys(condition, tensors, scalars)
         box = read_box(condition, self.layout.multiple)
         guidance = condition_scalar(condition, "guidance_scale", self.guidance_scale)
-        negative = condition_text(condition, "negative_prompt", self.negative_prompt)
+        negative = condition.negative_text or self.negative_prompt
         cfg = guidance > 1
         dtype = self.transformer_dtype
         embeds, neg_embeds = self.pipe.encode_prompt(

@@ -71,14 +71,16 @@ class ServedModel:
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """A decoded ``poegen.v1.Condition``: text, named tensors and named scalars."""
+    """A decoded ``poegen.v1.Condition``: text, named tensors, named scalars and the negative
+    prompt of classifier-free guidance."""
 
     text: str = ""
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
     scalars: Mapping[str, float] = field(default_factory=dict)
+    negative_text: str = ""
 
     def is_empty(self) -> bool:
-        return not self.text and not self.tensors and not self.scalars
+        return not (self.text or self.tensors or self.scalars or self.negative_text)
 
 
 class ModelAdapter(Protocol):

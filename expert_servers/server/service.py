@@ -24,6 +24,7 @@ from poegen.expert_servers.server.models import LoadedModel, ModelManager
 from poegen.expert_servers.server.serving import ExpertServing, finite_scalar
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError, maps_errors
+from poegen.kernel.experts import LatentLayout
 from poegen.v1 import expert_pb2 as pb
 from poegen.v1 import expert_pb2_grpc, tensor_pb2
 
@@ -215,7 +216,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             for name, t in msg.tensors.items()
         }
         scalars = {name: finite_scalar(name, value) for name, value in msg.scalars.items()}
-        return Condition(text=msg.text, tensors=tensors, scalars=scalars)
+        return Condition(
+            text=msg.text, tensors=tensors, scalars=scalars, negative_text=msg.negative_text
+        )
 
 
 def describe_response(
@@ -240,4 +243,20 @@ def describe_response(
         max_message_bytes=limits.max_message_bytes,
         shared_memory=limits.shared_memory is not None,
         pixel_input=info.pixel_input,
+        latent_layout=layout_message(info.latent_layout),
+    )
+
+
+def layout_message(layout: LatentLayout | None) -> pb.LatentLayout | None:
+    """``LatentLayout`` on the wire (``None`` stays absent)."""
+    if layout is None:
+        return None
+    return pb.LatentLayout(
+        channels=layout.channels,
+        packing=layout.packing,
+        spatial_compression=layout.spatial_compression,
+        temporal_compression=layout.temporal_compression,
+        multiple=layout.multiple,
+        shift=layout.shift,
+        dynamic_shift=dict(layout.dynamic_shift),
     )

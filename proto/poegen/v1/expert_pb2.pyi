@@ -63,7 +63,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("name", "kind", "capabilities", "sample_shape", "max_batch", "model_id", "revision", "latent_space", "max_message_bytes", "shared_memory", "pixel_input")
+    __slots__ = ("name", "kind", "capabilities", "sample_shape", "max_batch", "model_id", "revision", "latent_space", "max_message_bytes", "shared_memory", "pixel_input", "latent_layout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class DescribeResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     PIXEL_INPUT_FIELD_NUMBER: _ClassVar[int]
+    LATENT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ExpertKind
     capabilities: _containers.RepeatedScalarFieldContainer[Capability]
@@ -86,10 +87,36 @@ class DescribeResponse(_message.Message):
     max_message_bytes: int
     shared_memory: bool
     pixel_input: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ExpertKind, str]] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ..., latent_space: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., pixel_input: _Optional[bool] = ...) -> None: ...
+    latent_layout: LatentLayout
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ExpertKind, str]] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ..., latent_space: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., pixel_input: _Optional[bool] = ..., latent_layout: _Optional[_Union[LatentLayout, _Mapping]] = ...) -> None: ...
+
+class LatentLayout(_message.Message):
+    __slots__ = ("channels", "packing", "spatial_compression", "temporal_compression", "multiple", "shift", "dynamic_shift")
+    class DynamicShiftEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
+    SPATIAL_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TEMPORAL_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    channels: int
+    packing: str
+    spatial_compression: int
+    temporal_compression: int
+    multiple: int
+    shift: float
+    dynamic_shift: _containers.ScalarMap[str, float]
+    def __init__(self, channels: _Optional[int] = ..., packing: _Optional[str] = ..., spatial_compression: _Optional[int] = ..., temporal_compression: _Optional[int] = ..., multiple: _Optional[int] = ..., shift: _Optional[float] = ..., dynamic_shift: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Condition(_message.Message):
-    __slots__ = ("text", "tensors", "scalars")
+    __slots__ = ("text", "tensors", "scalars", "negative_text")
     class TensorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,10 +134,12 @@ class Condition(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TEXT_FIELD_NUMBER: _ClassVar[int]
     text: str
     tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
     scalars: _containers.ScalarMap[str, float]
-    def __init__(self, text: _Optional[str] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    negative_text: str
+    def __init__(self, text: _Optional[str] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., scalars: _Optional[_Mapping[str, float]] = ..., negative_text: _Optional[str] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("condition",)
