@@ -101,6 +101,44 @@ def test_physics_over_grpc_prepare_render_propose(model_root: Path) -> None:
     run(body(), timeout=120)
 
 
+def test_physics_tie_as_a_score_over_grpc(model_root: Path) -> None:
+    """``tie=score``: the scene announces SCORE and LOG_PROB and answers the noised tie's exact
+    score and log-density at a level (what the sampler adds to its MCMC moves)."""
+
+    async def body() -> None:
+        async with running(_config(model_root), adapter=PhysicsAdapter()) as server:
+            await _load(server.stub, "assets", weight="2.0", tie="score")
+            described = await server.stub.Describe(pb.DescribeRequest())
+            assert pb.CAPABILITY_SCORE in described.capabilities
+            assert pb.CAPABILITY_LOG_PROB in described.capabilities
+            handle = (
+                await server.stub.Prepare(
+                    pb.PrepareRequest(condition=_condition("scenes/ball.yaml"))
+                )
+            ).handle
+            reply = await server.stub.Render(
+                pb.RenderRequest(handle=handle, names=["target", "target_mask"])
+            )
+            target = codec.decode(reply.tensors["target"], field="target")
+            mask = codec.decode(reply.tensors["target_mask"], field="target_mask")
+            x = torch.zeros(2, *target.shape)
+            sigma = torch.full((2,), 0.5)
+            request = {"x": codec.encode(x), "sigma": codec.encode(sigma), "handle": handle}
+            reply_score = await server.stub.Score(pb.ScoreRequest(**request))
+            score = codec.decode(reply_score.score, field="score")
+            # −m⊙(x − (1 − σ)·x_ref) / ((1 − σ)²/w + σ²), w = 2
+            want = mask * 0.5 * target / (0.25 / 2 + 0.25)
+            torch.testing.assert_close(score, want.expand_as(score), atol=1e-5, rtol=1e-5)
+            lp = await server.stub.LogProb(pb.LogProbRequest(**request))
+            assert codec.decode(lp.log_prob, field="lp").shape == (2,)
+            # the base expert still refuses without a scene
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await server.stub.Score(pb.ScoreRequest(x=request["x"], sigma=request["sigma"]))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    run(body(), timeout=120)
+
+
 def test_graphics_over_grpc(model_root: Path) -> None:
     async def body() -> None:
         async with running(_config(model_root), adapter=GraphicsAdapter()) as server:

@@ -11,6 +11,8 @@ scenes and meshes are read from. Options (strings, as on the wire):
 * ``weight``: default w of the Gaussian tie (1).
 * ``mask_mode``: ``fraction`` (default), ``any`` or ``all`` (see ``physics.latents``).
 * ``moves``: ``propose`` (default), ``project``, ``both`` or ``none``.
+* ``tie``: ``weights`` (default: the Gaussian tie's log-potential enters the SMC weights) or
+  ``score`` (its exact noised score joins the MCMC moves; see :mod:`poegen.kernel.sampler`).
 * ``max_frames``, ``max_side``, ``max_objects``: bounds of one job (256, 1024, 64).
 """
 
@@ -21,13 +23,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from poegen.expert_servers.physics.assets import resolve_asset  # noqa: F401  (re-export)
-from poegen.expert_servers.physics.expert import MOVES, PhysicsExpert
+from poegen.expert_servers.physics.expert import MOVES, TIES, PhysicsExpert
 from poegen.expert_servers.physics.latents import MASK_MODES
 from poegen.expert_servers.physics.scene import Limits
 from poegen.expert_servers.server.adapter import ModelRef, Progress, ServedModel
 from poegen.kernel.errors import ExpertError
 
-OPTIONS = ("autoencoder", "latent_space", "weight", "mask_mode", "moves", "max_frames",
+OPTIONS = ("autoencoder", "latent_space", "weight", "mask_mode", "moves", "tie", "max_frames",
            "max_side", "max_objects")  # fmt: skip
 
 
@@ -114,6 +116,7 @@ class PhysicsAdapter:
             weight=_number(options, "weight", 1.0),
             mask_mode=_choice(options, "mask_mode", MASK_MODES, "fraction"),  # type: ignore[arg-type]
             moves=_choice(options, "moves", tuple(MOVES), "propose"),
+            tie=_choice(options, "tie", tuple(TIES), "weights"),
             model_id=ref.model_id,
         )
         progress(1.0, "physics ready")

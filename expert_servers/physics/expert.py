@@ -87,6 +87,10 @@ MOVES = {
     "both": frozenset({Capability.PROPOSE, Capability.PROJECT}),
     "none": frozenset(),
 }
+TIES = {
+    "weights": frozenset(),
+    "score": frozenset({Capability.SCORE, Capability.LOG_PROB}),
+}
 
 
 def load_mesh(root: Path, name: str, field: str, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +132,9 @@ class PhysicsExpert:
         weight: default w of the Gaussian tie.
         mask_mode: how pixel masks become latent masks (``fraction``, ``any``, ``all``).
         moves: which particle moves are announced: ``propose``, ``project``, ``both``, ``none``.
+        tie: where the Gaussian tie acts: ``weights`` (its log-potential on x̂_0 enters the SMC
+            weights and the moves' potential stage) or ``score`` (it announces ``SCORE`` and
+            ``LOG_PROB``: its exact noised score joins every MCMC move instead).
         model_id: the id it is served under.
     """
 
@@ -141,6 +148,7 @@ class PhysicsExpert:
         weight: float = 1.0,
         mask_mode: MaskMode = "fraction",
         moves: str = "propose",
+        tie: str = "weights",
         model_id: str = "physics",
         name: str = "physics",
     ) -> None:
@@ -151,6 +159,7 @@ class PhysicsExpert:
         self.weight = float(weight)
         self.mask_mode = mask_mode
         self.moves = MOVES[moves]
+        self.tie = TIES[tie]
         self.model_id = model_id
         self.name = name
         self._lock = threading.Lock()  # one offscreen GL context at a time
@@ -159,7 +168,7 @@ class PhysicsExpert:
         return ExpertInfo(
             name=self.name,
             kind=ExpertKind.CONSTRAINT,
-            capabilities=self.moves | {Capability.RENDER},
+            capabilities=self.moves | self.tie | {Capability.RENDER},
             sample_shape=None,
             model_id=self.model_id,
             revision=f"mujoco-{mujoco.__version__}",
@@ -175,6 +184,12 @@ class PhysicsExpert:
         raise ExpertError.failed_precondition("handle", "prepare a scene first (Prepare)")
 
     def project(self, x: Tensor, sigma: Tensor) -> Tensor:
+        raise ExpertError.failed_precondition("handle", "prepare a scene first (Prepare)")
+
+    def score(self, x: Tensor, sigma: Tensor) -> Tensor:
+        raise ExpertError.failed_precondition("handle", "prepare a scene first (Prepare)")
+
+    def log_prob(self, x: Tensor, sigma: Tensor) -> Tensor:
         raise ExpertError.failed_precondition("handle", "prepare a scene first (Prepare)")
 
     def render(self) -> dict[str, Tensor]:
@@ -288,6 +303,7 @@ class SceneView:
             name=parent.name,
             propose=Capability.PROPOSE in parent.moves,
             project=Capability.PROJECT in parent.moves,
+            score=Capability.SCORE in parent.tie,
         )
         self._outputs |= {"target": target, "target_mask": mask}
 
@@ -351,6 +367,10 @@ class SceneView:
     def score(self, x: Tensor, sigma: Tensor) -> Tensor:
         """The exact score of the noised Gaussian tie (see ``MaskedTarget.score``)."""
         return self.constraint.score(self._checked(x, "x"), sigma)
+
+    def log_prob(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """log q_σ(x_σ) of the noised tie (see ``MaskedTarget.log_prob``)."""
+        return self.constraint.log_prob(self._checked(x, "x"), sigma)
 
     def _checked(self, x: Tensor, field: str) -> Tensor:
         shape = tuple(self.constraint.target.shape)
