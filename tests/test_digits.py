@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from poegen.expert_servers.digits import (
@@ -102,3 +103,18 @@ def test_reward_steers_the_prior_toward_the_label():
         return float((result.weights * (classes == compose.TARGET_DIGIT)).sum())
 
     assert share(steered) > 0.6 and share(plain) < 0.3
+
+
+@pytest.mark.slow
+def test_digits_demo_runs_through_a_local_stack(tmp_path, capsys):
+    from PIL import Image
+
+    from poegen.clients.demo import DemoOptions
+    from poegen.clients.digits_demo import run
+
+    out = tmp_path / "sheet.png"
+    assert run(DemoOptions(out=out, particles=8, steps=4, threads=1)) == 0
+    printed = capsys.readouterr().out
+    assert "prior x 'is a three'" in printed and str(out.resolve()) in printed
+    sheet = Image.open(out)
+    assert sheet.size[0] > 600 and sheet.size[1] > 250
