@@ -105,6 +105,9 @@ def test_the_stack_serves_every_endpoint(stack: LocalStack) -> None:
     assert endpoints.address("sampler") == endpoints.sampler
     with pytest.raises(KeyError, match="known: mix, bar, right, sampler"):
         endpoints.address("nope")
+    with Client.from_stack(stack) as client:
+        info = client.describe("mix")  # an endpoint name, or an address
+    assert (info.name, info.kind, info.sample_shape) == ("mix", "generative", (2,))
 
 
 def test_generate_through_the_sampler_equals_the_kernel_in_process(stack: LocalStack) -> None:
@@ -146,6 +149,14 @@ def test_stream_events_arrive_in_order_then_the_result(stack: LocalStack) -> Non
     assert levels[-1].eta_s == 0.0
     assert result.trace == tuple(levels)
     assert set(levels[0].timings) == {"mix", "bar", "right"}
+
+
+def test_previews_ride_on_the_events_when_asked(stack: LocalStack) -> None:
+    with Client.from_stack(stack) as client:
+        with_previews = list(client.stream(_spec(preview=True), timeout=60))[:-1]
+        without = list(client.stream(_spec(), timeout=60))[:-1]
+    assert all(e.preview is not None and e.preview.shape == (2,) for e in with_previews)
+    assert all(e.preview is None for e in without)
 
 
 def test_async_client_generates_and_streams(stack: LocalStack) -> None:
