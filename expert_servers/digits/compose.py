@@ -10,7 +10,8 @@ Shared by ``poegen demo`` (:mod:`poegen.clients.digits_demo`, experts as servers
    rejuvenate the resampled copies (distinct samples) without leaving the reward's modes.
 2. **product**: the {0–4} prior × the even-digit prior, p_a(x)·p_b(x): mass where both put
    mass, i.e. on {0, 2, 4}. The Euler transition follows the averaged velocity, and ULA moves
-   on the summed scores (``mcmc_steps`` per level) correct toward the product.
+   on the summed scores (``mcmc_steps`` per level: 5 in the benchmark, 3 in the demo) correct
+   toward the product.
 3. **completion**: the all-digits prior × a masked-target constraint
    (:class:`poegen.expert_servers.masked.MaskedTarget`) tying the left half (columns 0–7) to a
    held-out digit: at every level the left half of x_σ is replaced by the noised target
@@ -170,7 +171,7 @@ def settings(scale: float = 1.0) -> dict[str, SamplerSettings]:
         "reward": SamplerSettings(
             num_particles=n(128), num_steps=20, mcmc_steps=1, step_size=REWARD_STEP
         ),
-        "product": SamplerSettings(num_particles=n(128), num_steps=20, mcmc_steps=3),
+        "product": SamplerSettings(num_particles=n(128), num_steps=20, mcmc_steps=5),
         "completion": SamplerSettings(
             num_particles=n(16), num_steps=16, mcmc_steps=1, step_size=COMPLETION_STEP
         ),
