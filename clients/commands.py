@@ -58,6 +58,19 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _naming(spec_file: Path) -> Iterator[None]:
+    """Spec errors found while building the request name the spec file, not ``spec``."""
+    from poegen.clients.files import SpecError
+
+    try:
+        yield
+    except SpecError as e:
+        if e.source != "spec":
+            raise
+        raise SpecError(str(spec_file), e.problems) from None
+
+
 # --------------------------------------------------------------------------- up
 
 
@@ -164,6 +177,11 @@ def run_generate(
                 eta=_eta(event.eta_s),
             )
     assert result is not None
+    experts = ", ".join(f"{r.name} ({r.model_id} {'→'.join(r.revisions)})" for r in result.experts)
+    _stderr.print(
+        f"{result.particles.shape[0]} particles of shape {list(result.sample_shape)} in "
+        f"{result.seconds:.1f}s: ESS {result.ess:.1f}, log Z {result.log_evidence:.3g}; {experts}"
+    )
     if out is not None:
         written = write_outputs(result, out, spec)
         for path in written:
@@ -220,7 +238,8 @@ def generate_command(
                 "say where to run: --sampler HOST:PORT, --stack FILE or --in-process",
                 param_hint="--sampler",
             )
-        run_generate(spec, out, sampler=sampler, endpoints=endpoints, timeout=timeout)
+        with _naming(spec_file):
+            run_generate(spec, out, sampler=sampler, endpoints=endpoints, timeout=timeout)
         return 0
     local = LocalStack.from_yaml(stack)
     with _terminate_as_interrupt():
@@ -231,13 +250,14 @@ def generate_command(
             raise CLIError(str(e)) from None
         try:
             found = local.endpoints
-            run_generate(
-                spec,
-                out,
-                sampler=None if in_process else found.sampler,
-                endpoints={**found.experts, **endpoints},
-                timeout=timeout,
-            )
+            with _naming(spec_file):
+                run_generate(
+                    spec,
+                    out,
+                    sampler=None if in_process else found.sampler,
+                    endpoints={**found.experts, **endpoints},
+                    timeout=timeout,
+                )
         finally:
             local.stop()
     return 0

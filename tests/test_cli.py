@@ -142,6 +142,15 @@ def test_a_bad_spec_names_the_path_in_one_line(
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_an_unknown_endpoint_name_names_the_spec_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["generate", "examples/t1.yaml", "--sampler", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "poegen: error: examples/t1.yaml: experts[0].endpoint: no endpoint 'ring'" in err
+
+
 def test_an_unreachable_sampler_fails_with_status_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
