@@ -152,18 +152,20 @@ def load_image(
 
 
 class ConditionSpec(_Model):
-    """A condition: text, named tensors (from files) and named scalars."""
+    """A condition: text, the negative prompt, named tensors (from files) and named scalars."""
 
     text: str = ""
+    negative_text: str = Field("", description="negative prompt of classifier-free guidance")
     tensors: dict[str, TensorFile] = Field(default_factory=dict)
     scalars: dict[str, float] = Field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not self.text and not self.tensors and not self.scalars
+        return not (self.text or self.negative_text or self.tensors or self.scalars)
 
     def to_proto(self) -> expert_pb2.Condition:
         return expert_pb2.Condition(
             text=self.text,
+            negative_text=self.negative_text,
             tensors={name: codec.encode(t.load()) for name, t in self.tensors.items()},
             scalars=dict(self.scalars),
         )
@@ -409,6 +411,7 @@ class SpecBuilder:
         name: str | None = None,
         weight: float = 1.0,
         text: str = "",
+        negative_text: str = "",
         tensors: Mapping[str, Any] | None = None,
         scalars: Mapping[str, float] | None = None,
         region: Region | Mapping[str, Any] | None = None,
@@ -417,9 +420,10 @@ class SpecBuilder:
         entry: dict[str, Any] = {"address": address, "endpoint": endpoint, "weight": weight}
         if name is not None:
             entry["name"] = name
-        if text or tensors or scalars:
+        if text or negative_text or tensors or scalars:
             entry["condition"] = {
                 "text": text,
+                "negative_text": negative_text,
                 "tensors": dict(tensors or {}),
                 "scalars": dict(scalars or {}),
             }

@@ -168,6 +168,7 @@ def test_conditions_load_images_tensors_and_scalars(tmp_path: Path) -> None:
                         "address": "a:1",
                         "condition": {
                             "text": "a red cube",
+                            "negative_text": "blurry",
                             "tensors": {
                                 "control_image": "red.png",
                                 "depth01": {"file": "red.png", "range": [0, 1], "mode": "L"},
@@ -182,6 +183,7 @@ def test_conditions_load_images_tensors_and_scalars(tmp_path: Path) -> None:
     )
     wire = to_request(spec, (2,)).factors[0].condition
     assert wire.text == "a red cube" and wire.scalars["guidance"] == 3.5
+    assert wire.negative_text == "blurry"
     image = codec.decode(wire.tensors["control_image"], field="t")
     assert image.shape == (3, 4, 6)
     assert torch.equal(image[0], torch.ones(4, 6)) and torch.equal(image[1], -torch.ones(4, 6))
