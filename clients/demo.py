@@ -271,6 +271,7 @@ def demo_command(
 ) -> int:
     """Run the demo through a real local stack (expert servers + Sampler, CPU, no downloads).
 
+    Default: trained digit experts composed, one contact sheet (out/demo_digits.png).
     Example: [bold]poegen demo --analytic --out out/demo_t1.png[/bold]
     """
     chosen = [name for name, on in (("analytic", analytic),) if on] or [DEFAULT_DEMO]
