@@ -33,7 +33,11 @@ def test_training_script_runs_a_few_iterations(tmp_path):
     from diffusers import UNet2DModel
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    threads = torch.get_num_threads()
     train_main(["--out", str(tmp_path), "--flow-steps", "2", "--classifier-steps", "2"])
+    # process-wide state is restored: subnormal floats still exist, the thread count is back
+    assert torch.tensor([5e-324], dtype=torch.float64).mul(1.0).item() > 0
+    assert torch.get_num_threads() == threads
     record = json.loads((tmp_path / "training.json").read_text())
     assert set(record["models"]) == set(MODEL_NAMES)
     for name in ("flow-all", "flow-0to4", "flow-even"):

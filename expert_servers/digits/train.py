@@ -36,9 +36,11 @@ keeps the other entries of an existing ``training.json`` in ``DIR``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,12 +231,29 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
 
 
+@contextlib.contextmanager
+def _cpu_training(threads: int) -> Iterator[None]:
+    """Torch threads and flush-to-zero for training, restored after: both are process-wide
+    (flush-to-zero would break every later subnormal float in the process)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # tiny Adam moments as denormals slow CPU math tenfold
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(previous)
+
+
 def train_all(out: Path, cfg: TrainConfig, only: tuple[str, ...] | None = None) -> dict:
     """Train every model (or those named in ``only``) into ``out``; returns the record."""
-    torch.set_num_threads(cfg.threads)
+    with _cpu_training(cfg.threads):
+        return _train_all(out, cfg, only)
+
+
+def _train_all(out: Path, cfg: TrainConfig, only: tuple[str, ...] | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     digits = load_digits16()
-    torch.set_flush_denormal(True)  # tiny Adam moments as denormals slow CPU math tenfold
     train_idx, test_idx = split_indices(len(digits.labels), seed=SPLIT_SEED)
     train, test = subset(digits, train_idx), subset(digits, test_idx)
     models = _previous_models(out) if only else {}
