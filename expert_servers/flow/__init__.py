@@ -19,21 +19,36 @@ conventions (rectified flow, t = σ·1000, latents unpacked, pixels in [-1, 1]) 
 family's conditions are in the modules' docstrings and ``docs/flow.md``.
 """
 
-from poegen.expert_servers.flow.family import FamilyExpert, LatentLayout
-from poegen.expert_servers.flow.flux import FluxAdapter, FluxExpert
-from poegen.expert_servers.flow.generic import FlowAdapter, FlowModelExpert
-from poegen.expert_servers.flow.sd3 import SD3Adapter, SD3Expert
-from poegen.expert_servers.flow.wan import WanAdapter, WanExpert
+from __future__ import annotations
 
-__all__ = [
-    "FamilyExpert",
-    "FlowAdapter",
-    "FlowModelExpert",
-    "FluxAdapter",
-    "FluxExpert",
-    "LatentLayout",
-    "SD3Adapter",
-    "SD3Expert",
-    "WanAdapter",
-    "WanExpert",
-]
+import importlib
+from typing import Any
+
+# Each family imports its diffusers pipeline module (and with it transformers' text encoders),
+# which costs seconds: names load their module on first use, so `poegen serve flow` imports
+# only the generic adapter.
+_MODULES = {
+    "FamilyExpert": "family",
+    "LatentLayout": "family",
+    "FluxAdapter": "flux",
+    "FluxExpert": "flux",
+    "FlowAdapter": "generic",
+    "FlowModelExpert": "generic",
+    "SD3Adapter": "sd3",
+    "SD3Expert": "sd3",
+    "WanAdapter": "wan",
+    "WanExpert": "wan",
+}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])
