@@ -54,6 +54,10 @@ class FamilyExpert:
     ) -> None:
         self.pipe = pipe
         self.opts = opts
+        # Read once: the pipeline is placed (device or CPU offload) before it is handed over,
+        # and diffusers finds both by walking every module (~5 ms per read, every step).
+        self.device: torch.device = pipe._execution_device
+        self.transformer_dtype: torch.dtype = pipe.transformer.dtype
         self.layout = self._layout()
         space = opts.latent_space or f"{self.family}-vae-{self.layout.channels}"
         self._info = ExpertInfo(
@@ -101,14 +105,6 @@ class FamilyExpert:
         # e.g. Wan's UniPC folders: the flow-matching Euler grid with the folder's shift
         shift = float(config.get("flow_shift", config.get("shift", 1.0)))
         return FlowMatchEulerDiscreteScheduler(shift=shift)
-
-    @property
-    def device(self) -> Any:
-        return self.pipe._execution_device
-
-    @property
-    def transformer_dtype(self) -> Any:
-        return self.pipe.transformer.dtype
 
 
 def read_box(condition: Condition, multiple: int) -> tuple[int, int, int, int] | None:
