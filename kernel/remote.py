@@ -167,7 +167,7 @@ class RemoteExpert:
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        open_channel: Callable[[], grpc.Channel],
         address: str,
         *,
         condition: expert_pb2.Condition | None,
@@ -178,13 +178,14 @@ class RemoteExpert:
         shared_memory: bool,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        """Use :meth:`connect`; this wraps an open channel and makes no call."""
+        """Use :meth:`connect`; this opens a channel with ``open_channel()`` and makes no call."""
         if not (deadline_s > 0 and math.isfinite(deadline_s)):
             raise ValueError(f"deadline_s: must be a positive number, got {deadline_s}")
         self.address = address
         self.deadline_s = deadline_s
-        self._channel = channel
-        self._rpcs = unary_methods(channel, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"])
+        self._open_channel = open_channel
+        self._channel = open_channel()
+        self._rpcs = _expert_rpcs(self._channel)
         self._condition = condition
         self._metadata = bearer_metadata(token)
         self._retry = retry
@@ -193,7 +194,6 @@ class RemoteExpert:
         self._prepare_lock = threading.Lock()
         self._cancelled = threading.Event()
         self._closed = False
-        self._in_flight: set[grpc.Future] = set()
         self._revisions: list[str] = []
         self._handle = ""
         self._info: ExpertInfo | None = None
@@ -239,13 +239,14 @@ class RemoteExpert:
         if isinstance(condition, str):
             condition = expert_pb2.Condition(text=condition)
         options = channel_options(max_message_bytes)
-        channel = (
-            grpc.secure_channel(address, tls, options=options)
-            if tls is not None
-            else grpc.insecure_channel(address, options=options)
-        )
+
+        def open_channel() -> grpc.Channel:
+            if tls is not None:
+                return grpc.secure_channel(address, tls, options=options)
+            return grpc.insecure_channel(address, options=options)
+
         expert = cls(
-            channel,
+            open_channel,
             address,
             condition=condition,
             token=token,
@@ -352,12 +353,15 @@ class RemoteExpert:
         return self._handle
 
     def cancel(self) -> None:
-        """Cancel the calls in flight and refuse new ones (CANCELLED); idempotent."""
+        """Cancel the calls in flight and refuse new ones (CANCELLED); idempotent.
+
+        Closes the channel: that ends every call on it at once. (Calls are blocking calls in
+        the caller's thread, which gRPC drives without a helper thread; a channel-wide close
+        is how they are cancelled from another thread.) :meth:`close` still releases the
+        handle, through a channel of its own.
+        """
         self._cancelled.set()
-        with self._lock:
-            in_flight = list(self._in_flight)
-        for future in in_flight:
-            future.cancel()
+        self._channel.close()
 
     def close(self) -> None:
         """Release the handle, close the channel, unlink shared memory; idempotent."""
@@ -367,18 +371,25 @@ class RemoteExpert:
             self._closed = True
             handle, self._handle = self._handle, ""
         if handle:
-            try:
-                # one short attempt: a server that is gone has forgotten the handle anyway
-                self._rpcs["Release"](
-                    expert_pb2.ReleaseRequest(handle=handle),
-                    timeout=min(self.deadline_s, 5.0),
-                    metadata=self._metadata,
-                )
-            except grpc.RpcError as e:
-                logger.warning("could not release a handle at %s: %s", self.address, e.code())
+            self._release(handle)
         self._channel.close()
         for pool in self._all_pools:
             pool.close()
+
+    def _release(self, handle: str) -> None:
+        # one short attempt: a server that is gone has forgotten the handle anyway (its TTL)
+        channel = self._open_channel() if self._cancelled.is_set() else self._channel
+        try:
+            _expert_rpcs(channel)["Release"](
+                expert_pb2.ReleaseRequest(handle=handle),
+                timeout=min(self.deadline_s, 5.0),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as e:
+            logger.warning("could not release a handle at %s: %s", self.address, e.code())
+        finally:
+            if channel is not self._channel:
+                channel.close()
 
     def __enter__(self) -> RemoteExpert:
         return self
@@ -557,16 +568,16 @@ class RemoteExpert:
             if self._cancelled.is_set() or self._closed:
                 raise self._error(method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled")
             try:
-                reply = self._once(rpc, request)
-            except grpc.FutureCancelledError:
+                reply = rpc(request, timeout=self.deadline_s, metadata=self._metadata)
+            except (grpc.RpcError, ValueError) as e:  # ValueError: the channel is closed
                 if on_failure is not None:
                     on_failure()
-                raise self._error(
-                    method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled"
-                ) from None
-            except grpc.RpcError as e:
-                if on_failure is not None:
-                    on_failure()
+                if self._cancelled.is_set():
+                    raise self._error(
+                        method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled"
+                    ) from None
+                if isinstance(e, ValueError):
+                    raise
                 code = e.code()  # type: ignore[attr-defined]
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retry.retries:
                     with self._lock:
@@ -587,18 +598,6 @@ class RemoteExpert:
                 raise err from None
             self._record(getattr(reply, "revision", ""))
             return reply
-
-    def _once(self, rpc: Any, request: Any) -> Any:
-        future = rpc.future(request, timeout=self.deadline_s, metadata=self._metadata)
-        with self._lock:
-            self._in_flight.add(future)
-        try:
-            if self._cancelled.is_set():
-                future.cancel()
-            return future.result()
-        finally:
-            with self._lock:
-                self._in_flight.discard(future)
 
     def _renew_handle(self, stale: str) -> str:
         """A fresh handle for the condition, prepared once however many calls lost ``stale``."""
@@ -691,6 +690,10 @@ class _Encoder:
 
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _expert_rpcs(channel: grpc.Channel) -> dict[str, Any]:
+    return unary_methods(channel, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"])
 
 
 def _batch_limit(info: ExpertInfo, max_message_bytes: int, itemsize: int = 4) -> int | None:

@@ -352,6 +352,20 @@ def test_close_releases_the_handle(loop: LoopThread) -> None:
     assert wait_until(lambda: len(served.host.handles) == 0)
 
 
+def test_close_after_cancel_still_releases_the_handle(loop: LoopThread) -> None:
+    """cancel() closes the channel (that is what stops blocking calls in flight); close()
+    then releases the handle through a channel of its own."""
+    served = loop.serve(Gaussian())
+    remote = RemoteExpert.connect(served.address, condition=expert_pb2.Condition())
+    assert len(served.host.handles) == 1
+    remote.cancel()
+    with pytest.raises(RemoteExpertError) as refused:
+        remote.velocity(torch.zeros(1, 2), torch.full((1,), 0.5))
+    assert refused.value.code == grpc.StatusCode.CANCELLED
+    remote.close()
+    assert wait_until(lambda: len(served.host.handles) == 0)
+
+
 def test_retry_policy_jitter_is_seeded_and_bounded() -> None:
     policy = RetryPolicy(retries=5, backoff_s=0.1, max_backoff_s=0.5)
     a = [policy.delay(k, random.Random(3)) for k in range(6)]

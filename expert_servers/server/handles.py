@@ -7,12 +7,14 @@ views of the old model are dropped at once (so its memory can be freed) but thei
 remembered as *retired*: using one answers FAILED_PRECONDITION ("prepare again") rather than
 NOT_FOUND, until it is evicted like any other entry.
 
-All methods run on the event loop thread; the table is not thread-safe.
+Thread-safe: ``Prepare``/``Release`` use it on the event loop, the data-plane calls in the
+host's worker threads.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,51 +45,57 @@ class HandleTable:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._revision = ""
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
     def add(self, revision: str, target: object) -> str:
         """Store ``target`` prepared by model ``revision``; return its new handle."""
-        self._expire()
         handle = secrets.token_urlsafe(18)
-        # a Prepare that finished after a swap: remember the handle, not the old model's view
-        kept = target if revision == self._revision else None
-        self._entries[handle] = _Entry(revision, kept, self._clock())
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._expire()
+            # a Prepare that finished after a swap: remember the handle, not the old model's view
+            kept = target if revision == self._revision else None
+            self._entries[handle] = _Entry(revision, kept, self._clock())
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
         return handle
 
     def get(self, handle: str, revision: str) -> object:
         """The view stored under ``handle``, which must belong to model ``revision``."""
-        self._expire()
-        entry = self._entries.get(handle)
-        if entry is None:
-            raise ExpertError.not_found("handle", "unknown or expired handle; call Prepare")
-        if entry.target is None or entry.revision != revision:
-            raise ExpertError.failed_precondition(
-                "handle",
-                f"prepared by model revision {entry.revision}, now serving {revision}; "
-                "call Prepare again",
-            )
-        entry.last_used = self._clock()
-        self._entries.move_to_end(handle)
-        return entry.target
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(handle)
+            if entry is None:
+                raise ExpertError.not_found("handle", "unknown or expired handle; call Prepare")
+            if entry.target is None or entry.revision != revision:
+                raise ExpertError.failed_precondition(
+                    "handle",
+                    f"prepared by model revision {entry.revision}, now serving {revision}; "
+                    "call Prepare again",
+                )
+            entry.last_used = self._clock()
+            self._entries.move_to_end(handle)
+            return entry.target
 
     def release(self, handle: str) -> bool:
         """Forget ``handle``; True if it existed."""
-        self._expire()
-        return self._entries.pop(handle, None) is not None
+        with self._lock:
+            self._expire()
+            return self._entries.pop(handle, None) is not None
 
     def retire(self, revision: str) -> None:
         """A new model ``revision`` serves: drop every other revision's views."""
-        self._revision = revision
-        for entry in self._entries.values():
-            if entry.revision != revision:
-                entry.target = None
+        with self._lock:
+            self._revision = revision
+            for entry in self._entries.values():
+                if entry.revision != revision:
+                    entry.target = None
 
     def _expire(self) -> None:
-        # entries are in last-use order, so the expired ones are at the front
+        # under the lock; entries are in last-use order, so the expired ones are at the front
         deadline = self._clock() - self._ttl
         while self._entries:
             handle, entry = next(iter(self._entries.items()))

@@ -1,12 +1,15 @@
 """The ``poegen.v1.ExpertService`` servicer: thin transport over ``serving`` and ``models``.
 
-Every method is proto → tensors → data plane → proto. Replies carry their tensors as
-:class:`~poegen.kernel.codec.WireMessage` / :class:`~poegen.kernel.codec.Serialized` (bytes
-appended from the tensor's memory, or written into the client's ``reply_shared_memory`` room
-when shared memory is on); :func:`poegen.kernel.transport.add_service` registers the
-servicer with a serializer that accepts them. The model a call uses is taken once, at
-its start (UNAVAILABLE before the first model), and the reply carries that model's revision.
-Errors are :class:`ExpertError`\\ s turned into statuses by :func:`maps_errors`.
+Every method is proto → tensors → data plane → proto. A data-plane RPC (Velocity, LogProb,
+Score, Propose, Encode, Decode, Schedule, Render) runs its whole body, from decoding the
+request to serialising the reply, in one worker thread (``_velocity`` etc., through
+:meth:`ExpertServing.call`): the event loop only takes the model and hands over. Replies
+carry their tensors as :class:`~poegen.kernel.codec.Serialized` bytes (appended from the
+tensor's memory, or written into the client's ``reply_shared_memory`` room when shared memory
+is on); :func:`poegen.kernel.transport.add_service` registers the servicer with a serializer
+that accepts them. The model a call uses is taken once, at its start (UNAVAILABLE before the
+first model), and the reply carries that model's revision. Errors are
+:class:`ExpertError`\\ s turned into statuses by :func:`maps_errors`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ _STAGES = {
     "ready": pb.LOAD_STAGE_READY,
 }
 _MODES = {pb.PROPOSE_MODE_PROPOSE: False, pb.PROPOSE_MODE_PROJECT: True}
-Reply = codec.WireMessage | codec.Serialized  # a reply whose tensor bytes gRPC sends as they are
+Reply = codec.Serialized  # a serialised reply: gRPC sends its bytes as they are
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,44 +107,44 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     @maps_errors
     async def Velocity(
         self, request: pb.VelocityRequest, context: grpc.aio.ServicerContext
-    ) -> pb.VelocityResponse | Reply:
-        model = self._models.require()
+    ) -> Reply:
+        return await self._serving.call(self._velocity, self._models.require(), request)
+
+    def _velocity(self, model: LoadedModel, request: pb.VelocityRequest) -> Reply:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
         room = self._reply_room(request, x)
-        v = await self._serving.velocity(model, x, sigma, request.handle)
+        v = self._serving.velocity(model, x, sigma, request.handle)
         reply = pb.VelocityResponse(revision=model.revision)
-        return await self._serving.reply(reply, "velocity", v, room, self._limits.shared_memory)
+        return self._serving.reply(reply, "velocity", v, room, self._limits.shared_memory)
 
     @maps_errors
-    async def LogProb(
-        self, request: pb.LogProbRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LogProbResponse | Reply:
-        model = self._models.require()
+    async def LogProb(self, request: pb.LogProbRequest, context: grpc.aio.ServicerContext) -> Reply:
+        return await self._serving.call(self._log_prob, self._models.require(), request)
+
+    def _log_prob(self, model: LoadedModel, request: pb.LogProbRequest) -> Reply:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma") if request.HasField("sigma") else None
-        out = await self._serving.log_prob(model, x, sigma, request.handle)
-        return await self._serving.reply(
-            pb.LogProbResponse(revision=model.revision), "log_prob", out
-        )
+        out = self._serving.log_prob(model, x, sigma, request.handle)
+        return self._serving.reply(pb.LogProbResponse(revision=model.revision), "log_prob", out)
 
     @maps_errors
-    async def Score(
-        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ScoreResponse | Reply:
-        model = self._models.require()
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> Reply:
+        return await self._serving.call(self._score, self._models.require(), request)
+
+    def _score(self, model: LoadedModel, request: pb.ScoreRequest) -> Reply:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
         room = self._reply_room(request, x)
-        out = await self._serving.score(model, x, sigma, request.handle)
+        out = self._serving.score(model, x, sigma, request.handle)
         reply = pb.ScoreResponse(revision=model.revision)
-        return await self._serving.reply(reply, "score", out, room, self._limits.shared_memory)
+        return self._serving.reply(reply, "score", out, room, self._limits.shared_memory)
 
     @maps_errors
-    async def Propose(
-        self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ProposeResponse | Reply:
-        model = self._models.require()
+    async def Propose(self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext) -> Reply:
+        return await self._serving.call(self._propose, self._models.require(), request)
+
+    def _propose(self, model: LoadedModel, request: pb.ProposeRequest) -> Reply:
         if request.mode not in _MODES:
             raise ExpertError.invalid(
                 "mode", "must be PROPOSE_MODE_PROPOSE or PROPOSE_MODE_PROJECT"
@@ -149,47 +152,47 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
         room = self._reply_room(request, x)
-        out = await self._serving.propose(
+        out = self._serving.propose(
             model, x, sigma, project=_MODES[request.mode], seed=request.seed, handle=request.handle
         )
         reply = pb.ProposeResponse(revision=model.revision)
-        return await self._serving.reply(reply, "x", out, room, self._limits.shared_memory)
+        return self._serving.reply(reply, "x", out, room, self._limits.shared_memory)
 
     @maps_errors
-    async def Encode(
-        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EncodeResponse | Reply:
-        model = self._models.require()
-        latents = await self._serving.encode(model, self._tensor(request, "pixels"))
-        return await self._serving.reply(
-            pb.EncodeResponse(revision=model.revision), "latents", latents
-        )
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> Reply:
+        return await self._serving.call(self._encode, self._models.require(), request)
+
+    def _encode(self, model: LoadedModel, request: pb.EncodeRequest) -> Reply:
+        latents = self._serving.encode(model, self._tensor(request, "pixels"))
+        return self._serving.reply(pb.EncodeResponse(revision=model.revision), "latents", latents)
 
     @maps_errors
-    async def Decode(
-        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DecodeResponse | Reply:
-        model = self._models.require()
-        pixels = await self._serving.decode(model, self._tensor(request, "latents"))
-        return await self._serving.reply(
-            pb.DecodeResponse(revision=model.revision), "pixels", pixels
-        )
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> Reply:
+        return await self._serving.call(self._decode_latents, self._models.require(), request)
+
+    def _decode_latents(self, model: LoadedModel, request: pb.DecodeRequest) -> Reply:
+        pixels = self._serving.decode(model, self._tensor(request, "latents"))
+        return self._serving.reply(pb.DecodeResponse(revision=model.revision), "pixels", pixels)
 
     @maps_errors
     async def Schedule(
         self, request: pb.ScheduleRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScheduleResponse:
-        model = self._models.require()
+        return await self._serving.call(self._schedule, self._models.require(), request)
+
+    def _schedule(self, model: LoadedModel, request: pb.ScheduleRequest) -> pb.ScheduleResponse:
         shape = tuple(int(n) for n in request.sample_shape)
-        sigmas = await self._serving.schedule(model, int(request.num_steps), shape)
+        sigmas = self._serving.schedule(model, int(request.num_steps), shape)
         return pb.ScheduleResponse(sigmas=sigmas, revision=model.revision)
 
     @maps_errors
     async def Render(
         self, request: pb.RenderRequest, context: grpc.aio.ServicerContext
     ) -> pb.RenderResponse:
-        model = self._models.require()
-        outputs = await self._serving.render(model, request.handle, list(request.names))
+        return await self._serving.call(self._render, self._models.require(), request)
+
+    def _render(self, model: LoadedModel, request: pb.RenderRequest) -> pb.RenderResponse:
+        outputs = self._serving.render(model, request.handle, list(request.names))
         reply = pb.RenderResponse(revision=model.revision)
         for name, t in outputs.items():
             reply.tensors[name].CopyFrom(codec.encode(t))

@@ -1,10 +1,14 @@
 """The data plane: validated calls of the served expert, off the event loop.
 
-Each method takes the :class:`LoadedModel` the call started with (so a hot swap never changes
-the model under a running call), checks its inputs against that model, runs the expert in the
-host's worker threads under ``torch.inference_mode()``, checks what the expert returned, and
-returns the result with the model's revision. The gRPC servicer (``service``) only converts
-protos to tensors and back.
+Each model-call method (``velocity``, ``log_prob``, ``score``, ``propose``, ``encode``,
+``decode``, ``schedule``, ``render``) takes the :class:`LoadedModel` the call started with (so
+a hot swap never changes the model under a running call), checks its inputs against that
+model, runs the expert under ``torch.inference_mode()``, checks what the expert returned, and
+returns the result. These methods are synchronous and run in the host's worker threads: the
+gRPC servicer (``service``) hands a whole call (decode the request, call the expert, serialise
+the reply: :meth:`ExpertServing.reply`) to :meth:`ExpertServing.call`, one hop from the event
+loop to a worker and back per RPC. Every thread hop is a wake-up, and on a virtual machine
+with idle cores each costs a fraction of a millisecond: more than the Python around it.
 
 Input checks, each an :class:`ExpertError` naming the field:
 
@@ -49,17 +53,12 @@ from poegen.kernel.schedule import checked_grid
 from poegen.v1 import tensor_pb2
 
 _T = TypeVar("_T")
-_M = TypeVar("_M")
-_ENCODE_INLINE_BYTES = 1 << 20  # replies at least this large are encoded in a worker thread
 MAX_SCHEDULE_STEPS = 10_000  # more levels than any sampler needs; bounds the reply
 AUTOENCODER = Capability.AUTOENCODER.value  # capability of Encode/Decode (see has_autoencoder)
 
 
-def _inference(fn: Callable[..., _T], finite: tuple[Tensor, str] | None, *args: Any) -> _T:
-    # O(n) checks of large tensors belong off the event loop too
-    if finite is not None:
-        validate_finite(*finite)
-    # inference_mode is thread-local: enter it in the worker thread
+def _inference(fn: Callable[..., _T], *args: Any) -> _T:
+    # inference_mode is thread-local: entered in the worker thread, around the expert only
     with torch.inference_mode():
         return fn(*args)
 
@@ -80,35 +79,30 @@ class ExpertServing:
         self._metrics = metrics
         self._max_bytes = max_message_bytes
 
-    async def _run(
-        self, fn: Callable[..., _T], finite: tuple[Tensor, str] | None, *args: Any
-    ) -> _T:
-        """``fn(*args)`` in a worker thread, after checking that ``finite[0]`` is finite."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, _inference, fn, finite, *args
-        )
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a worker thread: the synchronous body of one RPC."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def reply(
-        self,
-        message: _M,
+    @staticmethod
+    def reply(
+        message: Any,
         field: str,
         t: Tensor,
         room: tensor_pb2.SharedMemoryRef | None = None,
         peer: SharedMemoryReader | None = None,
-    ) -> _M | WireMessage | Serialized:
-        """``message`` with ``t`` in its tensor ``field``, ready for gRPC.
+    ) -> Serialized:
+        """``message`` with ``t`` in its tensor ``field``, serialised (in the worker thread).
 
         With a ``room`` (the client's ``reply_shared_memory``, checked by ``peer``), the bytes
         are written there and the reply carries a reference; otherwise they are appended
         inline from ``t``'s memory (:class:`~poegen.kernel.codec.WireMessage`, one copy).
-        Replies of at least 1 MiB, and every write to shared memory, are serialised in a worker
-        thread, off the event loop.
         """
-        if room is None and t.numel() * t.element_size() < _ENCODE_INLINE_BYTES:
-            return WireMessage(message, {field: t})
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, _serialize_reply, message, field, t, room, peer
-        )
+        if room is None:
+            return Serialized(WireMessage(message, {field: t}).SerializeToString())
+        if peer is None:
+            raise RuntimeError("a reply room without a shared-memory peer")
+        getattr(message, field).CopyFrom(encode_into(t, room, peer, field="reply_shared_memory"))
+        return Serialized(message.SerializeToString())
 
     # ------------------------------------------------------------------ conditions
 
@@ -116,7 +110,7 @@ class ExpertServing:
         """A handle for ``condition`` encoded by ``model``."""
         expert = model.expert
         if isinstance(expert, Conditionable):
-            view = await self._run(expert.prepare, None, condition)
+            view = await self.call(_inference, expert.prepare, condition)
             if not isinstance(view, Expert):
                 raise RuntimeError(f"{model.info.name}: prepare() returned no Expert")
         elif condition.is_empty():
@@ -139,7 +133,7 @@ class ExpertServing:
 
     # ------------------------------------------------------------------ model calls
 
-    async def velocity(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
+    def velocity(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
         """v(x_σ, σ) of shape ``x.shape``, dtype ``x.dtype``."""
         if model.info.kind != ExpertKind.GENERATIVE:
             raise ExpertError.failed_precondition(
@@ -148,12 +142,10 @@ class ExpertServing:
         batch = self._check_batch(model, x, "x", "Velocity")
         validate_sigma(sigma, batch)
         target = self._target(model, handle)
-        v = await self._run(target.velocity, (x, "x"), x, sigma)
+        v = _inference(target.velocity, validate_finite(x, "x"), sigma)
         return _checked(v, tuple(x.shape), "velocity").to(x.dtype)
 
-    async def log_prob(
-        self, model: LoadedModel, x: Tensor, sigma: Tensor | None, handle: str
-    ) -> Tensor:
+    def log_prob(self, model: LoadedModel, x: Tensor, sigma: Tensor | None, handle: str) -> Tensor:
         """With σ: log q_σ(x_σ) (generative experts, and others announcing LOG_PROB). Without:
         the log-potential of x̂_0 (discriminative and constraint experts)."""
         generative = model.info.kind == ExpertKind.GENERATIVE
@@ -170,9 +162,9 @@ class ExpertServing:
         target = self._target(model, handle)
         if sigma is not None:
             validate_sigma(sigma, batch)
-            out = await self._run(target.log_prob, (x, "x"), x, sigma)
+            out = _inference(target.log_prob, validate_finite(x, "x"), sigma)
         else:
-            out = await self._run(target.log_potential, (x, "x"), x)
+            out = _inference(target.log_potential, validate_finite(x, "x"))
         # float32 on the wire (float64 for a float64 batch: no rounding the client did not ask for)
         wire = torch.float64 if x.dtype == torch.float64 else torch.float32
         out = _checked(out, (batch,), "log_prob").to(wire)
@@ -180,17 +172,17 @@ class ExpertServing:
             raise RuntimeError(f"{model.info.name}: log_prob holds NaN or +inf")
         return out
 
-    async def score(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
+    def score(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
         """∇ log q_σ(x_σ) of shape ``x.shape``, dtype ``x.dtype`` (capability SCORE)."""
         if not model.info.supports(Capability.SCORE):
             raise ExpertError.failed_precondition("x", "this expert does not answer Score")
         batch = self._check_batch(model, x, "x", "Score")
         validate_sigma(sigma, batch)
         target = self._target(model, handle)
-        out = await self._run(target.score, (x, "x"), x, sigma)
+        out = _inference(target.score, validate_finite(x, "x"), sigma)
         return _checked(out, tuple(x.shape), "score").to(x.dtype)
 
-    async def propose(
+    def propose(
         self,
         model: LoadedModel,
         x: Tensor,
@@ -207,10 +199,11 @@ class ExpertServing:
         batch = self._check_batch(model, x, "x", "Propose")
         validate_sigma(sigma, batch)
         target = self._target(model, handle)
+        validate_finite(x, "x")
         if project:
-            out = await self._run(target.project, (x, "x"), x, sigma)
+            out = _inference(target.project, x, sigma)
         else:
-            out = await self._run(target.propose, (x, "x"), x, sigma, seed)
+            out = _inference(target.propose, x, sigma, seed)
         return _checked(out, tuple(x.shape), "x").to(x.dtype)
 
     @staticmethod
@@ -219,15 +212,15 @@ class ExpertServing:
         announced = any(str(c) == AUTOENCODER for c in model.info.capabilities)
         return announced and isinstance(model.expert, Autoencoder)
 
-    async def encode(self, model: LoadedModel, pixels: Tensor) -> Tensor:
+    def encode(self, model: LoadedModel, pixels: Tensor) -> Tensor:
         """Latents of pixels in [-1, 1]."""
-        return await self._autoencode(model, pixels, "pixels", "Encode")
+        return self._autoencode(model, pixels, "pixels", "Encode")
 
-    async def decode(self, model: LoadedModel, latents: Tensor) -> Tensor:
+    def decode(self, model: LoadedModel, latents: Tensor) -> Tensor:
         """Pixels in [-1, 1] of latents."""
-        return await self._autoencode(model, latents, "latents", "Decode")
+        return self._autoencode(model, latents, "latents", "Decode")
 
-    async def _autoencode(self, model: LoadedModel, t: Tensor, field: str, method: str) -> Tensor:
+    def _autoencode(self, model: LoadedModel, t: Tensor, field: str, method: str) -> Tensor:
         if not self.has_autoencoder(model):
             raise ExpertError.failed_precondition(field, "this expert has no autoencoder")
         if t.ndim not in (4, 5):
@@ -236,7 +229,8 @@ class ExpertServing:
             )
         self._check_batch(model, t, field, method, sample_shape=False)
         expert: Any = model.expert
-        out = await self._run(expert.encode if method == "Encode" else expert.decode, (t, field), t)
+        fn = expert.encode if method == "Encode" else expert.decode
+        out = _inference(fn, validate_finite(t, field))
         if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != t.shape[0]:
             raise RuntimeError(f"{model.info.name}: {method.lower()} returned a wrong batch")
         if out.numel() * out.element_size() > self._max_bytes:
@@ -247,7 +241,7 @@ class ExpertServing:
 
     # ------------------------------------------------------------------ schedule, render
 
-    async def schedule(
+    def schedule(
         self, model: LoadedModel, num_steps: int, sample_shape: tuple[int, ...]
     ) -> list[float]:
         """The expert's noise grid of ``num_steps + 1`` levels for samples of ``sample_shape``."""
@@ -265,18 +259,16 @@ class ExpertServing:
                 "sample_shape", f"{list(sample_shape)}, expected {list(expected)}"
             )
         expert: Any = model.expert
-        levels = await self._run(expert.schedule, None, num_steps, sample_shape)
+        levels = _inference(expert.schedule, num_steps, sample_shape)
         # a broken grid is the expert's bug (INTERNAL), not the caller's
         return checked_grid(levels, num_steps, model.info.name).tolist()
 
-    async def render(
-        self, model: LoadedModel, handle: str, names: Sequence[str]
-    ) -> dict[str, Tensor]:
+    def render(self, model: LoadedModel, handle: str, names: Sequence[str]) -> dict[str, Tensor]:
         """The named outputs derived from the condition of ``handle`` (all when no names)."""
         if not model.info.supports(Capability.RENDER):
             raise ExpertError.failed_precondition("handle", "this expert renders nothing")
         target = self._target(model, handle)
-        outputs = await self._run(target.render, None)
+        outputs = _inference(target.render)
         if not isinstance(outputs, Mapping) or not all(
             isinstance(t, Tensor) for t in outputs.values()
         ):
@@ -317,21 +309,6 @@ class ExpertServing:
             )
         self._metrics.batch_size.labels(method=method).observe(batch)
         return batch
-
-
-def _serialize_reply(
-    message: Any,
-    field: str,
-    t: Tensor,
-    room: tensor_pb2.SharedMemoryRef | None,
-    peer: SharedMemoryReader | None,
-) -> Serialized:
-    if room is None:
-        return Serialized(WireMessage(message, {field: t}).SerializeToString())
-    if peer is None:
-        raise RuntimeError("a reply room without a shared-memory peer")
-    getattr(message, field).CopyFrom(encode_into(t, room, peer, field="reply_shared_memory"))
-    return Serialized(message.SerializeToString())
 
 
 def _checked(out: object, shape: tuple[int, ...], what: str) -> Tensor:
