@@ -13,9 +13,21 @@ What it measures, in one run:
    FIXED (``--delay-ms``, 50 ms by default, a ``time.sleep`` standing in for GPU time, which
    leaves the CPU free as a CUDA sync does) plus one elementwise op, so the ratio is
    1 + transport overhead / 50 ms. Targets: ≤ 1.20 over TCP, ≤ 1.05 with shared memory.
-   The ``floor`` column is what gRPC itself costs on this machine: the same bytes each way
-   through a bare ``grpc.aio`` echo server (no protobuf, no validation) whose handler sleeps
-   the same time in a worker thread; no RPC-based transport can beat it.
+   Two floors, measured in the same run, say what this machine allows:
+
+   * ``floor``: what gRPC itself costs: the same bytes each way through a bare ``grpc.aio``
+     echo server (no protobuf, no validation) whose handler sleeps the same time in a worker
+     thread. No transport built on gRPC can beat it.
+   * ``raw``: what any TCP transport costs: the same bytes each way over a plain loopback
+     socket (length prefix, ``sendall``/``recv_into`` into a buffer reused across calls, no
+     framing beyond that) to a blocking server thread that sleeps the same time. Only the
+     kernel's copies and two wake-ups remain; on a machine whose loopback moves about
+     1.5 GB/s, 8 MiB each way is already ~10 ms, a fifth of the 50 ms budget.
+
+   The shared-memory path cannot fall below ``floor`` at 1 KiB (its control message is a
+   gRPC call) plus the copies into and out of the segments that a receiver must make (it
+   never keeps a view of memory its peer can truncate, which would crash it: see
+   :mod:`poegen.kernel.codec`).
 2. **Scaled compute** (second table, f32): the same ratios when the compute time grows with
    the batch as a real model's step does, ``--scaled-ms`` (50) per 16×64×64 sample of latent
    elements (so 8×16×128×128 computes for 1.6 s). Transport cost grows with the bytes too, so
@@ -43,9 +55,11 @@ import json
 import logging
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,11 +110,13 @@ class FixedCostExpert:
 
 
 def _serve(delay_ms: float, mode: str) -> int:
-    """Child mode: serve a FixedCostExpert (shared memory accepted), or the bare gRPC echo
-    of the floor column, until SIGTERM."""
+    """Child mode: serve a FixedCostExpert (shared memory accepted), the bare gRPC echo of
+    the floor column, or the plain socket echo of the raw column, until SIGTERM."""
     torch.set_num_threads(1)
     if mode == "floor":
         return asyncio.run(_serve_floor(delay_ms / 1000))
+    if mode == "raw":
+        return _serve_raw(delay_ms / 1000)
     from poegen.expert_servers.server import ServerConfig
     from poegen.expert_servers.server.server import serve
 
@@ -136,6 +152,71 @@ async def _serve_floor(delay_s: float) -> int:
     print(f"poegen: serving floor on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
     return 0
+
+
+def _serve_raw(delay_s: float) -> int:
+    """A plain TCP echo: an 8-byte length, then the bytes; sleeps ``delay_s``, sends them
+    back. One blocking thread per connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+    print(f"poegen: serving raw on 127.0.0.1:{server.getsockname()[1]}", flush=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=_raw_echo, args=(conn, delay_s), daemon=True).start()
+
+
+def _raw_echo(conn: socket.socket, delay_s: float) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray()
+    with conn:
+        while True:
+            head = bytearray(8)
+            if not _recv_exactly(conn, memoryview(head)):
+                return
+            n = int.from_bytes(head, "little")
+            if len(buffer) < n:
+                buffer = bytearray(n)
+            body = memoryview(buffer)[:n]
+            if not _recv_exactly(conn, body):
+                return
+            time.sleep(delay_s)
+            conn.sendall(head)
+            conn.sendall(body)
+
+
+def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+class RawEcho:
+    """Client of :func:`_serve_raw`: sends a payload, receives it back into a reused buffer."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self._conn = socket.create_connection((host, int(port)))
+        self._conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = bytearray()
+
+    def __call__(self, payload: bytes) -> None:
+        n = len(payload)
+        if len(self._buffer) < n:
+            self._buffer = bytearray(n)
+        self._conn.sendall(n.to_bytes(8, "little"))
+        self._conn.sendall(payload)
+        head = bytearray(8)
+        if not (
+            _recv_exactly(self._conn, memoryview(head))
+            and _recv_exactly(self._conn, memoryview(self._buffer)[:n])
+        ):
+            raise ConnectionError("raw echo server closed the connection")
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def _spawn(delay_ms: float, mode: str = "fixed") -> tuple[subprocess.Popen[str], str]:
@@ -175,9 +256,11 @@ def transport_rows(
     dtypes: Sequence[str] = tuple(DTYPES),
     scaled: bool = False,
     floor_address: str | None = None,
+    raw_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (size, dtype): median ms in-process, over TCP, with shared memory (and
-    through the bare gRPC echo at ``floor_address``), and the ratios."""
+    through the bare gRPC echo at ``floor_address`` and the plain socket echo at
+    ``raw_address``), and the ratios."""
     local = FixedCostExpert(delay_s, scaled=scaled)
     rows = []
     with (
@@ -188,6 +271,10 @@ def transport_rows(
         if not shm.uses_shared_memory:
             raise RuntimeError("shared memory was not negotiated")
         echo = None
+        raw = None
+        if raw_address is not None:
+            raw = RawEcho(raw_address)
+            stack.callback(raw.close)
         if floor_address is not None:
             channel = stack.enter_context(
                 grpc.insecure_channel(floor_address, options=channel_options(1 << 30))
@@ -204,9 +291,11 @@ def transport_rows(
                 ms = {
                     name: _median_ms(e.velocity, (x, sigma), repeats) for name, e in calls.items()
                 }
+                payload = bytes(x.numel() * x.element_size())
                 if echo is not None:
-                    payload = bytes(x.numel() * x.element_size())
                     ms["floor"] = _median_ms(echo, (payload,), repeats)
+                if raw is not None:
+                    ms["raw"] = _median_ms(raw, (payload,), repeats)
                 rows.append(
                     {
                         "shape": list(shape),
@@ -216,6 +305,7 @@ def transport_rows(
                         "tcp_ratio": ms["tcp"] / ms["in_process"],
                         "shm_ratio": ms["shm"] / ms["in_process"],
                         **({"floor_ratio": ms["floor"] / ms["in_process"]} if echo else {}),
+                        **({"raw_ratio": ms["raw"] / ms["in_process"]} if raw else {}),
                     }
                 )
     return rows
@@ -254,11 +344,11 @@ def concurrency(
 
 
 def _table(rows: list[dict[str, Any]], head: str) -> list[str]:
-    floor = "floor" in rows[0]["ms"]
+    floors = [name for name in ("floor", "raw") if name in rows[0]["ms"]]
     lines = [
         head,
         f"{'batch':<16}{'dtype':<6}{'MiB':>7}{'local ms':>10}{'tcp ms':>9}{'tcp x':>8}"
-        f"{'shm ms':>9}{'shm x':>8}" + (f"{'floor ms':>10}{'floor x':>9}" if floor else ""),
+        f"{'shm ms':>9}{'shm x':>8}" + "".join(f"{n + ' ms':>10}{n + ' x':>9}" for n in floors),
     ]
     for r in rows:
         ms = r["ms"]
@@ -266,7 +356,7 @@ def _table(rows: list[dict[str, Any]], head: str) -> list[str]:
             f"{'x'.join(map(str, r['shape'])):<16}{r['dtype']:<6}{r['mib']:>7.2f}"
             f"{ms['in_process']:>10.1f}{ms['tcp']:>9.1f}{r['tcp_ratio']:>8.3f}"
             f"{ms['shm']:>9.1f}{r['shm_ratio']:>8.3f}"
-            + (f"{ms['floor']:>10.1f}{r['floor_ratio']:>9.3f}" if floor else "")
+            + "".join(f"{ms[n]:>10.1f}{r[n + '_ratio']:>9.3f}" for n in floors)
         )
     return lines
 
@@ -281,7 +371,8 @@ def _report(
     lines = _table(
         rows,
         f"remote / in-process time per velocity call (expert compute FIXED at {delay_ms:g} ms; "
-        f"targets: tcp <= {TARGETS['tcp']}, shm <= {TARGETS['shm']}; floor: bare gRPC echo)",
+        f"targets: tcp <= {TARGETS['tcp']}, shm <= {TARGETS['shm']}; floor: bare gRPC echo; "
+        "raw: plain socket echo)",
     )
     if scaled:
         lines.append("")
@@ -324,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     delays = sorted({args.delay_ms, *CONCURRENT_DELAYS_MS})
     servers = {(d, "fixed"): _spawn(d) for d in delays}
     servers[(args.delay_ms, "floor")] = _spawn(args.delay_ms, "floor")
+    servers[(args.delay_ms, "raw")] = _spawn(args.delay_ms, "raw")
     if not args.no_scaled:
         servers[(args.scaled_ms, "scaled")] = _spawn(args.scaled_ms, "scaled")
     scaled: list[dict[str, Any]] = []
@@ -331,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = transport_rows(
             servers[(args.delay_ms, "fixed")][1], args.delay_ms / 1000, sizes, repeats,
             floor_address=servers[(args.delay_ms, "floor")][1],
+            raw_address=servers[(args.delay_ms, "raw")][1],
         )  # fmt: skip
         conc = concurrency(
             [servers[(d, "fixed")][1] for d in CONCURRENT_DELAYS_MS],

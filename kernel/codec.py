@@ -97,7 +97,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory as _shm
 from types import TracebackType
@@ -287,6 +287,154 @@ def _wire_array(t: torch.Tensor, kind: _Kind) -> np.ndarray:
     return arr if _LITTLE_ENDIAN_HOST else arr.astype(kind.wire)  # big-endian host: byteswap
 
 
+# --------------------------------------------------------------------------- receive
+
+
+class Received:
+    """A parsed message whose top-level tensors kept their inline bytes where they arrived.
+
+    ``message`` is the proto message with the ``data`` of those tensors left out (so upb
+    neither copies them into its arena while parsing nor again on each ``.data`` access);
+    ``inline`` maps each such field's name to a read-only view of its bytes in the received
+    buffer. Attributes not defined here are the message's (``received.handle``,
+    ``received.HasField("x")``). Read a tensor with :func:`decode_field`.
+    """
+
+    __slots__ = ("inline", "message")
+
+    def __init__(self, message: Any, inline: dict[str, memoryview]) -> None:
+        self.message = message
+        self.inline = inline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+
+def parser(message_type: Any) -> Callable[[bytes], Any]:
+    """The gRPC deserializer of ``message_type``: :class:`Received` for a message with
+    singular ``Tensor`` fields at its top level (see :func:`parse`), else ``FromString``."""
+    tensors = {
+        f.number: f.name
+        for f in message_type.DESCRIPTOR.fields
+        if f.message_type is tensor_pb2.Tensor.DESCRIPTOR and not f.is_repeated
+    }
+    if not tensors:
+        return message_type.FromString
+    return lambda buffer: parse(message_type, tensors, buffer)
+
+
+def parse(message_type: Any, tensors: Mapping[int, str], buffer: bytes) -> Received:
+    """``message_type.FromString(buffer)``, keeping the inline bytes of the ``tensors`` fields
+    (number → name) in ``buffer``.
+
+    Same result as protobuf's parser, field for field: the message is parsed from ``buffer``
+    with only the ``Tensor.data`` entries of those fields cut out, every other byte in its
+    place (so repeated occurrences still merge as protobuf merges them), and the field's
+    bytes are those of its *last* ``data`` entry (the one protobuf keeps). A field with a
+    ``shared_memory`` entry anywhere is left whole (its ``storage`` is decided by entry
+    order), and a buffer this scanner does not understand (a group, a bad varint, a length
+    past the end) is handed whole to protobuf, which accepts or refuses it as usual.
+    """
+    try:
+        entries = list(_entries(buffer, 0, len(buffer)))
+        cuts: dict[int, list[tuple[int, int]]] = {}  # tensor field → data entries (start, end)
+        shared: set[int] = set()
+        for number, wire_type, _, value, end in entries:
+            if wire_type == 2 and number in tensors:
+                for sub_number, sub_type, sub_start, _, sub_end in _entries(buffer, value, end):
+                    if sub_number == 3 and sub_type == 2:
+                        cuts.setdefault(number, []).append((sub_start, sub_end))
+                    elif sub_number == 4:
+                        shared.add(number)
+    except _Unparsable:
+        return Received(message_type.FromString(buffer), {})
+    view = memoryview(buffer)
+    parts: list[Any] = []
+    inline: dict[str, memoryview] = {}
+    for number, wire_type, start, value, end in entries:
+        data = cuts.get(number) if number not in shared else None
+        if not data or wire_type != 2:
+            parts.append(view[start:end])
+            continue
+        kept = [(value, end)]  # the occurrence's body without its data entries
+        for cut_start, cut_end in data:
+            if value <= cut_start < end:
+                kept[-1:] = [(kept[-1][0], cut_start), (cut_end, end)]
+        body = b"".join(view[a:b] for a, b in kept)
+        parts += (view[start : start + _varint_size(buffer, start)], _varint(len(body)), body)
+        last_start, last_end = data[-1]
+        head = _varint_size(buffer, last_start)  # the tag
+        length_size = _varint_size(buffer, last_start + head)
+        inline[tensors[number]] = view[last_start + head + length_size : last_end]
+    return Received(message_type.FromString(b"".join(parts)), inline)
+
+
+class _Unparsable(Exception):
+    """A buffer :func:`parse` leaves to protobuf."""
+
+
+def _read_varint(buffer: bytes, pos: int, end: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while pos < end and shift < 64:
+        byte = buffer[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _Unparsable
+
+
+def _varint_size(buffer: bytes, pos: int) -> int:
+    size = 1
+    while buffer[pos + size - 1] >= 0x80:
+        size += 1
+    return size
+
+
+def _entries(buffer: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, entry start, value start, entry end) of each entry."""
+    while pos < end:
+        start = pos
+        tag, pos = _read_varint(buffer, pos, end)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            _, after = _read_varint(buffer, pos, end)
+        elif wire_type == 1:
+            after = pos + 8
+        elif wire_type == 2:
+            length, pos = _read_varint(buffer, pos, end)
+            after = pos + length
+        elif wire_type == 5:
+            after = pos + 4
+        else:  # groups (3, 4) and invalid wire types
+            raise _Unparsable
+        if number == 0 or after > end:
+            raise _Unparsable
+        yield number, wire_type, start, pos, after
+        pos = after
+
+
+def decode_field(
+    message: Any,
+    name: str,
+    *,
+    field: str | None = None,
+    max_bytes: int | None = None,
+    shared_memory: SharedMemorySource | None = None,
+) -> torch.Tensor:
+    """:func:`decode` of the tensor field ``name`` of ``message`` (a proto message or a
+    :class:`Received`, whose kept bytes it views); errors name ``field`` (``name`` if None)."""
+    inline = message.inline.get(name) if isinstance(message, Received) else None
+    return decode(
+        getattr(message, name),
+        field=field or name,
+        max_bytes=max_bytes,
+        shared_memory=shared_memory,
+        inline=inline,
+    )
+
+
 # --------------------------------------------------------------------------- decode
 
 
@@ -323,11 +471,13 @@ def decode(
     field: str,
     max_bytes: int | None = None,
     shared_memory: SharedMemorySource | None = None,
+    inline: memoryview | None = None,
 ) -> torch.Tensor:
     """The CPU tensor in ``msg``; validated first, ``ExpertError`` naming ``field`` otherwise.
 
     Inline data: a read-only-backed view of the message's bytes, no copy (see the module
-    docstring). Shared memory (only with a ``shared_memory`` source: a
+    docstring); ``inline``, the tensor's bytes that :func:`parse` kept out of ``msg``, stands
+    in for ``msg.data``. Shared memory (only with a ``shared_memory`` source: a
     :class:`SharedMemoryReader` for a peer's segments, or the :class:`SharedMemoryPool` whose
     room a reply was written to): a writable copy.
     ``max_bytes`` caps ``prod(shape) * itemsize`` (RESOURCE_EXHAUSTED above it).
@@ -350,7 +500,8 @@ def decode(
         raw = shared_memory.read(msg.shared_memory, nbytes, field=f"{field}.shared_memory")
         flat = raw.view(kind.wire)
     else:
-        data = msg.data  # upb: a fresh bytes object; the tensor below views it
+        # upb: a fresh bytes object; the tensor below views it (or views the received buffer)
+        data = msg.data if inline is None else inline
         if len(data) != nbytes:
             raise ExpertError.invalid(
                 f"{field}.data",
@@ -754,6 +905,7 @@ __all__ = [
     "MAX_TENSOR_BYTES",
     "SEGMENT_PREFIX",
     "SUPPORTED_DTYPES",
+    "Received",
     "Serialized",
     "SharedMemoryPool",
     "SharedMemoryReader",
@@ -762,8 +914,11 @@ __all__ = [
     "all_finite",
     "checked_nbytes",
     "decode",
+    "decode_field",
     "encode",
     "encode_into",
+    "parse",
+    "parser",
     "validate_finite",
     "validate_sigma",
 ]

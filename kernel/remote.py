@@ -445,7 +445,7 @@ class RemoteExpert:
             chunk = t[i : i + step]
             reply = self._invoke(method, codec.WireMessage(request_type(), {field: chunk}))
             try:
-                out = codec.decode(getattr(reply, reply_field), field=reply_field)
+                out = codec.decode_field(reply, reply_field)
             except ExpertError as e:
                 raise self._error(method, e.code, e.field, f"bad reply: {e.reason}") from None
             if out.ndim < 1 or out.shape[0] != chunk.shape[0]:
@@ -486,7 +486,7 @@ class RemoteExpert:
             wire = enc.request(request, tensors, reply_nbytes=_nbytes(x) if same_shape else None)
             reply = self._invoke(method, wire, on_failure=enc.spoil)
             # inside the block: a reply in our shared memory is read before the pool is reused
-            return self._decoded(getattr(reply, field), method, field, shape, dtype, enc)
+            return self._decoded(reply, method, field, shape, dtype, enc)
 
     def _wide_limit(self, x: Tensor) -> int | None:
         """The largest batch of a dtype wider than float32 that fits one message, or None."""
@@ -519,13 +519,14 @@ class RemoteExpert:
 
     def _decoded(
         self,
-        msg: Any,
+        reply: Any,
         method: str,
         field: str,
         shape: Sequence[int],
         dtype: torch.dtype,
         enc: _Encoder,
     ) -> Tensor:
+        msg = getattr(reply, field)
         in_room = msg.WhichOneof("storage") == "shared_memory"
         if in_room and (enc.room is None or msg.shared_memory != enc.room):
             raise self._error(
@@ -535,7 +536,7 @@ class RemoteExpert:
                 "bad reply: shared memory this client did not offer",
             )
         try:
-            out = codec.decode(msg, field=field, shared_memory=enc.pool if in_room else None)
+            out = codec.decode_field(reply, field, shared_memory=enc.pool if in_room else None)
         except ExpertError as e:
             raise self._error(method, e.code, e.field, f"bad reply: {e.reason}") from None
         if tuple(out.shape) != tuple(shape):
@@ -693,7 +694,8 @@ def _nbytes(t: Tensor) -> int:
 
 
 def _expert_rpcs(channel: grpc.Channel) -> dict[str, Any]:
-    return unary_methods(channel, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"])
+    service = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"]
+    return unary_methods(channel, service, parser=codec.parser)
 
 
 def _batch_limit(info: ExpertInfo, max_message_bytes: int, itemsize: int = 4) -> int | None:

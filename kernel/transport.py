@@ -223,16 +223,30 @@ _HANDLERS = {
 }
 
 
-def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> None:
+def _from_string(message_type: Any) -> Callable[[bytes], Any]:
+    return message_type.FromString
+
+
+def add_service(
+    server: grpc.aio.Server,
+    servicer: Any,
+    service: ServiceDescriptor,
+    *,
+    parser: Callable[[Any], Callable[[bytes], Any]] = _from_string,
+) -> None:
     """Register ``servicer``'s methods for ``service``, replies serialised with
-    ``reply.SerializeToString()`` (the generated ``add_*_to_server``, made codec-aware)."""
+    ``reply.SerializeToString()`` (the generated ``add_*_to_server``, made codec-aware).
+
+    ``parser(request_type)`` gives each method's request deserializer (``FromString`` by
+    default; the expert host passes :func:`poegen.kernel.codec.parser`, which leaves the
+    bytes of large tensors where they arrived)."""
     handlers = {}
     for method in service.methods:
         request = message_factory.GetMessageClass(method.input_type)
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=request.FromString,
+            request_deserializer=parser(request),
             response_serializer=serialize,
         )
     server.add_generic_rpc_handlers(
@@ -242,10 +256,14 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
 
 
 def unary_methods(
-    channel: grpc.Channel, service: ServiceDescriptor
+    channel: grpc.Channel,
+    service: ServiceDescriptor,
+    *,
+    parser: Callable[[Any], Callable[[bytes], Any]] = _from_string,
 ) -> dict[str, grpc.UnaryUnaryMultiCallable]:
     """The unary-unary methods of ``service`` on ``channel``, by name; requests serialised with
-    ``request.SerializeToString()`` (so a ``codec.WireMessage`` may be sent)."""
+    ``request.SerializeToString()`` (so a ``codec.WireMessage`` may be sent), replies parsed
+    with ``parser(reply_type)`` (``FromString`` by default)."""
     methods = {}
     for method in service.methods:
         if method.client_streaming or method.server_streaming:
@@ -254,7 +272,7 @@ def unary_methods(
         methods[method.name] = channel.unary_unary(
             f"/{service.full_name}/{method.name}",
             request_serializer=serialize,
-            response_deserializer=reply.FromString,
+            response_deserializer=parser(reply),
             _registered_method=True,
         )
     return methods

@@ -40,7 +40,7 @@ from poegen.expert_servers.server.metrics import ServerMetrics
 from poegen.expert_servers.server.models import LoadedModel, ModelManager
 from poegen.expert_servers.server.service import ExpertServicer, WireLimits
 from poegen.expert_servers.server.serving import ExpertServing
-from poegen.kernel.codec import SharedMemoryReader
+from poegen.kernel.codec import SharedMemoryReader, parser
 from poegen.kernel.experts import Expert
 from poegen.kernel.transport import (
     TokenInterceptor,
@@ -106,7 +106,8 @@ class ExpertHost:
         if config.token is not None:
             interceptors.append(TokenInterceptor(config.token.get_secret_value()))
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
-        add_service(self.server, ExpertServicer(self.models, serving, limits), _SERVICE)
+        servicer = ExpertServicer(self.models, serving, limits)
+        add_service(self.server, servicer, _SERVICE, parser=parser)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

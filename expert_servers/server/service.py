@@ -79,10 +79,15 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return room
 
     def _tensor(self, request: Any, field: str) -> Tensor:
-        """The required tensor ``field`` of ``request``."""
+        """The required tensor ``field`` of ``request`` (a :class:`codec.Received`)."""
         if not request.HasField(field):
             raise ExpertError.invalid(field, "required")
-        return self._decode(getattr(request, field), field)
+        return codec.decode_field(
+            request,
+            field,
+            max_bytes=self._limits.max_message_bytes,
+            shared_memory=self._limits.shared_memory,
+        )
 
     @maps_errors
     async def Describe(
