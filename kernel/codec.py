@@ -42,10 +42,18 @@ field (``field="x"`` gives ``"x.dtype"``, ``"x.shape"``, ``"x.data"``, ``"x.shar
 * RESOURCE_EXHAUSTED: ``prod(shape) * itemsize`` over ``max_bytes``, or over 2**62 (checked
   with Python integers, dimension by dimension, so ``[2**40, 2**40]`` never reaches torch).
 
+**Receiving without copies.** The upb protobuf runtime copies a ``bytes`` field into its arena
+while parsing, and again into a fresh ``bytes`` object on each access. :func:`parser` (the
+gRPC deserializer of the expert host's requests and the kernel's replies) avoids both for the
+top-level tensors of a message: :func:`parse` hands protobuf the message without those
+tensors' ``data`` and keeps views of their bytes in the buffer gRPC received
+(:class:`Received`), which :func:`decode_field` decodes in place. Same result as protobuf's
+own parser, including repeated occurrences and malformed input (left to protobuf).
+
 **Ownership of decoded tensors.** Inline ``data`` is not copied: the tensor is a view of the
-``bytes`` object the message returned (the upb protobuf runtime makes that object, a private
-copy of the field, on each access; it is the only copy decode causes). Python ``bytes`` are
-immutable, so the result is *read-only-backed*: never write into it in place (``x.add_(1)``,
+received buffer (:func:`decode_field` of a :class:`Received`) or of the ``bytes`` object the
+message returned (it is the only copy decode causes). Python ``bytes`` are immutable, so the
+result is *read-only-backed*: never write into it in place (``x.add_(1)``,
 ``x[0] = 0``, ``out=x``); use out-of-place operations or ``x.clone()`` first. Torch's one-time
 "non-writable buffer" warning is silenced for this conversion only. A tensor decoded from
 shared memory is a private, writable copy.
