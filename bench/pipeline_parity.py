@@ -19,6 +19,12 @@ For FLUX, SD3 and Wan text-to-video, in one run:
   grid (``Schedule``), and ``sample()`` one particle with zero MCMC steps, every velocity a
   ``Velocity`` RPC over loopback. The pipeline call encodes the same prompts and runs the same
   steps from the same initial latents (``output_type="latent"``: neither side decodes).
+* **bare gRPC**: the least the RPCs of a run cost here: their number (Describe, Prepare,
+  Schedule, one Velocity per step, Release) times one round trip through a bare ``grpc.aio``
+  echo host on a thread of this process (:class:`EchoHost`: raw bytes the size of a step's
+  latents, a handler that sleeps a step's time in a worker thread, as the expert host's
+  worker computes), as a share of the pipeline's time. The time ratio over gRPC cannot be
+  below (ratio without gRPC) + that share;
 * **encoder calls**: forward calls of the text encoders per run, counted with forward hooks
   on the real encoder modules of both sides; one per encoder and condition (prompt, negative
   prompt), never one per step.
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import statistics
@@ -46,12 +53,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import grpc
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 
@@ -150,6 +159,63 @@ class Host:
         self.thread.join(10)
 
 
+class EchoHost:
+    """A bare ``grpc.aio`` echo of raw bytes (no protobuf, no poegen code) on its own event-loop
+    thread, like :class:`Host`; its handler sleeps ``sleep_s`` in a worker thread, as a
+    step's compute keeps the host's worker busy. One round trip through it is the least a
+    gRPC call costs here."""
+
+    def __init__(self, sleep_s: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        executor = ThreadPoolExecutor(1)
+
+        async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await asyncio.get_running_loop().run_in_executor(executor, time.sleep, sleep_s)
+            return request
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server()
+            handler = grpc.unary_unary_rpc_method_handler(echo, _same, _same)
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("Echo", {"Echo": handler}),)
+            )
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, port
+
+        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(60)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _same(data: bytes) -> bytes:
+    return data
+
+
+def grpc_floor_ms(payload_bytes: int, sleep_s: float, calls: int = 25) -> float:
+    """Median time of one bare gRPC round trip (``payload_bytes`` each way) over ``sleep_s``."""
+    host = EchoHost(sleep_s)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+            echo = channel.unary_unary("/Echo/Echo", request_serializer=_same,
+                                       response_deserializer=_same)  # fmt: skip
+            payload = bytes(payload_bytes)
+            echo(payload)
+            times = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                echo(payload)
+                times.append(time.perf_counter() - started - sleep_s)
+    finally:
+        host.close()
+    return statistics.median(times) * 1000
+
+
 def condition(case: Case) -> expert_pb2.Condition:
     msg = expert_pb2.Condition(text=PROMPT, scalars={"guidance_scale": case.guidance})
     if case.name != "flux":
@@ -223,6 +289,9 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
     finally:
         host.close()
     poegen_s, pipeline_s = statistics.median(times["poegen"]), statistics.median(times["pipeline"])
+    # Describe, Prepare, Schedule, a Velocity per step, Release; each at least a bare round trip
+    rpcs = steps + 4
+    floor_ms = grpc_floor_ms(4 * math.prod(case.shape), pipeline_s / steps)
     return {
         "family": case.name,
         "latent_shape": list(case.shape),
@@ -234,6 +303,9 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
         "ratio_min": min(times["poegen"]) / min(times["pipeline"]),
         "cpu_ratio": statistics.median(cpu["poegen"]) / statistics.median(cpu["pipeline"]),
         "in_process_ratio": paired_ratio(times["in_process"], times["pipeline"]),
+        "rpcs_per_run": rpcs,
+        "grpc_floor_ms": floor_ms,
+        "grpc_floor_share": rpcs * floor_ms / 1000 / pipeline_s,
         "in_process_cpu_ratio": statistics.median(cpu["in_process"])
         / statistics.median(cpu["pipeline"]),
         "cpu_s": cpu,
@@ -271,7 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ratio {r['ratio']:5.3f} (medians {r['ratio_of_medians']:5.3f}, minima "
                 f"{r['ratio_min']:5.3f}, CPU time {r['cpu_ratio']:5.3f})  without gRPC "
                 f"{r['in_process_ratio']:5.3f} (CPU "
-                f"{r['in_process_cpu_ratio']:5.3f})  encoder calls {r['encoder_calls_poegen']} "
+                f"{r['in_process_cpu_ratio']:5.3f})  bare gRPC {r['rpcs_per_run']} x "
+                f"{r['grpc_floor_ms']:.1f} ms = {r['grpc_floor_share']:.3f} of the pipeline  "
+                f"encoder calls {r['encoder_calls_poegen']} "
                 f"(pipeline {r['encoder_calls_pipeline']})  max|Δ| {r['max_abs_diff']:.1e}",
                 flush=True,
             )
