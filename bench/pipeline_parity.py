@@ -34,7 +34,10 @@ For FLUX, SD3 and Wan text-to-video, in one run:
 The models are random-weight folders built with :mod:`poegen.expert_servers.flow.tiny`, with
 larger transformers than the tests use (``--quick``: the test sizes), so that a step costs what
 a small real model's does on this CPU and the ratio measures the protocol's overhead, not
-Python's. The expert host runs in this process on its own event-loop thread (as the tests'
+Python's. ``--scales`` runs each family at latent sides ×1 (FLUX and SD3 32×32, Wan 3×16×16:
+a step of 60–110 ms here) and ×2 (4× the tokens: 250–450 ms, the order of a real FLUX, SD3 or
+Wan step on a GPU), one table row each: the RPCs cost the same per step, so their share
+shrinks as the step grows. The expert host runs in this process on its own event-loop thread (as the tests'
 hosts do); the kernel calls it from a worker thread. ``--repeats`` rounds (9 by default).
 Torch runs ``--threads`` intra-op threads (1 by default: on the shared 2-core machine, 2 threads oversubscribe and a
 forward's time varies by ×2 from run to run; 1 thread gives stable, comparable timings).
@@ -91,11 +94,13 @@ class Case:
     encoders: tuple[str, ...]
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, scale: int = 1) -> list[Case]:
+    """The three families; ``scale`` multiplies the latent height and width (bench sizes)."""
     big = not quick
-    flux_shape = (16, 32, 32) if big else (16, 8, 8)
-    sd3_shape = (4, 32, 32) if big else (4, 8, 8)
-    wan_shape = (16, 3, 16, 16) if big else (16, 3, 4, 4)
+    n = 32 * scale
+    flux_shape = (16, n, n) if big else (16, 8, 8)
+    sd3_shape = (4, n, n) if big else (4, 8, 8)
+    wan_shape = (16, 3, n // 2, n // 2) if big else (16, 3, 4, 4)
     s = 2  # the tiny VAEs' spatial compression (FLUX/SD3); Wan's is 8
     return [
         Case(
@@ -109,7 +114,7 @@ def cases(quick: bool) -> list[Case]:
             "sd3", build_sd3, SD3Adapter, StableDiffusion3Pipeline, sd3_shape,
             dict(height=sd3_shape[1] * s, width=sd3_shape[2] * s, negative_prompt=NEGATIVE), 4.0,
             dict(num_layers=4, attention_head_dim=64, num_attention_heads=4, patch_size=2,
-                 sample_size=32, caption_projection_dim=256) if big else {},
+                 sample_size=n, caption_projection_dim=256) if big else {},
             ("text_encoder", "text_encoder_2", "text_encoder_3"),
         ),
         Case(
@@ -327,15 +332,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (9)")
+    parser.add_argument(
+        "--scales", type=int, nargs="+", default=None,
+        help="latent side multipliers, one table each (default: 1 2; --quick: 1)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps or (4 if args.quick else 10)
     repeats = args.repeats or (2 if args.quick else 9)
+    scales = args.scales or ([1] if args.quick else [1, 2])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in cases(args.quick):
-            rows.append(measure(case, Path(tmp), steps, repeats))
+        for scale, case in ((k, c) for k in scales for c in cases(args.quick, k)):
+            rows.append(measure(case, Path(tmp) / f"x{scale}", steps, repeats))
             r = rows[-1]
             print(
                 f"{r['family']:5s} latents {tuple(r['latent_shape'])!s:16s} steps {steps:3d}  "
