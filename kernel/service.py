@@ -416,6 +416,8 @@ class Job:
         self._lock = threading.Lock()
         self._experts: list[RemoteExpert] = []
         self.finished = threading.Event()
+        # the job thread computes with the service thread's torch thread count (calls.worker_pool)
+        self._torch_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._main, name=f"poegen-job-{number}", daemon=True)
 
     def start(self) -> None:
@@ -438,6 +440,7 @@ class Job:
             self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def _main(self) -> None:
+        torch.set_num_threads(self._torch_threads)
         outcome: Any = None
         try:
             outcome = self._run()

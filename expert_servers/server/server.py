@@ -26,7 +26,6 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +39,7 @@ from poegen.expert_servers.server.metrics import ServerMetrics
 from poegen.expert_servers.server.models import LoadedModel, ModelManager
 from poegen.expert_servers.server.service import ExpertServicer, WireLimits
 from poegen.expert_servers.server.serving import ExpertServing
+from poegen.kernel.calls import worker_pool
 from poegen.kernel.codec import SharedMemoryReader, parser
 from poegen.kernel.experts import Expert
 from poegen.kernel.transport import (
@@ -79,8 +79,9 @@ class ExpertHost:
         self.config = config
         self.metrics = ServerMetrics()
         self.metrics_port: int | None = None
-        self._calls = ThreadPoolExecutor(config.workers, thread_name_prefix="poegen-call")
-        self._loads = ThreadPoolExecutor(2, thread_name_prefix="poegen-load")
+        # the experts compute here, with the torch thread count of the thread that built the host
+        self._calls = worker_pool(config.workers, "poegen-call")
+        self._loads = worker_pool(2, "poegen-load")
         self.handles = HandleTable(config.max_handles, config.handle_ttl_s)
         self.health = health.aio.HealthServicer()
         self.models = ModelManager(
