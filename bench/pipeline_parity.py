@@ -34,7 +34,8 @@ For FLUX, SD3 and Wan text-to-video, in one run:
 The models are random-weight folders built with :mod:`poegen.expert_servers.flow.tiny`, with
 larger transformers than the tests use (``--quick``: the test sizes), so that a step costs what
 a small real model's does on this CPU and the ratio measures the protocol's overhead, not
-Python's. ``--scales`` runs each family at latent sides ×1 (FLUX and SD3 32×32, Wan 3×16×16:
+Python's. The process tunes its allocator at start as ``poegen serve`` does (the host's
+worker threads compute; see :func:`poegen.expert_servers.server.create_server`). ``--scales`` runs each family at latent sides ×1 (FLUX and SD3 32×32, Wan 3×16×16:
 a step of 60–110 ms here) and ×2 (4× the tokens: 250–450 ms, the order of a real FLUX, SD3 or
 Wan step on a GPU), one table row each: the RPCs cost the same per step, so their share
 shrinks as the step grows. The expert host runs in this process on its own event-loop thread (as the tests'
@@ -73,6 +74,7 @@ from poegen.expert_servers.server import Condition, ModelRef, ServerConfig, crea
 from poegen.kernel.remote import RemoteExpert
 from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
+from poegen.kernel.transport import tune_allocator
 from poegen.v1 import expert_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_parity.json"
@@ -339,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    tune_allocator()  # an entry point hosting an expert, as `poegen serve` (see create_server)
     steps = args.steps or (4 if args.quick else 10)
     repeats = args.repeats or (2 if args.quick else 9)
     scales = args.scales or ([1] if args.quick else [1, 2])
