@@ -109,7 +109,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory as _shm
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -298,7 +298,10 @@ def _wire_array(t: torch.Tensor, kind: _Kind) -> np.ndarray:
 # --------------------------------------------------------------------------- receive
 
 
-class Received:
+_Message = TypeVar("_Message")
+
+
+class Received(Generic[_Message]):
     """A parsed message whose top-level tensors kept their inline bytes where they arrived.
 
     ``message`` is the proto message with the ``data`` of those tensors left out (so upb
@@ -310,7 +313,7 @@ class Received:
 
     __slots__ = ("inline", "message")
 
-    def __init__(self, message: Any, inline: dict[str, memoryview]) -> None:
+    def __init__(self, message: _Message, inline: dict[str, memoryview]) -> None:
         self.message = message
         self.inline = inline
 

@@ -26,6 +26,7 @@ from poegen.expert_servers.server.interceptors import check_admin
 from poegen.expert_servers.server.models import LoadedModel, ModelManager
 from poegen.expert_servers.server.serving import ExpertServing, finite_scalar
 from poegen.kernel import codec
+from poegen.kernel.codec import Received
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import LatentLayout
 from poegen.v1 import expert_pb2 as pb
@@ -111,11 +112,11 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     @maps_errors
     async def Velocity(
-        self, request: pb.VelocityRequest, context: grpc.aio.ServicerContext
+        self, request: Received[pb.VelocityRequest], context: grpc.aio.ServicerContext
     ) -> Reply:
         return await self._serving.call(self._velocity, self._models.require(), request)
 
-    def _velocity(self, model: LoadedModel, request: pb.VelocityRequest) -> Reply:
+    def _velocity(self, model: LoadedModel, request: Received[pb.VelocityRequest]) -> Reply:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
         room = self._reply_room(request, x)
@@ -124,20 +125,24 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return self._serving.reply(reply, "velocity", v, room, self._limits.shared_memory)
 
     @maps_errors
-    async def LogProb(self, request: pb.LogProbRequest, context: grpc.aio.ServicerContext) -> Reply:
+    async def LogProb(
+        self, request: Received[pb.LogProbRequest], context: grpc.aio.ServicerContext
+    ) -> Reply:
         return await self._serving.call(self._log_prob, self._models.require(), request)
 
-    def _log_prob(self, model: LoadedModel, request: pb.LogProbRequest) -> Reply:
+    def _log_prob(self, model: LoadedModel, request: Received[pb.LogProbRequest]) -> Reply:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma") if request.HasField("sigma") else None
         out = self._serving.log_prob(model, x, sigma, request.handle)
         return self._serving.reply(pb.LogProbResponse(revision=model.revision), "log_prob", out)
 
     @maps_errors
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> Reply:
+    async def Score(
+        self, request: Received[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> Reply:
         return await self._serving.call(self._score, self._models.require(), request)
 
-    def _score(self, model: LoadedModel, request: pb.ScoreRequest) -> Reply:
+    def _score(self, model: LoadedModel, request: Received[pb.ScoreRequest]) -> Reply:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
         room = self._reply_room(request, x)
@@ -146,10 +151,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return self._serving.reply(reply, "score", out, room, self._limits.shared_memory)
 
     @maps_errors
-    async def Propose(self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext) -> Reply:
+    async def Propose(
+        self, request: Received[pb.ProposeRequest], context: grpc.aio.ServicerContext
+    ) -> Reply:
         return await self._serving.call(self._propose, self._models.require(), request)
 
-    def _propose(self, model: LoadedModel, request: pb.ProposeRequest) -> Reply:
+    def _propose(self, model: LoadedModel, request: Received[pb.ProposeRequest]) -> Reply:
         if request.mode not in _MODES:
             raise ExpertError.invalid(
                 "mode", "must be PROPOSE_MODE_PROPOSE or PROPOSE_MODE_PROJECT"
@@ -164,18 +171,22 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return self._serving.reply(reply, "x", out, room, self._limits.shared_memory)
 
     @maps_errors
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> Reply:
+    async def Encode(
+        self, request: Received[pb.EncodeRequest], context: grpc.aio.ServicerContext
+    ) -> Reply:
         return await self._serving.call(self._encode, self._models.require(), request)
 
-    def _encode(self, model: LoadedModel, request: pb.EncodeRequest) -> Reply:
+    def _encode(self, model: LoadedModel, request: Received[pb.EncodeRequest]) -> Reply:
         latents = self._serving.encode(model, self._tensor(request, "pixels"))
         return self._serving.reply(pb.EncodeResponse(revision=model.revision), "latents", latents)
 
     @maps_errors
-    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> Reply:
+    async def Decode(
+        self, request: Received[pb.DecodeRequest], context: grpc.aio.ServicerContext
+    ) -> Reply:
         return await self._serving.call(self._decode_latents, self._models.require(), request)
 
-    def _decode_latents(self, model: LoadedModel, request: pb.DecodeRequest) -> Reply:
+    def _decode_latents(self, model: LoadedModel, request: Received[pb.DecodeRequest]) -> Reply:
         pixels = self._serving.decode(model, self._tensor(request, "latents"))
         return self._serving.reply(pb.DecodeResponse(revision=model.revision), "pixels", pixels)
 
