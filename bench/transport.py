@@ -24,10 +24,10 @@ What it measures, in one run:
      kernel's copies and two wake-ups remain; on a machine whose loopback moves about
      1.5 GB/s, 8 MiB each way is already ~10 ms, a fifth of the 50 ms budget.
 
-   The shared-memory path cannot fall below ``floor`` at 1 KiB (its control message is a
-   gRPC call) plus the copies into and out of the segments that a receiver must make (it
-   never keeps a view of memory its peer can truncate, which would crash it: see
-   :mod:`poegen.kernel.codec`).
+   The shared-memory path cannot fall below one bare gRPC call (its control message is one;
+   ``floor`` at the smallest sizes is about that) plus the copies into and out of the
+   segments that a receiver must make (it never keeps a view of memory its peer can
+   truncate, which would crash it: see :mod:`poegen.kernel.codec`).
 2. **Scaled compute** (second table, f32): the same ratios when the compute time grows with
    the batch as a real model's step does, ``--scaled-ms`` (50) per 16×64×64 sample of latent
    elements (so 8×16×128×128 computes for 1.6 s). Transport cost grows with the bytes too, so
