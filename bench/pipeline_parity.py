@@ -21,7 +21,7 @@ For FLUX, SD3 and Wan text-to-video, in one run:
   steps from the same initial latents (``output_type="latent"``: neither side decodes).
 * **bare gRPC**: the least the RPCs of a run cost here: their number (Describe, Prepare,
   Schedule, one Velocity per step, Release) times one round trip through a bare ``grpc.aio``
-  echo host on a thread of this process (:class:`EchoHost`: raw bytes the size of a step's
+  echo host on a thread of this process (:func:`echo_host`: raw bytes the size of a step's
   latents, a handler that sleeps a step's time in a worker thread, as the expert host's
   worker computes), as a share of the pipeline's time. The time ratio over gRPC cannot be
   below (ratio without gRPC) + that share;
@@ -56,7 +56,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,53 +145,17 @@ class Counter:
         return calls
 
 
-class Host:
-    """An expert host on its own event-loop thread."""
+class ServerThread:
+    """A gRPC server on its own event-loop thread, as the tests' hosts run.
 
-    def __init__(self, served: Any) -> None:
+    ``start()`` is a coroutine (run on that loop) giving the server, anything with
+    ``stop(grace)``, and its port.
+    """
+
+    def __init__(self, start: Callable[[], Awaitable[tuple[Any, int]]]) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-
-        async def start() -> Any:
-            host, port = create_server(ServerConfig(), expert=served)
-            await host.start()
-            return host, port
-
-        self.host, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(60)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.host.stop(0), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-class EchoHost:
-    """A bare ``grpc.aio`` echo of raw bytes (no protobuf, no poegen code) on its own event-loop
-    thread, like :class:`Host`; its handler sleeps ``sleep_s`` in a worker thread, as a
-    step's compute keeps the host's worker busy. One round trip through it is the least a
-    gRPC call costs here."""
-
-    def __init__(self, sleep_s: float) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        executor = ThreadPoolExecutor(1)
-
-        async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            await asyncio.get_running_loop().run_in_executor(executor, time.sleep, sleep_s)
-            return request
-
-        async def start() -> tuple[grpc.aio.Server, int]:
-            server = grpc.aio.server()
-            handler = grpc.unary_unary_rpc_method_handler(echo, _same, _same)
-            server.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler("Echo", {"Echo": handler}),)
-            )
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            return server, port
-
         self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(60)
 
     def close(self) -> None:
@@ -200,13 +164,47 @@ class EchoHost:
         self.thread.join(10)
 
 
+def expert_host(served: Any) -> ServerThread:
+    """The expert host serving ``served``."""
+
+    async def start() -> tuple[Any, int]:
+        host, port = create_server(ServerConfig(), expert=served)
+        await host.start()
+        return host, port
+
+    return ServerThread(start)
+
+
+def echo_host(sleep_s: float) -> ServerThread:
+    """A bare ``grpc.aio`` echo of raw bytes (no protobuf, no poegen code), whose handler
+    sleeps ``sleep_s`` in a worker thread, as a step's compute keeps the expert host's worker
+    busy. One round trip through it is the least a gRPC call costs here."""
+    executor = ThreadPoolExecutor(1)
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.get_running_loop().run_in_executor(executor, time.sleep, sleep_s)
+        return request
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(echo, _same, _same)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("Echo", {"Echo": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    return ServerThread(start)
+
+
 def _same(data: bytes) -> bytes:
     return data
 
 
 def grpc_floor_ms(payload_bytes: int, sleep_s: float, calls: int = 25) -> float:
     """Median time of one bare gRPC round trip (``payload_bytes`` each way) over ``sleep_s``."""
-    host = EchoHost(sleep_s)
+    host = echo_host(sleep_s)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{host.port}") as channel:
             echo = channel.unary_unary("/Echo/Echo", request_serializer=_same,
@@ -273,7 +271,7 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     expert_encoders = Counter([getattr(served.expert.pipe, n) for n in case.encoders])
     pipe_encoders = Counter([getattr(pipe, n) for n in case.encoders])
-    host = Host(served)
+    host = expert_host(served)
     address = f"127.0.0.1:{host.port}"
     try:
         with torch.no_grad():

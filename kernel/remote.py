@@ -378,9 +378,11 @@ class RemoteExpert:
 
     def _release(self, handle: str) -> None:
         # one short attempt: a server that is gone has forgotten the handle anyway (its TTL)
-        channel = self._open_channel() if self._cancelled.is_set() else self._channel
+        # cancel() closed our channel: release through a fresh one
+        fresh = self._open_channel() if self._cancelled.is_set() else None
+        release = (_expert_rpcs(fresh) if fresh is not None else self._rpcs)["Release"]
         try:
-            _expert_rpcs(channel)["Release"](
+            release(
                 expert_pb2.ReleaseRequest(handle=handle),
                 timeout=min(self.deadline_s, 5.0),
                 metadata=self._metadata,
@@ -388,8 +390,8 @@ class RemoteExpert:
         except grpc.RpcError as e:
             logger.warning("could not release a handle at %s: %s", self.address, e.code())
         finally:
-            if channel is not self._channel:
-                channel.close()
+            if fresh is not None:
+                fresh.close()
 
     def __enter__(self) -> RemoteExpert:
         return self
