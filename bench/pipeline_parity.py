@@ -52,6 +52,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import tempfile
 import threading
@@ -130,19 +131,29 @@ def cases(quick: bool, scale: int = 1) -> list[Case]:
     ]  # fmt: skip
 
 
-class Counter:
-    """Forward calls of a set of modules (hooks on the real encoders)."""
+class ForwardMeter:
+    """Forward calls of a set of modules and the wall time spent inside them (hooks on the
+    real modules; one forward at a time, in whichever thread runs it)."""
 
     def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
-        self.calls = 0
-        self._hooks = [m.register_forward_hook(self._bump) for m in modules]
+        self.calls, self.seconds = 0, 0.0
+        self._started = 0.0
+        for m in modules:
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
 
-    def _bump(self, *_: Any) -> None:
+    def _start(self, *_: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, *_: Any) -> None:
         self.calls += 1
+        self.seconds += time.perf_counter() - self._started
 
-    def take(self) -> int:
-        calls, self.calls = self.calls, 0
-        return calls
+    def take(self) -> tuple[int, float]:
+        """(calls, seconds) since the last take."""
+        taken = self.calls, self.seconds
+        self.calls, self.seconds = 0, 0.0
+        return taken
 
 
 class ServerThread:
@@ -269,55 +280,91 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
     served = case.adapter().load(ref, {"max_sequence_length": "16"}, lambda f, m: None)
     pipe = case.pipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    expert_encoders = Counter([getattr(served.expert.pipe, n) for n in case.encoders])
-    pipe_encoders = Counter([getattr(pipe, n) for n in case.encoders])
+    # the model work both sides share: text encoders (counted too) and transformer forwards
+    encoders = {
+        "ours": ForwardMeter([getattr(served.expert.pipe, n) for n in case.encoders]),
+        "theirs": ForwardMeter([getattr(pipe, n) for n in case.encoders]),
+    }
+    transformers = {
+        "ours": ForwardMeter([served.expert.pipe.transformer]),
+        "theirs": ForwardMeter([pipe.transformer]),
+    }
     host = expert_host(served)
     address = f"127.0.0.1:{host.port}"
     try:
         with torch.no_grad():
             ours, theirs = poegen_run(address, case, steps), pipeline_run(pipe, case, steps)
-        encoder_calls = (expert_encoders.take(), pipe_encoders.take())
+        encoder_calls = {k: meter.take()[0] for k, meter in encoders.items()}
+        for meter in transformers.values():
+            meter.take()
         runs = {
-            "pipeline": lambda: pipeline_run(pipe, case, steps),
-            "poegen": lambda: poegen_run(address, case, steps),
-            "in_process": lambda: in_process_run(served.expert, case, steps),
+            "pipeline": ("theirs", lambda: pipeline_run(pipe, case, steps)),
+            "poegen": ("ours", lambda: poegen_run(address, case, steps)),
+            "in_process": ("ours", lambda: in_process_run(served.expert, case, steps)),
         }
         times: dict[str, list[float]] = {side: [] for side in runs}
         cpu: dict[str, list[float]] = {side: [] for side in runs}
-        for _ in range(repeats):
-            for side, run in runs.items():
+        model: dict[str, list[float]] = {side: [] for side in runs}
+        for round_ in range(repeats):
+            # every other round backwards: a drift within a round favours no side on average
+            order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+            for side in order:
+                meters, run = runs[side]
                 started, cpu_started = time.perf_counter(), time.process_time()
                 with torch.no_grad():
                     run()
                 times[side].append(time.perf_counter() - started)
                 cpu[side].append(time.process_time() - cpu_started)
+                model[side].append(encoders[meters].take()[1] + transformers[meters].take()[1])
     finally:
         host.close()
     poegen_s, pipeline_s = statistics.median(times["poegen"]), statistics.median(times["pipeline"])
     # Describe, Prepare, Schedule, a Velocity per step, Release; each at least a bare round trip
     rpcs = steps + 4
     floor_ms = grpc_floor_ms(4 * math.prod(case.shape), pipeline_s / steps)
+    # time outside the shared model work, and the ratio a round gives at the pipeline's
+    # model time: (pipeline's model time + our time outside it) / pipeline's wall time
+    outside = {
+        side: [t - m for t, m in zip(times[side], model[side], strict=True)] for side in runs
+    }
+    base = list(zip(outside["pipeline"], times["pipeline"], strict=True))
+    corrected = {
+        side: [
+            1 + (o - o_pipe) / t_pipe
+            for o, (o_pipe, t_pipe) in zip(outside[side], base, strict=True)
+        ]
+        for side in ("poegen", "in_process")
+    }
+    ratios = [a / b for a, b in zip(times["poegen"], times["pipeline"], strict=True)]
     return {
         "family": case.name,
         "latent_shape": list(case.shape),
         "steps": steps,
+        "rounds": repeats,
         "poegen_s": poegen_s,
         "pipeline_s": pipeline_s,
-        "ratio": paired_ratio(times["poegen"], times["pipeline"]),
+        "ratio": statistics.median(ratios),
+        "ratio_ci90": median_ci(ratios),
         "ratio_of_medians": poegen_s / pipeline_s,
         "ratio_min": min(times["poegen"]) / min(times["pipeline"]),
         "cpu_ratio": statistics.median(cpu["poegen"]) / statistics.median(cpu["pipeline"]),
         "in_process_ratio": paired_ratio(times["in_process"], times["pipeline"]),
+        "in_process_cpu_ratio": statistics.median(cpu["in_process"])
+        / statistics.median(cpu["pipeline"]),
+        "model_time_ratio": paired_ratio(model["poegen"], model["pipeline"]),
+        "outside_model_ms": {side: statistics.median(o) * 1000 for side, o in outside.items()},
+        "corrected_ratio": statistics.median(corrected["poegen"]),
+        "corrected_ci90": median_ci(corrected["poegen"]),
+        "in_process_corrected_ratio": statistics.median(corrected["in_process"]),
         "rpcs_per_run": rpcs,
         "grpc_floor_ms": floor_ms,
         "grpc_floor_share": rpcs * floor_ms / 1000 / pipeline_s,
-        "in_process_cpu_ratio": statistics.median(cpu["in_process"])
-        / statistics.median(cpu["pipeline"]),
-        "cpu_s": cpu,
-        "encoder_calls_poegen": encoder_calls[0],
-        "encoder_calls_pipeline": encoder_calls[1],
+        "encoder_calls_poegen": encoder_calls["ours"],
+        "encoder_calls_pipeline": encoder_calls["theirs"],
         "max_abs_diff": float((ours - theirs).abs().max()),
         "times": times,
+        "cpu_s": cpu,
+        "model_s": model,
     }
 
 
@@ -326,12 +373,45 @@ def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
 
+def median_ci(values: Sequence[float], level: float = 0.9, resamples: int = 4000) -> list[float]:
+    """A percentile-bootstrap interval of the median of ``values`` (seeded: reproducible)."""
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    return [medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]]
+
+
+def row_text(r: dict[str, Any]) -> str:
+    """One family's results, as printed."""
+    lo, hi = r["ratio_ci90"]
+    c_lo, c_hi = r["corrected_ci90"]
+    outside = r["outside_model_ms"]
+    return (
+        f"{r['family']:5s} latents {tuple(r['latent_shape'])!s:16s} steps {r['steps']:3d}  "
+        f"pipeline {r['pipeline_s']:7.3f} s  poegen {r['poegen_s']:7.3f} s\n"
+        f"      ratio {r['ratio']:5.3f} (90 % CI {lo:5.3f}-{hi:5.3f}; medians "
+        f"{r['ratio_of_medians']:5.3f}, minima {r['ratio_min']:5.3f}, CPU time "
+        f"{r['cpu_ratio']:5.3f})  without gRPC {r['in_process_ratio']:5.3f}\n"
+        f"      at equal model time {r['corrected_ratio']:5.3f} (90 % CI {c_lo:5.3f}-{c_hi:5.3f};"
+        f" without gRPC {r['in_process_corrected_ratio']:5.3f})  outside the models: pipeline "
+        f"{outside['pipeline']:.0f} ms, poegen {outside['poegen']:.0f} ms, without gRPC "
+        f"{outside['in_process']:.0f} ms; model time poegen/pipeline "
+        f"{r['model_time_ratio']:5.3f}\n"
+        f"      bare gRPC {r['rpcs_per_run']} x {r['grpc_floor_ms']:.1f} ms = "
+        f"{r['grpc_floor_share']:.3f} of the pipeline  encoder calls "
+        f"{r['encoder_calls_poegen']} (pipeline {r['encoder_calls_pipeline']})  max|Δ| "
+        f"{r['max_abs_diff']:.1e}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="test-sized models, fewer repeats")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (9)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (15)")
     parser.add_argument(
         "--scales", type=int, nargs="+", default=None,
         help="latent side multipliers, one table each (default: 1 2; --quick: 1)",
@@ -341,25 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tune_allocator()  # an entry point hosting an expert, as `poegen serve` (see create_server)
     steps = args.steps or (4 if args.quick else 10)
-    repeats = args.repeats or (2 if args.quick else 9)
+    repeats = args.repeats or (2 if args.quick else 15)
     scales = args.scales or ([1] if args.quick else [1, 2])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scale, case in ((k, c) for k in scales for c in cases(args.quick, k)):
             rows.append(measure(case, Path(tmp) / f"x{scale}", steps, repeats))
-            r = rows[-1]
-            print(
-                f"{r['family']:5s} latents {tuple(r['latent_shape'])!s:16s} steps {steps:3d}  "
-                f"pipeline {r['pipeline_s']:7.3f} s  poegen {r['poegen_s']:7.3f} s  "
-                f"ratio {r['ratio']:5.3f} (medians {r['ratio_of_medians']:5.3f}, minima "
-                f"{r['ratio_min']:5.3f}, CPU time {r['cpu_ratio']:5.3f})  without gRPC "
-                f"{r['in_process_ratio']:5.3f} (CPU "
-                f"{r['in_process_cpu_ratio']:5.3f})  bare gRPC {r['rpcs_per_run']} x "
-                f"{r['grpc_floor_ms']:.1f} ms = {r['grpc_floor_share']:.3f} of the pipeline  "
-                f"encoder calls {r['encoder_calls_poegen']} "
-                f"(pipeline {r['encoder_calls_pipeline']})  max|Δ| {r['max_abs_diff']:.1e}",
-                flush=True,
-            )
+            print(row_text(rows[-1]), flush=True)
     report = {
         "benchmark": "pipeline_parity",
         "quick": args.quick,
