@@ -80,6 +80,7 @@ from poegen.v1 import expert_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_parity.json"
 PROMPT, NEGATIVE, SEED = "a red cube on a table", "blurry", 0
+FAMILIES = ("flux", "sd3", "wan")
 
 
 @dataclass(frozen=True)
@@ -416,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--scales", type=int, nargs="+", default=None,
         help="latent side multipliers, one table each (default: 1 2; --quick: 1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="(all)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -425,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scales = args.scales or ([1] if args.quick else [1, 2])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for scale, case in ((k, c) for k in scales for c in cases(args.quick, k)):
+        chosen = ((k, c) for k in scales for c in cases(args.quick, k) if c.name in args.families)
+        for scale, case in chosen:
             rows.append(measure(case, Path(tmp) / f"x{scale}", steps, repeats))
             print(row_text(rows[-1]), flush=True)
     report = {

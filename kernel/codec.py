@@ -130,6 +130,13 @@ SEGMENT_PREFIX = "poegen_"
 _SEGMENT_NAME = re.compile(re.escape(SEGMENT_PREFIX) + r"[0-9a-f]{16,64}")
 _ALIGN = 64  # byte alignment of tensors inside a segment
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+# Decoded tensors view read-only message bytes on purpose (module docstring), and torch warns
+# (once per process) when it wraps one. The filter is set once, for calls from this module
+# only: warnings.catch_warnings() around each call would swap the process-wide filter list
+# from several worker threads at once, which is not thread-safe.
+warnings.filterwarnings(
+    "ignore", "The given NumPy array is not writable", UserWarning, module=__name__
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,10 +546,7 @@ def _to_torch(flat: np.ndarray, shape: list[int], kind: _Kind, field: str) -> to
         flat = flat.astype(flat.dtype.newbyteorder("="))  # big-endian host: a swapped copy
     if kind.torch is torch.bool and flat.size and int(flat.max()) > 1:
         raise ExpertError.invalid(f"{field}.data", "bool elements must be 0 or 1")
-    with warnings.catch_warnings():
-        # Read-only-backed on purpose (module docstring); torch would warn once per process.
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        t = torch.from_numpy(flat)
+    t = torch.from_numpy(flat)  # read-only-backed on purpose (its warning is filtered above)
     if kind.carrier is not kind.torch:
         t = t.view(kind.torch)
     return t.reshape(shape)

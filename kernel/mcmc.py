@@ -40,13 +40,14 @@ class TargetEval:
     """The product at one level, evaluated at a batch.
 
     Attributes:
-        score: Σ_i w_i·m_i ⊙ ∇log p_{i,σ}(x), shape ``(N, *S)``.
+        score: Σ_i w_i·m_i ⊙ ∇log p_{i,σ}(x), shape ``(N, *S)``; ``None`` when no move will
+            read it (a run without MCMC steps).
         log_prob: Σ_i w_i·log p_{i,σ}(x), shape ``(N,)``, or ``None`` when unavailable.
         velocity: the weight-normalised combined velocity at x (reused by the sampler for x̂_0
             and the next transition), shape ``(N, *S)``.
     """
 
-    score: Tensor
+    score: Tensor | None
     log_prob: Tensor | None
     velocity: Tensor
 

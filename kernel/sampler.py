@@ -67,8 +67,10 @@ summed-score (Composable-Diffusion-style) Euler sampling.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import operator
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -178,6 +180,7 @@ class _Problem:
     masks: tuple[Tensor, ...]  # w_i·m_i per generative factor, shape S
     total_weight: Tensor  # W(c), shape S
     needs_log_prob: bool
+    needs_score: bool  # only MCMC moves read the score (and the ties' scores)
     pixels: PixelSource | None = None  # how pixel-input potentials see x̂_0; None: none of them
 
 
@@ -369,7 +372,10 @@ def _build_problem(
         and (b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT))
     )
     pixels = _pixel_source(generative, potentials, shape)
-    return _Problem(generative, potentials, proposers, ties, masks, total, needs_log_prob, pixels)
+    needs_score = settings.mcmc_steps > 0
+    return _Problem(
+        generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels
+    )
 
 
 def _pixel_source(
@@ -436,40 +442,45 @@ def _target_factory(problem: _Problem, calls: ExpertCalls) -> Callable[[float], 
     """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity.
 
     Scored constraints (``problem.ties``) add w_c·score_c(x_σ, σ) to the score and
-    w_c·log q_c,σ(x_σ) to the log-density; they do not move the transition's velocity.
+    w_c·log q_c,σ(x_σ) to the log-density; they do not move the transition's velocity. Only
+    MCMC moves read the score: without them it is not formed and the ties are not called.
     """
-    g, t = len(problem.generative), len(problem.ties)
+    g = len(problem.generative)
+    ties = problem.ties if problem.needs_score else ()  # without moves, ties change nothing
 
     def at(sigma: float) -> mcmc.Target:
         def evaluate(x: Tensor) -> mcmc.TargetEval:
             sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
             jobs = [Call(b, "velocity", x, (sig,)) for b in problem.generative]
-            jobs += [Call(b, "score", x, (sig,)) for b in problem.ties]
+            jobs += [Call(b, "score", x, (sig,)) for b in ties]
             if problem.needs_log_prob:
                 jobs += [
                     Call(b, "log_prob", x, (sig,), per_sample_output=True)
-                    for b in (*problem.generative, *problem.ties)
+                    for b in (*problem.generative, *ties)
                 ]
             out = calls.run(jobs)
-            velocities, tie_scores = out[:g], out[g : g + t]
-            score = sum(
-                m * score_from_velocity(x, sig, v)
-                for m, v in zip(problem.masks, velocities, strict=True)
-            )
-            score = score + sum(
-                b.factor.weight * s for b, s in zip(problem.ties, tie_scores, strict=True)
-            )
-            velocity = sum(m * v for m, v in zip(problem.masks, velocities, strict=True))
+            velocities, tie_scores = out[:g], out[g : g + len(ties)]
+            velocity = _weighted_sum(problem.masks, velocities)
+            score = None
+            if problem.needs_score:
+                scores = [score_from_velocity(x, sig, v) for v in velocities]
+                scores += tie_scores
+                weights = [*problem.masks, *(b.factor.weight for b in ties)]
+                score = _weighted_sum(weights, scores)
             log_prob = None
             if problem.needs_log_prob:
-                weights = [b.factor.weight for b in (*problem.generative, *problem.ties)]
-                lps = out[g + t :]
-                log_prob = sum(w * lp for w, lp in zip(weights, lps, strict=True))
+                weights = [b.factor.weight for b in (*problem.generative, *ties)]
+                log_prob = _weighted_sum(weights, out[g + len(ties) :])
             return mcmc.TargetEval(score, log_prob, velocity / problem.total_weight)
 
         return evaluate
 
     return at
+
+
+def _weighted_sum(weights: Sequence[Tensor | float], terms: Sequence[Tensor]) -> Tensor:
+    """Σ_i w_i·t_i (weights: masks of shape S, or scalars)."""
+    return functools.reduce(operator.add, (w * t for w, t in zip(weights, terms, strict=True)))
 
 
 def _propose(problem: _Problem, x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
@@ -681,7 +692,8 @@ def _best(potential: Tensor, log_w: Tensor) -> int:
 
 def _take(evaluation: mcmc.TargetEval, idx: Tensor) -> mcmc.TargetEval:
     log_prob = None if evaluation.log_prob is None else evaluation.log_prob[idx]
-    return mcmc.TargetEval(evaluation.score[idx], log_prob, evaluation.velocity[idx])
+    score = None if evaluation.score is None else evaluation.score[idx]
+    return mcmc.TargetEval(score, log_prob, evaluation.velocity[idx])
 
 
 def _records(problem: _Problem) -> tuple[ExpertRecord, ...]:

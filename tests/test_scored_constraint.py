@@ -57,6 +57,20 @@ def test_the_scored_tie_acts_inside_the_moves_and_reaches_the_exact_product() ->
     assert abs(still[:, 0].mean().item()) < 0.1
 
 
+@pytest.mark.parametrize("mcmc_steps", [0, 2])
+def test_the_tie_is_called_only_when_moves_read_its_score(mcmc_steps: int) -> None:
+    settings = SamplerSettings(num_particles=4, num_steps=5, mcmc_steps=mcmc_steps, mcmc="ula")
+    factors = [Factor(_prior()), Factor(_tie(score=True))]  # type: ignore[arg-type]
+    result = sample(factors, (2,), settings, generator=torch.Generator().manual_seed(0))
+    tie_calls = sum(level.experts["tie"].calls for level in result.trace)
+    prior_calls = sum(level.experts["prior"].calls for level in result.trace)
+    # π_σ is evaluated at the start, after each transition and after each move; the prior
+    # answers every evaluation, the tie only when a move will read the score
+    evaluations = 1 + len(result.trace) * (1 + mcmc_steps)
+    assert prior_calls == evaluations
+    assert tie_calls == (0 if mcmc_steps == 0 else evaluations)
+
+
 def test_mala_needs_the_log_density_of_a_scored_constraint() -> None:
     class ScoreOnly(MaskedTarget):
         def describe(self) -> ExpertInfo:
