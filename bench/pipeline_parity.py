@@ -1,47 +1,56 @@
 """One flow expert over gRPC against the diffusers pipeline's ``__call__``, per family.
 
 Run ``HF_HUB_OFFLINE=1 .venv/bin/python bench/pipeline_parity.py`` (``--quick`` for a smoke
-run with the test-sized models). It prints one table and writes
-``bench/results/pipeline_parity.json``.
+run with the test-sized models; ``--families``, ``--scales``, ``--repeats`` to choose). It
+prints three lines per family and size and writes ``bench/results/pipeline_parity.json``.
 
-For FLUX, SD3 and Wan text-to-video, in one run:
+The poegen run is what a client does: connect to the expert host (``Describe``, ``Prepare``:
+the prompts are encoded), take the expert's grid (``Schedule``), ``sample()`` one particle
+with zero MCMC steps, every velocity a ``Velocity`` RPC over loopback, and ``Release``. The
+pipeline call encodes the same prompts and runs the same steps from the same initial latents
+(``output_type="latent"``: neither side decodes). For FLUX, SD3 and Wan text-to-video:
 
-* **time ratio** (target ≤ 1.05): the runs go in rounds (pipeline, poegen, without gRPC,
-  back to back, after one warm-up of each), and the ratio is the median over the rounds of
-  poegen's wall time over the pipeline's *in the same round*. On a shared virtual machine
-  the speed of the CPU itself drifts by tens of percent over seconds (the pipeline's own
-  runs vary that much), and a paired ratio cancels whatever drifts slower than a round; the
-  ratio of the medians, of the fastest runs and of median CPU times (this process, all
-  threads: server, kernel and pipeline all run here) are printed beside it;
+* **time ratio** (target ≤ 1.05): the runs go in rounds (pipeline, poegen, without gRPC;
+  every other round in the reverse order), after one warm-up of each, and the ratio is the
+  median over the rounds of poegen's wall time over the pipeline's *in the same round*, with
+  a 90 % bootstrap interval of that median. On this shared virtual machine the CPU's own
+  speed drifts by tens of percent within seconds (identical pipeline runs vary that much); a
+  paired ratio cancels what drifts slower than a round. The ratio of the medians, of the
+  fastest runs and of median CPU times (this process, all threads) are printed beside it.
+* **at equal model time**: both sides run the same model work, bit for bit (the same text
+  encoder calls, the same transformer forwards on the same inputs; max |Δ| is 0). Forward
+  hooks time it on both sides, so each run splits into model time and time *outside the
+  models* (scheduler, kernel, adapter, RPCs, Python). The ratio a round gives at the
+  pipeline's model time, (pipeline's model time + poegen's time outside) / pipeline's wall
+  time, is the wall-time ratio with the drift of the model work taken out: what poegen adds,
+  measured where it happens. The median times outside the models are printed per side, and
+  poegen's model time over the pipeline's (≈ 1: hosting the model in a worker thread does not
+  slow it; the direct ratio would show it if it did).
 * **without gRPC**: the same ratios for the same run on the expert object in-process
-  (``prepare`` and ``sample()``), which separates the adapter and kernel from the transport. The poegen run is what a client does: connect
-  to the expert host (``Describe``, ``Prepare``: the prompts are encoded), take the expert's
-  grid (``Schedule``), and ``sample()`` one particle with zero MCMC steps, every velocity a
-  ``Velocity`` RPC over loopback. The pipeline call encodes the same prompts and runs the same
-  steps from the same initial latents (``output_type="latent"``: neither side decodes).
+  (``prepare`` and ``sample()``): the adapter and kernel without the transport.
 * **bare gRPC**: the least the RPCs of a run cost here: their number (Describe, Prepare,
   Schedule, one Velocity per step, Release) times one round trip through a bare ``grpc.aio``
   echo host on a thread of this process (:func:`echo_host`: raw bytes the size of a step's
   latents, a handler that sleeps a step's time in a worker thread, as the expert host's
-  worker computes), as a share of the pipeline's time. The time ratio over gRPC cannot be
-  below (ratio without gRPC) + that share;
-* **encoder calls**: forward calls of the text encoders per run, counted with forward hooks
-  on the real encoder modules of both sides; one per encoder and condition (prompt, negative
-  prompt), never one per step.
+  worker computes), as a share of the pipeline's time. No transport over ``grpc.aio`` costs
+  less, so the ratio over gRPC cannot be below (ratio without gRPC) + that share.
+* **encoder calls**: forward calls of the text encoders per run, counted by the same hooks;
+  one per encoder and condition (prompt, negative prompt), never one per step.
 * **max |Δ|**: the largest difference between the two outputs (the parity tests require
   ≤ 1e-5; the adapters reproduce the pipelines exactly in float32).
 
 The models are random-weight folders built with :mod:`poegen.expert_servers.flow.tiny`, with
 larger transformers than the tests use (``--quick``: the test sizes), so that a step costs what
 a small real model's does on this CPU and the ratio measures the protocol's overhead, not
-Python's. The process tunes its allocator at start as ``poegen serve`` does (the host's
-worker threads compute; see :func:`poegen.expert_servers.server.create_server`). ``--scales`` runs each family at latent sides ×1 (FLUX and SD3 32×32, Wan 3×16×16:
+Python's. ``--scales`` runs each family at latent sides ×1 (FLUX and SD3 32×32, Wan 3×16×16:
 a step of 60–110 ms here) and ×2 (4× the tokens: 250–450 ms, the order of a real FLUX, SD3 or
-Wan step on a GPU), one table row each: the RPCs cost the same per step, so their share
-shrinks as the step grows. The expert host runs in this process on its own event-loop thread (as the tests'
-hosts do); the kernel calls it from a worker thread. ``--repeats`` rounds (9 by default).
-Torch runs ``--threads`` intra-op threads (1 by default: on the shared 2-core machine, 2 threads oversubscribe and a
-forward's time varies by ×2 from run to run; 1 thread gives stable, comparable timings).
+Wan step on a GPU): the RPCs cost the same per step, so their share shrinks as the step grows.
+The expert host runs in this process on its own event-loop thread (as the tests' hosts do)
+and computes in its worker thread; the kernel calls it from the main thread. The process
+tunes its allocator at start as ``poegen serve`` does (see
+:func:`poegen.expert_servers.server.create_server`). Torch runs ``--threads`` intra-op
+threads (1 by default: on the shared 2-core machine, 2 threads oversubscribe and a forward's
+time varies by ×2 from run to run). ``--repeats`` rounds (15 by default).
 """
 
 from __future__ import annotations
@@ -353,6 +362,7 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
         "in_process_cpu_ratio": statistics.median(cpu["in_process"])
         / statistics.median(cpu["pipeline"]),
         "model_time_ratio": paired_ratio(model["poegen"], model["pipeline"]),
+        "in_process_model_time_ratio": paired_ratio(model["in_process"], model["pipeline"]),
         "outside_model_ms": {side: statistics.median(o) * 1000 for side, o in outside.items()},
         "corrected_ratio": statistics.median(corrected["poegen"]),
         "corrected_ci90": median_ci(corrected["poegen"]),
@@ -398,8 +408,8 @@ def row_text(r: dict[str, Any]) -> str:
         f"      at equal model time {r['corrected_ratio']:5.3f} (90 % CI {c_lo:5.3f}-{c_hi:5.3f};"
         f" without gRPC {r['in_process_corrected_ratio']:5.3f})  outside the models: pipeline "
         f"{outside['pipeline']:.0f} ms, poegen {outside['poegen']:.0f} ms, without gRPC "
-        f"{outside['in_process']:.0f} ms; model time poegen/pipeline "
-        f"{r['model_time_ratio']:5.3f}\n"
+        f"{outside['in_process']:.0f} ms; model time over the pipeline's: poegen "
+        f"{r['model_time_ratio']:5.3f}, without gRPC {r['in_process_model_time_ratio']:5.3f}\n"
         f"      bare gRPC {r['rpcs_per_run']} x {r['grpc_floor_ms']:.1f} ms = "
         f"{r['grpc_floor_share']:.3f} of the pipeline  encoder calls "
         f"{r['encoder_calls_poegen']} (pipeline {r['encoder_calls_pipeline']})  max|Δ| "
