@@ -307,7 +307,7 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
         encoder_calls = {k: meter.take()[0] for k, meter in encoders.items()}
         for meter in transformers.values():
             meter.take()
-        runs = {
+        runs = {  # side: (whose copy of the model it runs, the run)
             "pipeline": ("theirs", lambda: pipeline_run(pipe, case, steps)),
             "poegen": ("ours", lambda: poegen_run(address, case, steps)),
             "in_process": ("ours", lambda: in_process_run(served.expert, case, steps)),
@@ -319,13 +319,13 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
             # every other round backwards: a drift within a round favours no side on average
             order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
             for side in order:
-                meters, run = runs[side]
+                copy, run = runs[side]
                 started, cpu_started = time.perf_counter(), time.process_time()
                 with torch.no_grad():
                     run()
                 times[side].append(time.perf_counter() - started)
                 cpu[side].append(time.process_time() - cpu_started)
-                model[side].append(encoders[meters].take()[1] + transformers[meters].take()[1])
+                model[side].append(encoders[copy].take()[1] + transformers[copy].take()[1])
     finally:
         host.close()
     poegen_s, pipeline_s = statistics.median(times["poegen"]), statistics.median(times["pipeline"])
