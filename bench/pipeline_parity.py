@@ -345,7 +345,7 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
         ]
         for side in ("poegen", "in_process")
     }
-    ratios = [a / b for a, b in zip(times["poegen"], times["pipeline"], strict=True)]
+    ratios = round_ratios(times["poegen"], times["pipeline"])
     return {
         "family": case.name,
         "latent_shape": list(case.shape),
@@ -379,9 +379,14 @@ def measure(case: Case, root: Path, steps: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def round_ratios(ours: Sequence[float], theirs: Sequence[float]) -> list[float]:
+    """``ours[i] / theirs[i]`` per round (runs of one round are adjacent)."""
+    return [a / b for a, b in zip(ours, theirs, strict=True)]
+
+
 def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
-    """The median over rounds of ``ours[i] / theirs[i]`` (runs of one round are adjacent)."""
-    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+    """The median over rounds of :func:`round_ratios`."""
+    return statistics.median(round_ratios(ours, theirs))
 
 
 def median_ci(values: Sequence[float], level: float = 0.9, resamples: int = 4000) -> list[float]:
