@@ -13,19 +13,21 @@ particle count; :func:`evaluations` checks every run's count against the kernel'
 
 Baselines (configuration of :func:`poegen.kernel.sample`, not reimplementations):
 
-* ``summation``: Composable Diffusion (Liu et al. 2022): the kernel with ``mcmc_steps=0`` and
-  only the generative factors, i.e. Euler on the combined velocity and nothing else. It cannot
-  use a black-box reward or a constraint, so it samples the generative product alone.
-* ``best_of_k``: best-of-N search (Ma et al. 2025) as a distribution: draw N from the generative
-  product (poegen's chain without the potentials), score each draw once, split the draws into
-  N/k groups of k and keep each group's best (total log-potential Σλr + Σlog 1_C). The returned
-  set has N/k equally weighted samples; k = 4 (FK steering's particle count). Each returned
-  sample is a draw of the best-of-k law, which is what a user of best-of-k gets per request.
+* ``summation``: Composable Diffusion (Liu et al. 2022): the kernel with the Euler transition,
+  ``mcmc_steps=0`` and only the generative factors, i.e. Euler on the combined velocity and
+  nothing else. It cannot use a black-box reward or a constraint, so it samples the generative
+  product alone.
+* ``best_of_k``: best-of-N search (Ma et al. 2025) as a distribution: draw N from the model's
+  own sampler (Euler on the combined velocity, no moves, no corrector weights), score each draw
+  once, split the draws into N/k groups of k and keep each group's best (total log-potential
+  Σλr + Σlog 1_C). The returned set has N/k equally weighted samples; k = 4 (FK steering's
+  particle count). Each returned sample is a draw of the best-of-k law, which is what a user of
+  best-of-k gets per request.
 * ``fk``: FK steering (Singhal et al. 2025) with its ``diff`` potential (increments of the
   reward of x̂_0 at λ = 1 throughout: ``tempering="constant"``), multinomial resampling when
   ESS/N < ½, weights carried in log space (the "fixed" FK), and no MCMC (``mcmc_steps=0``).
-  The kernel's transition is deterministic (Euler), so resampled copies stay identical until
-  the end: FK's stochastic DDIM step has no counterpart here (reported as a missing knob).
+  Its stochastic sampler is the kernel's SDE transition, which carries no corrector weight for
+  one generative expert (see :func:`fk_settings`).
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ def _particles_for(total: int, per_particle: int, multiple: int = 1) -> int:
 
 
 def run_summation(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
-    """Composable Diffusion: generative factors only, ``mcmc_steps=0``, same budget."""
-    base = task.settings.model_copy(update={"mcmc_steps": 0})
+    """Composable Diffusion: generative factors only, Euler, ``mcmc_steps=0``, same budget."""
+    base = model_sampler(task.settings)
     n = _particles_for(total, cost_per_particle(base, len(task.generative), 0))
     settings = base.model_copy(update={"num_particles": n})
     start = time.perf_counter()
@@ -182,11 +184,12 @@ def log_potential(task: Task, x: Tensor) -> Tensor:
 def run_best_of_k(
     task: Task, seed: int, total: int, *, k: int = BEST_OF_K, dtype=torch.float64
 ) -> Run:
-    """Best-of-k per returned sample, from poegen's chain on the generative product."""
+    """Best-of-k per returned sample, from the model's own sampler (Euler on v̄, no moves)."""
     potentials = task.rewards + task.constraints
-    per = cost_per_particle(task.settings, len(task.generative), 0) + len(potentials)
+    base = model_sampler(task.settings)
+    per = cost_per_particle(base, len(task.generative), 0) + len(potentials)
     n = _particles_for(total, per, multiple=k)
-    settings = task.settings.model_copy(update={"num_particles": n})
+    settings = base.model_copy(update={"num_particles": n})
     start = time.perf_counter()
     result = _sample(task.generative, task, settings, seed, dtype)
     draws = result.particles  # no potentials: equal weights, never resampled
@@ -209,9 +212,25 @@ def run_best_of_k(
     )
 
 
+def model_sampler(settings: SamplerSettings) -> SamplerSettings:
+    """The flow's own deterministic sampler: Euler on the (averaged) velocity, no MCMC, no
+    corrector weights."""
+    return settings.model_copy(update={"mcmc_steps": 0, "transition": "euler"})
+
+
 def fk_settings(task: Task, num_particles: int) -> SamplerSettings:
+    """FK steering's sampler: its stochastic step is the kernel's SDE transition, which with
+    one generative expert (β = 1) carries no corrector weight (A ≡ 0); a product of several
+    has no sampler of its own in FK steering, so it gets Euler on the averaged velocity."""
+    stochastic = (
+        len(task.generative) == 1
+        and task.generative[0].weight == 1
+        and (task.generative[0].region is None)
+    )
     return task.settings.model_copy(
         update={
+            "transition": "fk" if stochastic else "euler",
+            "sde_noise": 1.0,
             "mcmc_steps": 0,
             "tempering": "constant",
             "resampling": "multinomial",

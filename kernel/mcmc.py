@@ -45,11 +45,21 @@ class TargetEval:
         log_prob: Σ_i w_i·log p_{i,σ}(x), shape ``(N,)``, or ``None`` when unavailable.
         velocity: the weight-normalised combined velocity at x (reused by the sampler for x̂_0
             and the next transition), shape ``(N, *S)``.
+        log_rate: the Feynman–Kac rate A(x, σ) of the FK transition
+            (``poegen.kernel.transition``), shape ``(N,)`` float64; ``None`` under Euler.
     """
 
     score: Tensor | None
     log_prob: Tensor | None
     velocity: Tensor
+    log_rate: Tensor | None = None
+
+    def take(self, idx: Tensor) -> TargetEval:
+        """The evaluation at the particles ``idx`` (after resampling)."""
+        return TargetEval(*(None if t is None else t[idx] for t in self._fields()))
+
+    def _fields(self) -> tuple[Tensor | None, ...]:
+        return (self.score, self.log_prob, self.velocity, self.log_rate)
 
 
 Target = Callable[[Tensor], TargetEval]
@@ -164,14 +174,13 @@ def _leapfrog(
 
 def select_eval(accept: Tensor, new: TargetEval, old: TargetEval) -> TargetEval:
     """Per particle: the evaluation at the accepted state."""
-    log_prob = None
-    if new.log_prob is not None and old.log_prob is not None:
-        log_prob = torch.where(accept, new.log_prob, old.log_prob)
-    return TargetEval(
-        score=select(accept, new.score, old.score),
-        log_prob=log_prob,
-        velocity=select(accept, new.velocity, old.velocity),
-    )
+
+    def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        if a is None or b is None:
+            return None
+        return select(accept.to(a.device), a, b)
+
+    return TargetEval(*(pick(a, b) for a, b in zip(new._fields(), old._fields(), strict=True)))
 
 
 def potential_stage(

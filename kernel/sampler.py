@@ -67,6 +67,7 @@ summed-score (Composable-Diffusion-style) Euler sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -78,7 +79,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from poegen.kernel import mcmc, particles
+from poegen.kernel import mcmc, particles, transition
 from poegen.kernel.calls import BoundFactor, Call, ExpertCalls, ExpertStats
 from poegen.kernel.experts import Capability, ExpertKind, check_expert
 from poegen.kernel.path import euler_step, score_from_velocity, x0_from_velocity
@@ -232,67 +233,209 @@ def sample_iter(
     settings = settings or SamplerSettings()
     shape = _check_shape(sample_shape)
     problem = _build_problem(factors, shape, settings, dtype, device)
-    sigmas = [float(s) for s in _noise_grid(settings, problem, shape) if s > 0]
-    if len(sigmas) < 2:
-        raise ValueError("num_steps: the noise grid needs a level strictly between 0 and 1")
-    scales = reward_scales(settings, len(sigmas) - 1).tolist()
-    n = settings.num_particles
+    levels = _levels([float(s) for s in _noise_grid(settings, problem, shape) if s > 0])
+    scales = reward_scales(settings, len(levels)).tolist()
     experts = [*problem.generative, *problem.ties, *problem.potentials]
     with ExpertCalls(experts, settings.max_batch) as calls:
-        target_at = _target_factory(problem, calls)
-        x = torch.randn((n, *shape), generator=generator, dtype=dtype).to(device)
-        here = target_at(sigmas[0])(x)
-        log_w = torch.zeros(n, dtype=torch.float64)
-        previous = torch.zeros(n, dtype=torch.float64)  # φ_{k−1} per particle
-        log_z, scale, trace = 0.0, 0.0, []
-        moves_see_potentials = (
-            settings.mcmc_rewards and bool(problem.potentials) and settings.mcmc_steps > 0
-        )
-        for k, (sigma_prev, sigma) in enumerate(itertools.pairwise(sigmas)):
+        run = _Run(settings, problem, calls, _target_factory(problem, calls, settings), scales)
+        state = run.initial(settings.num_particles, shape, generator, dtype, device)
+        trace = []
+        for k, (sigma_prev, sigma) in enumerate(levels):
             started = time.perf_counter()
-            x = euler_step(x, sigma_prev, sigma, here.velocity)
-            x = _propose(problem, x, sigma, generator)
-            target = target_at(sigma)
-            here, acceptance = target(x), math.nan
-            if not moves_see_potentials:  # path bookkeeping: move first, weigh after
-                x, here, _, acceptance = _mcmc(settings, problem, x, here, target, sigma, generator)
-            x0 = x0_from_velocity(x, sigma, here.velocity)
-            penalty = _penalty(settings, k, len(scales))
-            rewards, constraints = _potentials(problem, calls, x0, k, sigma, penalty)
-            scale = _scale(settings, scales, k, log_w, rewards, constraints, previous, scale)
-            current = scale * rewards + constraints
-            inc = (
-                current
-                if settings.weighting == "level"
-                else particles.log_increment(current, previous)
-            )
-            log_z += float(particles.log_mean_weight(log_w, inc))
-            log_w = particles.sanitize(log_w + inc)
-            _check_alive(problem, calls, log_w, x0, k, sigma)
-            ess = particles.ess_fraction(log_w)
-            spread = _spread(log_w)
-            best = _best(current, log_w)
-            preview = x0[best].detach().cpu()
-            resampled = settings.ess_threshold >= 1 or ess < settings.ess_threshold
-            if resampled:
-                idx = particles.resample(settings.resampling, log_w, n, generator=generator)
-                x, x0, current = x[idx], x0[idx], current[idx]
-                here = _take(here, idx)
-                log_w = torch.zeros(n, dtype=torch.float64)
-            if moves_see_potentials:  # resample-move: the moves keep π_σ·exp(φ_k) invariant
-                level = (_level_potential(problem, calls, k, sigma, penalty, scale), current)
-                x, here, current, acceptance = _mcmc(
-                    settings, problem, x, here, target, sigma, generator, level
-                )
-                x0 = x0_from_velocity(x, sigma, here.velocity)
-            previous = current
-            trace.append(
-                LevelTrace(k, sigma, ess, resampled, acceptance, spread, scale, log_z,
-                           calls.take_stats(), time.perf_counter() - started, best, preview)
-            )  # fmt: skip
+            state = run.transition(state, sigma_prev, sigma, generator)
+            state = run.propose(state, sigma, generator)
+            if not run.moves_see_potentials:  # path bookkeeping: move first, weigh after
+                state = run.move(state, k, sigma, generator, with_potential=False)
+            state, weighed = run.reweight(state, k, sigma)
+            state = run.resample(state, generator)
+            if run.moves_see_potentials:  # resample-move: the moves keep π_σ·exp(φ_k) invariant
+                state = run.move(state, k, sigma, generator, with_potential=True)
+            trace.append(run.summary(k, sigma, weighed, state, time.perf_counter() - started))
             yield trace[-1]
-    log_w = particles.normalize(log_w)
-    return SampleResult(x0, log_w, log_z, _best(previous, log_w), tuple(trace), _records(problem))
+    log_w = particles.normalize(state.log_w)
+    x0 = x0_from_velocity(state.x, levels[-1][1], state.here.velocity)
+    best = _best(state.potential, log_w)
+    return SampleResult(x0, log_w, state.log_z, best, tuple(trace), _records(problem))
+
+
+def _levels(sigmas: list[float]) -> list[tuple[float | None, float]]:
+    """(σ_{k−1}, σ_k) per level; a one-step grid (1 → 0) is one level at σ = 1 with no
+    transition: x̂_0 = x − v(x, 1) is its Euler step to 0 (distilled one-step models)."""
+    if not sigmas:
+        raise ValueError("num_steps: the noise grid needs a level strictly between 0 and 1")
+    if len(sigmas) == 1:
+        return [(None, sigmas[0])]
+    return list(itertools.pairwise(sigmas))
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """The particle system between the named steps of one level.
+
+    Attributes:
+        x: particles x_σ, shape ``(N, *S)``.
+        here: π_σ evaluated at ``x`` (velocity, score, log-density, FK rate).
+        log_w: log-weights, ``(N,)`` float64.
+        potential: φ_k at each particle, ``(N,)`` float64 (φ_{k−1} until reweighted).
+        log_z: running log-normaliser estimate.
+        scale: the reward tempering scale s_k of the last reweighting.
+        fk_increment: the FK transition's log-weight increment of this level, ``(N,)``.
+        resampled: whether this level resampled.
+        acceptance: mean MH acceptance of this level's moves (NaN: none tested).
+    """
+
+    x: Tensor
+    here: mcmc.TargetEval
+    log_w: Tensor
+    potential: Tensor
+    log_z: float
+    scale: float = 0.0
+    fk_increment: Tensor | None = None
+    resampled: bool = False
+    acceptance: float = math.nan
+
+    def take(self, idx: Tensor) -> _State:
+        """The particles ``idx``, equally weighted (after resampling)."""
+        n = idx.numel()
+        return dataclasses.replace(
+            self,
+            x=self.x[idx],
+            here=self.here.take(idx),
+            log_w=torch.zeros(n, dtype=torch.float64),
+            potential=self.potential[idx],
+            resampled=True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Weighed:
+    """Diagnostics of one reweighting (before any resampling)."""
+
+    ess: float
+    spread: float
+    best: int
+    preview: Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """The named steps of one run; each takes a :class:`_State` and returns a new one."""
+
+    settings: SamplerSettings
+    problem: _Problem
+    calls: ExpertCalls
+    target_at: Callable[[float], mcmc.Target]
+    scales: list[float]
+
+    @property
+    def fk(self) -> bool:
+        return self.settings.transition == "fk"
+
+    @property
+    def moves_see_potentials(self) -> bool:
+        s = self.settings
+        return s.mcmc_rewards and bool(self.problem.potentials) and s.mcmc_steps > 0
+
+    def initial(self, n, shape, generator, dtype, device) -> _State:
+        """x ~ π_1 exactly: N(0, 1/B) per coordinate under FK, N(0, I) under Euler."""
+        if self.fk:
+            x = transition.initial_noise((n, *shape), self.problem.total_weight,
+                                         generator=generator, dtype=dtype)  # fmt: skip
+            log_z = transition.initial_log_normalizer(self.problem.total_weight)
+        else:
+            x, log_z = torch.randn((n, *shape), generator=generator, dtype=dtype), 0.0
+        x = x.to(device)
+        zeros = torch.zeros(n, dtype=torch.float64)
+        return _State(x, self.target_at(1.0)(x), zeros, zeros.clone(), log_z)
+
+    def transition(self, state: _State, sigma_prev: float | None, sigma: float,
+                   generator: torch.Generator) -> _State:  # fmt: skip
+        """σ_{k−1} → σ_k: the FK step (1) with its trapezoid weight, or Euler on v̄."""
+        if sigma_prev is None:
+            return dataclasses.replace(state, fk_increment=None, resampled=False)
+        here = state.here
+        if self.fk:
+            x = transition.fk_step(state.x, sigma_prev, sigma,
+                                   here.velocity * self.problem.total_weight, here.score,
+                                   self.settings.sde_noise, generator=generator)  # fmt: skip
+        else:
+            x = euler_step(state.x, sigma_prev, sigma, here.velocity)
+        there = self.target_at(sigma)(x)
+        increment = None
+        if self.fk:
+            increment = transition.fk_log_increment(here.log_rate, there.log_rate,
+                                                    sigma_prev, sigma)  # fmt: skip
+        return dataclasses.replace(state, x=x, here=there, fk_increment=increment,
+                                   resampled=False, acceptance=math.nan)  # fmt: skip
+
+    def propose(self, state: _State, sigma: float, generator: torch.Generator) -> _State:
+        """Constraint experts' proposals and projections (re-evaluating π_σ if any moved)."""
+        if not self.problem.proposers:
+            return state
+        x = _propose(self.problem, state.x, sigma, generator)
+        return dataclasses.replace(state, x=x, here=self.target_at(sigma)(x))
+
+    def move(self, state: _State, k: int, sigma: float, generator: torch.Generator, *,
+             with_potential: bool) -> _State:  # fmt: skip
+        """M MCMC steps at σ_k; with the potential stage they keep π_σ·exp(φ_k) invariant."""
+        if self.settings.mcmc_steps == 0:
+            return state
+        level = None
+        if with_potential:
+            phi = _level_potential(self.problem, self.calls, k, sigma,
+                                   _penalty(self.settings, k, len(self.scales)), state.scale)  # fmt: skip
+            level = (phi, state.potential)
+        x, here, potential, acceptance = _mcmc(
+            self.settings, self.problem, state.x, state.here, self.target_at(sigma), sigma,
+            generator, level,
+        )  # fmt: skip
+        potential = state.potential if potential is None else potential
+        return dataclasses.replace(state, x=x, here=here, potential=potential,
+                                   acceptance=acceptance)  # fmt: skip
+
+    def reweight(self, state: _State, k: int, sigma: float) -> tuple[_State, _Weighed]:
+        """log w += FK increment + φ_k(x̂_0) − φ_{k−1}; log Z += log Σ W·exp(increment)."""
+        problem, settings = self.problem, self.settings
+        x0 = x0_from_velocity(state.x, sigma, state.here.velocity)
+        penalty = _penalty(settings, k, len(self.scales))
+        rewards, constraints = _potentials(problem, self.calls, x0, k, sigma, penalty)
+        base = state.log_w if state.fk_increment is None else state.log_w + state.fk_increment
+        scale = _scale(settings, self.scales, k, base, rewards, constraints, state.potential,
+                       state.scale)  # fmt: skip
+        current = scale * rewards + constraints
+        if settings.weighting == "level":
+            inc = current
+        else:
+            inc = particles.log_increment(current, state.potential)
+        if state.fk_increment is not None:
+            inc = inc + state.fk_increment
+        log_z = state.log_z + float(particles.log_mean_weight(state.log_w, inc))
+        log_w = particles.sanitize(state.log_w + inc)
+        _check_alive(problem, self.calls, log_w, x0, k, sigma)
+        best = _best(current, log_w)
+        weighed = _Weighed(particles.ess_fraction(log_w), _spread(log_w), best,
+                           x0[best].detach().cpu())  # fmt: skip
+        state = dataclasses.replace(state, log_w=log_w, potential=current, log_z=log_z,
+                                    scale=scale)  # fmt: skip
+        return state, weighed
+
+    def resample(self, state: _State, generator: torch.Generator) -> _State:
+        """Resample when ESS/N < threshold (always at threshold 1)."""
+        threshold = self.settings.ess_threshold
+        if not (threshold >= 1 or particles.ess_fraction(state.log_w) < threshold):
+            return state
+        n = state.log_w.numel()
+        return state.take(particles.resample(self.settings.resampling, state.log_w, n,
+                                             generator=generator))  # fmt: skip
+
+    def summary(self, k: int, sigma: float, weighed: _Weighed, state: _State,
+                seconds: float) -> LevelTrace:  # fmt: skip
+        """The level's trace entry (and progress event)."""
+        return LevelTrace(
+            k, sigma, weighed.ess, state.resampled, state.acceptance, weighed.spread,
+            state.scale, state.log_z, self.calls.take_stats(), seconds, weighed.best,
+            weighed.preview,
+        )  # fmt: skip
 
 
 def _check_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
@@ -372,7 +515,10 @@ def _build_problem(
         and (b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT))
     )
     pixels = _pixel_source(generative, potentials, shape)
-    needs_score = settings.mcmc_steps > 0
+    # the score is read by MCMC moves and by the FK transition's Langevin term
+    needs_score = settings.mcmc_steps > 0 or (
+        settings.transition == "fk" and settings.sde_noise > 0
+    )
     return _Problem(
         generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels
     )
@@ -438,15 +584,23 @@ def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) ->
     return b.factor.weight * region
 
 
-def _target_factory(problem: _Problem, calls: ExpertCalls) -> Callable[[float], mcmc.Target]:
-    """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity.
+def _target_factory(
+    problem: _Problem, calls: ExpertCalls, settings: SamplerSettings
+) -> Callable[[float], mcmc.Target]:
+    """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity and,
+    under the FK transition, the Feynman–Kac rate A(x, σ).
 
     Scored constraints (``problem.ties``) add w_c·score_c(x_σ, σ) to the score and
-    w_c·log q_c,σ(x_σ) to the log-density; they do not move the transition's velocity. Only
-    MCMC moves read the score: without them it is not formed and the ties are not called.
+    w_c·log q_c,σ(x_σ) to the log-density; they do not move the velocity nor enter A (the
+    kernel does not know which coordinates a tie covers, and a factor that is flat elsewhere has
+    no flow velocity there): under FK they act as guidance in the SDE's drift and in the moves.
+    The score is formed only when something reads it (moves, or the FK transition's noise);
+    otherwise the ties are not called.
     """
     g = len(problem.generative)
-    ties = problem.ties if problem.needs_score else ()  # without moves, ties change nothing
+    fk = settings.transition == "fk"
+    ties = problem.ties if problem.needs_score else ()  # without a reader, ties change nothing
+    exponents = list(problem.masks)
 
     def at(sigma: float) -> mcmc.Target:
         def evaluate(x: Tensor) -> mcmc.TargetEval:
@@ -464,14 +618,19 @@ def _target_factory(problem: _Problem, calls: ExpertCalls) -> Callable[[float], 
             score = None
             if problem.needs_score:
                 scores = [score_from_velocity(x, sig, v) for v in velocities]
-                scores += tie_scores
-                weights = [*problem.masks, *(b.factor.weight for b in ties)]
-                score = _weighted_sum(weights, scores)
+                score = _weighted_sum(problem.masks, scores)
+                if ties:
+                    score = score + _weighted_sum([b.factor.weight for b in ties], tie_scores)
             log_prob = None
             if problem.needs_log_prob:
                 weights = [b.factor.weight for b in (*problem.generative, *ties)]
                 log_prob = _weighted_sum(weights, out[g + len(ties) :])
-            return mcmc.TargetEval(score, log_prob, velocity / problem.total_weight)
+            log_rate = None
+            if fk:
+                log_rate = transition.fk_log_rate(
+                    x, sigma, velocities, exponents, problem.total_weight
+                )
+            return mcmc.TargetEval(score, log_prob, velocity / problem.total_weight, log_rate)
 
         return evaluate
 
@@ -688,12 +847,6 @@ def _best(potential: Tensor, log_w: Tensor) -> int:
     key = torch.where(alive, potential, torch.full_like(potential, -torch.inf))
     top = key == key.max()
     return int(torch.argmax(torch.where(top, log_w, torch.full_like(log_w, -torch.inf))))
-
-
-def _take(evaluation: mcmc.TargetEval, idx: Tensor) -> mcmc.TargetEval:
-    log_prob = None if evaluation.log_prob is None else evaluation.log_prob[idx]
-    score = None if evaluation.score is None else evaluation.score[idx]
-    return mcmc.TargetEval(score, log_prob, evaluation.velocity[idx])
 
 
 def _records(problem: _Problem) -> tuple[ExpertRecord, ...]:

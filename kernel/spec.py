@@ -90,6 +90,12 @@ class SamplerSettings(BaseModel):
     sigmas: tuple[float, ...] | None = Field(
         None, description="explicit decreasing noise grid; overrides schedule"
     )
+    transition: Literal["fk", "euler"] = Field(
+        "fk", description="level-to-level transport: FK-corrected SDE, or Euler on v̄"
+    )
+    sde_noise: float = Field(
+        1.0, ge=0, description="γ of the FK transition's noise g(σ)² = 2γσ (0: weighted ODE)"
+    )
     mcmc: MCMCKernel = "ula"
     step_size: float = Field(1.0, gt=0, description="step-size scale c")
     step_rule: Literal["sigma2", "constant"] = "sigma2"
@@ -137,6 +143,7 @@ class SamplerSettings(BaseModel):
     def paper(cls, **overrides: Any) -> SamplerSettings:
         """The paper's Algorithm 1: resample every level on the current reward level."""
         base: dict[str, Any] = dict(
+            transition="euler",
             ess_threshold=1.0,
             weighting="level",
             tempering="constant",

@@ -226,7 +226,7 @@ def test_t4_ring_with_mcmc_reaches_the_noise_floor():
 
 def test_no_mcmc_no_potentials_is_bitwise_euler_on_the_averaged_velocity():
     """The summation baseline is exactly a hand-written Euler loop (float64, bitwise)."""
-    task = small(tasks.t1(), num_particles=64, num_steps=20, mcmc_steps=0)
+    task = small(tasks.t1(), num_particles=64, num_steps=20, mcmc_steps=0, transition="euler")
     settings = task.settings
     result = sample(task.generative, (2,), settings, generator=gen(3), dtype=F64)
     x = torch.randn(64, 2, generator=gen(3), dtype=F64)

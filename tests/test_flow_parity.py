@@ -95,7 +95,9 @@ def _pipeline_latents(family: Family, folder: Any, noise: torch.Tensor) -> torch
 def test_one_expert_over_grpc_equals_the_pipeline(loop, flow_models, name):  # noqa: F811
     family = FAMILIES[name]
     address = _serve(loop, flow_models, family)
-    settings = SamplerSettings(num_particles=1, mcmc_steps=0, num_steps=STEPS, schedule="expert")
+    settings = SamplerSettings(
+        num_particles=1, mcmc_steps=0, transition="euler", num_steps=STEPS, schedule="expert"
+    )
     with RemoteExpert.connect(address, condition=_condition(family)) as remote:
         result = sample(
             [Factor(remote)], family.shape, settings, generator=torch.Generator().manual_seed(SEED)
@@ -154,7 +156,7 @@ def test_region_that_does_not_fit_the_latent_grid_is_refused(loop, flow_models):
         sample(
             [Factor(remote, region=torch.ones(16, 4, 4))],
             family.shape,
-            SamplerSettings(num_particles=1, mcmc_steps=0, num_steps=2),
+            SamplerSettings(num_particles=1, mcmc_steps=0, transition="euler", num_steps=2),
             generator=torch.Generator().manual_seed(0),
         )
 
@@ -170,7 +172,7 @@ def test_sampler_service_with_a_flux_expert_equals_the_pipeline(loop, flow_model
     address = _serve(loop, flow_models, family)
     sampler = loop.sampler()
     settings = sampler_pb2.SamplerSettings(
-        num_particles=1, mcmc_steps=0, num_steps=STEPS, schedule="expert"
+        num_particles=1, mcmc_steps=0, transition="euler", num_steps=STEPS, schedule="expert"
     )
 
     def request(region: torch.Tensor | None = None) -> sampler_pb2.GenerateRequest:

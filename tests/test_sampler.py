@@ -20,6 +20,8 @@ from poegen.kernel import (
 )
 from poegen.kernel.schedule import reward_scales, shifted_sigmas, sigmas_for
 
+F64 = torch.float64
+
 FAST = dict(num_particles=64, num_steps=10, mcmc_steps=2)
 
 
@@ -111,26 +113,29 @@ def test_expert_max_batch_is_honoured():
 # --- exactness on Gaussians ------------------------------------------------------------------
 
 
-def test_product_of_two_gaussians_needs_the_mcmc():
-    """N(0, 1) × N(2, 1) = N(1, ½): averaging the flows gives variance ≈ 1, MCMC fixes it."""
+@pytest.mark.parametrize("mcmc_steps", [0, 5])
+def test_product_of_two_gaussians_euler_needs_the_mcmc_fk_does_not(mcmc_steps):
+    """N(0, 1) × N(2, 1) = N(1, ½): averaging the flows (Euler) gives variance ≈ 1 and needs
+    the moves; the FK transition reaches N(1, ½) with or without them."""
     factors = [Factor(gaussian([0.0, 0.0], name="a")), Factor(gaussian([2.0, 2.0], name="b"))]
-    summed = run(factors, num_particles=4000, num_steps=40, mcmc_steps=0, schedule="linear")
-    poe = run(factors, num_particles=4000, num_steps=40, mcmc_steps=5, schedule="linear")
-    _, var_summed = weighted_moments(summed)
-    mean, var = weighted_moments(poe)
-    assert (var_summed > 0.85).all()
-    torch.testing.assert_close(
-        mean, torch.tensor([1.0, 1.0], dtype=torch.float64), atol=0.06, rtol=0
-    )
-    torch.testing.assert_close(
-        var, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=0.06, rtol=0
-    )
+    common = dict(num_particles=4000, num_steps=40, mcmc_steps=mcmc_steps, schedule="linear")
+    euler = weighted_moments(run(factors, transition="euler", **common))
+    fk = weighted_moments(run(factors, **common))
+    exact = (torch.tensor([1.0, 1.0], dtype=F64), torch.tensor([0.5, 0.5], dtype=F64))
+    moments = [fk, euler] if mcmc_steps else [fk]
+    for mean, var in moments:
+        torch.testing.assert_close(mean, exact[0], atol=0.06, rtol=0)
+        torch.testing.assert_close(var, exact[1], atol=0.06, rtol=0)
+    if not mcmc_steps:
+        assert (euler[1] > 0.85).all()
 
 
 def test_mcmc_steps_zero_is_plain_euler_on_the_averaged_velocity():
     a = gaussian([0.0, 0.0], name="a")
     b = gaussian([2.0, -1.0], name="b")
-    settings = SamplerSettings(num_particles=32, num_steps=8, mcmc_steps=0, schedule="linear")
+    settings = SamplerSettings(
+        num_particles=32, num_steps=8, mcmc_steps=0, schedule="linear", transition="euler"
+    )
     result = sample(
         [Factor(a, weight=0.25), Factor(b, weight=0.75)], (2,), settings,
         generator=torch.Generator().manual_seed(5), dtype=torch.float64,
