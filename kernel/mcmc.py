@@ -47,19 +47,22 @@ class TargetEval:
             and the next transition), shape ``(N, *S)``.
         log_rate: the Feynman–Kac rate A(x, σ) of the FK transition
             (``poegen.kernel.transition``), shape ``(N,)`` float64; ``None`` under Euler.
+        tie_log_prob: Σ_c w_c·log q_c,σ(x) of the scored constraints under FK, shape ``(N,)``
+            float64; ``None`` otherwise.
     """
 
     score: Tensor | None
     log_prob: Tensor | None
     velocity: Tensor
     log_rate: Tensor | None = None
+    tie_log_prob: Tensor | None = None
 
     def take(self, idx: Tensor) -> TargetEval:
         """The evaluation at the particles ``idx`` (after resampling)."""
         return TargetEval(*(None if t is None else t[idx] for t in self._fields()))
 
     def _fields(self) -> tuple[Tensor | None, ...]:
-        return (self.score, self.log_prob, self.velocity, self.log_rate)
+        return (self.score, self.log_prob, self.velocity, self.log_rate, self.tie_log_prob)
 
 
 Target = Callable[[Tensor], TargetEval]

@@ -345,8 +345,12 @@ class _Run:
         else:
             x, log_z = torch.randn((n, *shape), generator=generator, dtype=dtype), 0.0
         x = x.to(device)
-        zeros = torch.zeros(n, dtype=torch.float64)
-        return _State(x, self.target_at(1.0)(x), zeros, zeros.clone(), log_z)
+        here = self.target_at(1.0)(x)
+        log_w = torch.zeros(n, dtype=torch.float64)
+        if here.tie_log_prob is not None:  # π_1 of the whole product: Π_c q_c,1^{w_c} too
+            log_z += float(particles.log_mean_weight(log_w, here.tie_log_prob))
+            log_w = particles.sanitize(here.tie_log_prob)
+        return _State(x, here, log_w, torch.zeros(n, dtype=torch.float64), log_z)
 
     def transition(self, state: _State, sigma_prev: float | None, sigma: float,
                    generator: torch.Generator) -> _State:  # fmt: skip
@@ -355,8 +359,8 @@ class _Run:
             return dataclasses.replace(state, fk_increment=None, resampled=False)
         here = state.here
         if self.fk:
-            x = transition.fk_step(state.x, sigma_prev, sigma,
-                                   here.velocity * self.problem.total_weight, here.score,
+            total = self.problem.total_weight
+            x = transition.fk_step(state.x, sigma_prev, sigma, here.velocity * total, total,
                                    self.settings.sde_noise, generator=generator)  # fmt: skip
         else:
             x = euler_step(state.x, sigma_prev, sigma, here.velocity)
@@ -365,6 +369,8 @@ class _Run:
         if self.fk:
             increment = transition.fk_log_increment(here.log_rate, there.log_rate,
                                                     sigma_prev, sigma)  # fmt: skip
+            if there.tie_log_prob is not None:  # ties: w_c·(log q_c,σ'(x') − log q_c,σ(x))
+                increment = increment + there.tie_log_prob - here.tie_log_prob
         return dataclasses.replace(state, x=x, here=there, fk_increment=increment,
                                    resampled=False, acceptance=math.nan)  # fmt: skip
 
@@ -502,6 +508,11 @@ def _build_problem(
         if b.info.kind == ExpertKind.CONSTRAINT and b.info.supports(Capability.SCORE)
     )
     for b in ties:
+        if settings.transition == "fk" and not b.info.supports(Capability.LOG_PROB):
+            raise ValueError(
+                f"transition: 'fk' weighs the scored constraint {b.name!r} by its log_prob, "
+                "which it does not give (use transition='euler')"
+            )
         if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
             raise ValueError(
                 f"mcmc: {settings.mcmc!r} needs log_prob from the scored constraint {b.name!r}, "
@@ -515,10 +526,7 @@ def _build_problem(
         and (b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT))
     )
     pixels = _pixel_source(generative, potentials, shape)
-    # the score is read by MCMC moves and by the FK transition's Langevin term
-    needs_score = settings.mcmc_steps > 0 or (
-        settings.transition == "fk" and settings.sde_noise > 0
-    )
+    needs_score = settings.mcmc_steps > 0  # the FK step forms its own score from V
     return _Problem(
         generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels
     )
@@ -588,49 +596,52 @@ def _target_factory(
     problem: _Problem, calls: ExpertCalls, settings: SamplerSettings
 ) -> Callable[[float], mcmc.Target]:
     """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity and,
-    under the FK transition, the Feynman–Kac rate A(x, σ).
+    under the FK transition, the Feynman–Kac rate A(x, σ) and the ties' log-densities.
 
     Scored constraints (``problem.ties``) add w_c·score_c(x_σ, σ) to the score and
-    w_c·log q_c,σ(x_σ) to the log-density; they do not move the velocity nor enter A (the
-    kernel does not know which coordinates a tie covers, and a factor that is flat elsewhere has
-    no flow velocity there): under FK they act as guidance in the SDE's drift and in the moves.
-    The score is formed only when something reads it (moves, or the FK transition's noise);
-    otherwise the ties are not called.
+    w_c·log q_c,σ(x_σ) to the log-density; they do not move the velocity. Under FK they enter
+    the weights through Σ_c w_c·log q_c,σ (``TargetEval.tie_log_prob``, see
+    ``poegen.kernel.transition``), so they are called at every evaluation; under Euler only MCMC
+    moves read them, and without moves they are not called.
     """
     g = len(problem.generative)
     fk = settings.transition == "fk"
-    ties = problem.ties if problem.needs_score else ()  # without a reader, ties change nothing
-    exponents = list(problem.masks)
+    ties = problem.ties if problem.needs_score or fk else ()  # without a reader, nothing
+    tie_weights = [b.factor.weight for b in ties]
 
     def at(sigma: float) -> mcmc.Target:
         def evaluate(x: Tensor) -> mcmc.TargetEval:
             sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
             jobs = [Call(b, "velocity", x, (sig,)) for b in problem.generative]
-            jobs += [Call(b, "score", x, (sig,)) for b in ties]
-            if problem.needs_log_prob:
-                jobs += [
-                    Call(b, "log_prob", x, (sig,), per_sample_output=True)
-                    for b in (*problem.generative, *ties)
-                ]
-            out = calls.run(jobs)
-            velocities, tie_scores = out[:g], out[g : g + len(ties)]
+            jobs += [Call(b, "score", x, (sig,)) for b in ties if problem.needs_score]
+            log_probs = (*problem.generative, *ties) if problem.needs_log_prob else ties * fk
+            jobs += [Call(b, "log_prob", x, (sig,), per_sample_output=True) for b in log_probs]
+            out = iter(calls.run(jobs))
+            velocities = [next(out) for _ in range(g)]
+            tie_scores = [next(out) for b in ties if problem.needs_score]
+            densities = list(out)
             velocity = _weighted_sum(problem.masks, velocities)
             score = None
             if problem.needs_score:
                 scores = [score_from_velocity(x, sig, v) for v in velocities]
                 score = _weighted_sum(problem.masks, scores)
                 if ties:
-                    score = score + _weighted_sum([b.factor.weight for b in ties], tie_scores)
-            log_prob = None
+                    score = score + _weighted_sum(tie_weights, tie_scores)
+            log_prob = tie_log_prob = None
             if problem.needs_log_prob:
-                weights = [b.factor.weight for b in (*problem.generative, *ties)]
-                log_prob = _weighted_sum(weights, out[g + len(ties) :])
+                weights = [b.factor.weight for b in problem.generative] + tie_weights
+                log_prob = _weighted_sum(weights, densities)
             log_rate = None
             if fk:
                 log_rate = transition.fk_log_rate(
-                    x, sigma, velocities, exponents, problem.total_weight
+                    x, sigma, velocities, list(problem.masks), problem.total_weight
                 )
-            return mcmc.TargetEval(score, log_prob, velocity / problem.total_weight, log_rate)
+                if ties:
+                    tie_log_prob = _weighted_sum(tie_weights, densities[-len(ties) :])
+                    tie_log_prob = tie_log_prob.detach().to("cpu", torch.float64)
+            return mcmc.TargetEval(
+                score, log_prob, velocity / problem.total_weight, log_rate, tie_log_prob
+            )
 
         return evaluate
 

@@ -38,6 +38,12 @@ The noise strength is g(σ)² = 2γσ (``sde_noise`` = γ): the flow path's own 
 g_f² = 2σ/(1 − σ) at small σ, but finite at σ = 1, where g_f would make the first
 Euler–Maruyama step of a 50-level grid as large as the target's width.
 
+**Scored constraints** (a tie q_c,σ noised exactly along the path, with its log-density) join
+the target as π_σ·Π_c q_c,σ^{w_c}: the step stays (1) for the generative product alone, and the
+weight gains w_c·(log q_c,σ'(x') − log q_c,σ(x)); by the same telescoping as the potentials of
+``sampler`` the weighted set then targets the whole product at every level, and the MCMC moves,
+whose score includes the ties, keep it invariant.
+
 **Weights in discrete time.** Over one step [σ, σ'] the increment is the trapezoid
 ½·(A(x, σ) + A(x', σ'))·(σ − σ'), on the particle's own path (the ends of the step, before any
 MCMC move: moves at a level keep its target invariant and need no weight).
@@ -83,7 +89,7 @@ def fk_step(
     sigma: float,
     sigma_next: float,
     summed_velocity: Tensor,
-    score: Tensor | None,
+    total: Tensor,
     noise: float,
     *,
     generator: torch.Generator,
@@ -92,13 +98,14 @@ def fk_step(
 
         x' = x + Δτ·(−V + (g²/2)·S) + g·√Δτ·ξ,   Δτ = σ − σ'
 
-    ``score`` may be ``None`` only when ``noise`` is 0.
+    with S = Σ_i β_i s_i = −(B·x + (1 − σ)·V)/σ, the path identity summed (−B·x at σ = 1).
     """
     dtau = sigma - sigma_next
     x_next = x - dtau * summed_velocity
     if noise == 0:
         return x_next
     g2 = sde_noise_variance(sigma, noise)
+    score = -(total * x + (1 - sigma) * summed_velocity) / sigma
     xi = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return x_next + (0.5 * g2 * dtau) * score + math.sqrt(g2 * dtau) * xi
 

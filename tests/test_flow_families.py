@@ -34,7 +34,9 @@ def _expert(flow_models: Any, name: str, **options: str) -> Any:  # noqa: F811
 
 
 def _one_particle(view: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    settings = SamplerSettings(num_particles=1, mcmc_steps=0, num_steps=STEPS, schedule="expert")
+    settings = SamplerSettings(
+        num_particles=1, mcmc_steps=0, transition="euler", num_steps=STEPS, schedule="expert"
+    )
     result = sample([Factor(view)], shape, settings, generator=torch.Generator().manual_seed(SEED))
     return result.particles
 

@@ -38,15 +38,46 @@ def loop() -> Iterator[LoopThread]:
         lt.close()
 
 
-def _run(tie: object, mcmc_steps: int, mcmc: str = "mala", seed: int = 0) -> torch.Tensor:
-    settings = SamplerSettings(num_particles=2000, num_steps=20, mcmc_steps=mcmc_steps, mcmc=mcmc)
+def _run(
+    tie: object, mcmc_steps: int, mcmc: str = "mala", seed: int = 0, transition: str = "euler"
+) -> torch.Tensor:
+    settings = SamplerSettings(
+        num_particles=2000, num_steps=20, mcmc_steps=mcmc_steps, mcmc=mcmc, transition=transition
+    )
     factors = [Factor(_prior()), Factor(tie)]  # type: ignore[arg-type]
     result = sample(factors, (2,), settings, generator=torch.Generator().manual_seed(seed))
-    assert torch.allclose(result.log_weights, result.log_weights[:1])  # no potential: no weights
-    return result.particles
+    if transition == "euler":  # no potential, no corrector: no weights
+        assert torch.allclose(result.log_weights, result.log_weights[:1])
+        return result.particles
+    return result.draws(2000, generator=torch.Generator().manual_seed(seed))
 
 
-def test_the_scored_tie_acts_inside_the_moves_and_reaches_the_exact_product() -> None:
+def test_under_fk_the_tie_is_weighed_and_the_product_is_reached_without_moves() -> None:
+    """FK: w_c·(log q_c,σ' − log q_c,σ) in the weights makes the set target the product at every
+    level, so no move is needed (draws from the weighted set)."""
+    mean, var = W * REF / (1 + W), 1 / (1 + W)
+    for steps in (0, 4):
+        x = _run(_tie(score=True), mcmc_steps=steps, mcmc="ula", transition="fk")
+        assert x[:, 0].mean().item() == pytest.approx(mean, abs=0.08)
+        assert x[:, 0].var().item() == pytest.approx(var, rel=0.2)
+        assert x[:, 1].var().item() == pytest.approx(1.0, rel=0.15)
+
+
+class ScoreOnly(MaskedTarget):
+    def describe(self) -> ExpertInfo:
+        info = super().describe()
+        return dataclasses.replace(info, capabilities=frozenset({Capability.SCORE}))
+
+
+def test_fk_refuses_a_scored_constraint_without_its_log_density() -> None:
+    settings = SamplerSettings(num_particles=4, num_steps=5, mcmc="ula")
+    tie = ScoreOnly([REF, 0.0], [1.0, 0.0], W, propose=False)
+    factors = [Factor(_prior()), Factor(tie)]
+    with pytest.raises(ValueError, match="transition: 'fk' weighs the scored constraint"):
+        sample(factors, (2,), settings, generator=torch.Generator().manual_seed(0))
+
+
+def test_under_euler_the_scored_tie_acts_inside_the_moves_and_reaches_the_exact_product() -> None:
     mean, var = W * REF / (1 + W), 1 / (1 + W)
     moved = _run(_tie(score=True), mcmc_steps=8)
     assert moved[:, 0].mean().item() == pytest.approx(mean, abs=0.06)
@@ -58,25 +89,25 @@ def test_the_scored_tie_acts_inside_the_moves_and_reaches_the_exact_product() ->
 
 
 @pytest.mark.parametrize("mcmc_steps", [0, 2])
-def test_the_tie_is_called_only_when_moves_read_its_score(mcmc_steps: int) -> None:
-    settings = SamplerSettings(num_particles=4, num_steps=5, mcmc_steps=mcmc_steps, mcmc="ula")
+@pytest.mark.parametrize("transition", ["euler", "fk"])
+def test_the_tie_is_called_only_when_something_reads_it(mcmc_steps: int, transition) -> None:
+    settings = SamplerSettings(
+        num_particles=4, num_steps=5, mcmc_steps=mcmc_steps, mcmc="ula", transition=transition
+    )
     factors = [Factor(_prior()), Factor(_tie(score=True))]  # type: ignore[arg-type]
     result = sample(factors, (2,), settings, generator=torch.Generator().manual_seed(0))
     tie_calls = sum(level.experts["tie"].calls for level in result.trace)
     prior_calls = sum(level.experts["prior"].calls for level in result.trace)
     # π_σ is evaluated at the start, after each transition and after each move; the prior
-    # answers every evaluation, the tie only when a move will read the score
+    # answers every evaluation; the tie's score only when a move will read it, its log-density
+    # at every evaluation under FK (the weights read it)
     evaluations = 1 + len(result.trace) * (1 + mcmc_steps)
     assert prior_calls == evaluations
-    assert tie_calls == (0 if mcmc_steps == 0 else evaluations)
+    reads = (mcmc_steps > 0) + (transition == "fk")
+    assert tie_calls == reads * evaluations
 
 
 def test_mala_needs_the_log_density_of_a_scored_constraint() -> None:
-    class ScoreOnly(MaskedTarget):
-        def describe(self) -> ExpertInfo:
-            info = super().describe()
-            return dataclasses.replace(info, capabilities=frozenset({Capability.SCORE}))
-
     tie = ScoreOnly([REF, 0.0], [1.0, 0.0], W, propose=False)
     with pytest.raises(ValueError, match="log_prob from the scored constraint"):
         _run(tie, mcmc_steps=2, mcmc="mala")
@@ -90,11 +121,13 @@ def test_a_served_scored_constraint_gives_identical_samples(loop: LoopThread) ->
         info = remote.describe()
         assert info.supports(Capability.SCORE) and info.supports(Capability.LOG_PROB)
         far = _run(remote, mcmc_steps=3)
+        far_fk = _run(remote, mcmc_steps=3, mcmc="ula", transition="fk")
         x, sigma = torch.randn(3, 2), torch.full((3,), 0.5)
         assert torch.equal(remote.score(x, sigma), _tie().score(x, sigma))
         assert torch.equal(remote.log_prob(x, sigma), _tie().log_prob(x, sigma))
         assert torch.equal(remote.log_potential(x), _tie().log_potential(x))
     assert torch.equal(local, far)
+    assert torch.equal(_run(_tie(score=True), mcmc_steps=3, mcmc="ula", transition="fk"), far_fk)
 
 
 def test_score_errors_name_the_field(loop: LoopThread) -> None:
