@@ -4,6 +4,7 @@ noised product of Gaussians at intermediate levels (tolerances from the Monte Ca
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -43,7 +44,8 @@ def test_rate_solves_the_feynman_kac_pde(sigma, betas):
 
     def ell(x, s):  # ℓ = Σ β_i log p_{i,σ}
         return sum(
-            b * e.log_prob(x, torch.full((n,), s, dtype=F64)) for b, e in zip(betas, experts)
+            b * e.log_prob(x, torch.full((n,), s, dtype=F64))
+            for b, e in zip(betas, experts, strict=True)
         )
 
     total = torch.tensor([sum(betas)], dtype=F64)
@@ -56,10 +58,10 @@ def test_rate_solves_the_feynman_kac_pde(sigma, betas):
     xr = x.clone().requires_grad_(True)
     grad = torch.autograd.grad(ell(xr, sigma).sum(), xr, create_graph=True)[0]
     lap = torch.autograd.grad(grad.sum(), xr)[0]
-    summed = sum(b * v for b, v in zip(betas, velocities))
+    summed = sum(b * v for b, v in zip(betas, velocities, strict=True))
     drift = -summed + 0.5 * g2 * grad.detach()
     xv = x.clone().requires_grad_(True)
-    v_of_x = sum(b * e.velocity(xv, sig) for b, e in zip(betas, experts))
+    v_of_x = sum(b * e.velocity(xv, sig) for b, e in zip(betas, experts, strict=True))
     div_v = torch.autograd.grad(v_of_x.sum(), xv)[0]
     div_b = -div_v + 0.5 * g2 * lap
     s = grad.detach()
@@ -92,10 +94,12 @@ def test_weighted_particles_reach_the_noised_product_at_an_intermediate_level(no
     def evaluate(x, s):
         sig = torch.full((n,), s, dtype=F64)
         vs = [e.velocity(x, sig) for e in experts]
-        return sum(b * v for b, v in zip(betas, vs)), fk.fk_log_rate(x, s, vs, betas, total)
+        return sum(b * v for b, v in zip(betas, vs, strict=True)), fk.fk_log_rate(
+            x, s, vs, betas, total
+        )
 
     v, rate = evaluate(x, 1.0)
-    for s, s_next in zip(grid, grid[1:]):
+    for s, s_next in itertools.pairwise(grid):
         x = fk.fk_step(x, s, s_next, v, total, noise, generator=gen)
         v, rate_next = evaluate(x, s_next)
         log_w += fk.fk_log_increment(rate, rate_next, s, s_next)
