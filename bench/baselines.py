@@ -32,6 +32,7 @@ Baselines (configuration of :func:`poegen.kernel.sample`, not reimplementations)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from poegen.bench.tasks import Task
 from poegen.kernel import Factor, SamplerSettings, sample
 from poegen.kernel.schedule import sigmas_for
 
-METHODS = ("poegen", "summation", "best_of_k", "fk")
+METHODS = ("poegen", "euler", "summation", "best_of_k", "fk")
 BEST_OF_K = 4
 
 
@@ -61,6 +62,8 @@ class Run:
         evaluations: evaluations per expert name (see the module docstring).
         num_particles: particles the method ran (before any best-of selection).
         seconds: wall-clock seconds.
+        log_z_of_product: whether ``log_evidence`` estimates log Z of the whole product
+            (the FK transition) rather than log E_q[potentials] under the generative product.
     """
 
     method: str
@@ -71,6 +74,7 @@ class Run:
     evaluations: dict[str, int]
     num_particles: int
     seconds: float
+    log_z_of_product: bool = False
 
     @property
     def total_evaluations(self) -> int:
@@ -144,6 +148,7 @@ def run_poegen(
         _checked(result, task, settings, potentials),
         settings.num_particles,
         seconds,
+        settings.transition == "fk",
     )
 
 
@@ -258,20 +263,32 @@ def run_fk(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
         _checked(result, task, settings, potentials),
         n,
         seconds,
+        settings.transition == "fk",
     )
 
 
+def run_euler(task: Task, seed: int, *, dtype=torch.float64) -> Run:
+    """poegen's sampler before the FK transition: Euler on the averaged velocity, the same
+    moves, weights and budget (the transition is the only difference)."""
+    settings = task.settings.model_copy(update={"transition": "euler"})
+    return dataclasses.replace(run_poegen(task, seed, settings, dtype=dtype), method="euler")
+
+
 def applicable(task: Task) -> tuple[str, ...]:
-    """Methods that differ on this task: without potentials, best-of-k and FK are undefined."""
-    if task.rewards or task.constraints:
-        return METHODS
-    return ("poegen", "summation")
+    """Methods that differ on this task: without potentials, best-of-k and FK are undefined;
+    without a product (one generative expert at weight 1) Euler is poegen with γ = 0."""
+    methods = METHODS
+    if not (task.rewards or task.constraints):
+        methods = tuple(m for m in methods if m not in ("best_of_k", "fk"))
+    return methods
 
 
 def run(method: str, task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
     match method:
         case "poegen":
             return run_poegen(task, seed, dtype=dtype)
+        case "euler":
+            return run_euler(task, seed, dtype=dtype)
         case "summation":
             return run_summation(task, seed, total, dtype=dtype)
         case "best_of_k":

@@ -157,6 +157,13 @@ class Reference:
         got = mode_weights(self.modes(x), log_w, self.num_modes)
         return 0.5 * float((got - self.mode_weights).abs().sum())
 
+    def mode_mass_error(self, x: Tensor, log_w: Tensor | None = None) -> float:
+        """max_k |Ŵ_k − W_k^ref|: the worst per-mode mass error."""
+        if self.modes is None or self.mode_weights is None:
+            return math.nan
+        got = mode_weights(self.modes(x), log_w, self.num_modes)
+        return float((got - self.mode_weights).abs().max())
+
     def noise_floor(self, n: int, *, repeats: int, generator: torch.Generator) -> dict[str, Floor]:
         """ED and mode TV of ``repeats`` fresh exact sets of size n against this reference."""
         if self.sampler is None:

@@ -20,6 +20,9 @@ law of the generative factors alone (for log Z), and poegen's settings for the t
 * **T4** (d = 2): DAS's toy targets (Kim et al. 2025), quadratic reward, α = 1:
   E_target[r] = −0.2907 (grid), −1.3400 (ring).
 * **T5** (d = 2): a grid prior × the half-space x₁ + x₂ ≤ 0.5 (a hard constraint).
+* **P**, **Pt** (d = 2, 8, 32, 64): an elongated, correlated 3-mixture × a narrow 4-mixture
+  with one heavy mode (mode weights disagree), without and with a linear tilt exp(aᵀx): the
+  product's mode masses move as σ falls, so only corrector weights get them right.
 * **T9** (d = 2 … 64): T2 at growing dimension; the extra coordinates are Gaussian in every
   expert (different means and variances), the four modes keep their separation.
 """
@@ -222,6 +225,66 @@ def t5() -> Task:
     return make_task("T5", "3x3 grid x 1[x1+x2<=0.5], d=2", [Factor(prior), Factor(constraint)])
 
 
+# --- P: products of anisotropic, unequal-weight mixtures --------------------------------------
+
+P_DIMS = (2, 8, 32, 64)
+P_TILT = (0.6, -0.4)
+
+
+def product_mixtures(dim: int) -> list[GaussianMixture]:
+    """Two mixtures that disagree in shape and weight (the product of issue 22's measurement).
+
+    * ``elongated``: three correlated components (correlation ±0.8, std 0.9 along the first two
+      axes) at (−1.5, 0), (1.5, 0), (0, 1.5), weights 0.5, 0.3, 0.2;
+    * ``narrow``: four round components (std 0.45) at (±1.2, ±0.3)…, one heavy (0.55) and three
+      light (0.15 each).
+
+    Coordinates 3 … d are N(0.3, 1.2²) in the first expert and N(−0.2, 0.8²) in the second.
+    """
+    if dim < 2:
+        raise ValueError(f"dim: needs at least 2, got {dim}")
+
+    def covariances(blocks: torch.Tensor, extra_var: float) -> torch.Tensor:
+        cov = torch.zeros(blocks.shape[0], dim, dim, dtype=F64)
+        cov[:, :2, :2] = blocks
+        idx = torch.arange(2, dim)
+        cov[:, idx, idx] = extra_var
+        return cov
+
+    def means(corners: list[list[float]], extra_mean: float) -> torch.Tensor:
+        m = torch.full((len(corners), dim), extra_mean, dtype=F64)
+        m[:, :2] = torch.tensor(corners, dtype=F64)
+        return m
+
+    s, r = 0.9**2, 0.8
+    tilted = torch.tensor([[[s, r * s], [r * s, s]], [[s, -r * s], [-r * s, s]], [[s, 0], [0, s]]])
+    elongated = GaussianMixture(
+        means([[-1.5, 0.0], [1.5, 0.0], [0.0, 1.5]], 0.3),
+        covariances(tilted.to(F64), 1.2**2),
+        torch.tensor([0.5, 0.3, 0.2], dtype=F64),
+        name="elongated",
+    )
+    round_ = torch.eye(2, dtype=F64).expand(4, 2, 2) * 0.45**2
+    narrow = GaussianMixture(
+        means([[-1.2, 0.3], [1.2, 0.3], [0.0, 1.2], [0.0, -1.2]], -0.2),
+        covariances(round_, 0.8**2),
+        torch.tensor([0.55, 0.15, 0.15, 0.15], dtype=F64),
+        name="narrow",
+    )
+    return [elongated, narrow]
+
+
+def p_task(dim: int, tilt: bool) -> Task:
+    factors = [Factor(e) for e in product_mixtures(dim)]
+    if tilt:
+        factors.append(Factor(LinearReward([*P_TILT, *([0.0] * (dim - 2))], name="linear")))
+    return make_task(
+        f"P{'t' if tilt else ''}_d{dim}",
+        f"elongated x narrow mixtures{' x exp(a.x)' if tilt else ''}, d={dim}",
+        factors,
+    )
+
+
 # --- registry --------------------------------------------------------------------------------
 
 T9_DIMS = (2, 4, 8, 16, 32, 64)
@@ -233,6 +296,8 @@ TASKS: dict[str, Callable[[], Task]] = {
     "T4_grid": t4_grid,
     "T4_ring": t4_ring,
     "T5": t5,
+    **{f"P_d{d}": (lambda d=d: p_task(d, False)) for d in P_DIMS},
+    **{f"Pt_d{d}": (lambda d=d: p_task(d, True)) for d in P_DIMS},
 }
 
 # T9 is T2 at every dimension: its d = 2 and d = 8 entries are T2's own runs
@@ -240,6 +305,7 @@ GROUPS = {
     "T2": ("T2_d2", "T2_d8"),
     "T4": ("T4_grid", "T4_ring"),
     "T9": tuple(f"T2_d{d}" for d in T9_DIMS),
+    "P": tuple(f"P{t}_d{d}" for t in ("", "t") for d in P_DIMS),
 }
 
 
