@@ -7,22 +7,23 @@ Target (see ``poegen.kernel.experts`` for the three kinds of factor)::
 Pseudo-code of :func:`sample_iter` (N particles, noise levels 1 = σ_0 > σ_1 > … > σ_L > 0;
 π_k ∝ Π_i p_{i,σ_k}^{w_i} is the product of the noised generative experts)::
 
-    x ~ N(0, I)
+    x ~ π_0 = N(0, I/B)    (FK; N(0, I) under Euler),  log w ← 0
     for k = 1 … L:
-        x ← x + (σ_k − σ_{k−1})·v̄(x, σ_{k−1})          # transition: Euler on the combined flow
-        x ← propose/project(x, σ_k)                     # constraint experts that move particles
-        φ_k ← s_k·Σ_j λ_j·r_j(x̂_0(x)) + Σ_c log C_c(x̂_0(x))   # s_k: reward tempering scale
-        log w ← log w + φ_k − φ_{k−1}                    # "incremental"; "level" adds φ_k
-        log Z ← log Z + log Σ_i W_i·exp(φ_k − φ_{k−1})
-        if ESS/N < threshold: resample (x, φ_k, v̄ follow their ancestors), log w ← 0
-        x ← MCMC^M(x; π_k·exp(φ_k))                     # summed scores + a potential stage
+        transition: x ← x − Δτ·V + (g²/2)·S·Δτ + g√Δτ·ξ, log w += ½(A_{k−1} + A_k)·Δτ   (FK)
+                    x ← x + (σ_k − σ_{k−1})·v̄(x, σ_{k−1})                             (Euler)
+        propose:    x ← propose/project(x, σ_k)           # constraint experts that move particles
+        reweight:   φ_k ← s_k·Σ_j λ_j·r_j(x̂_0(x)) + Σ_c log C_c(x̂_0(x))   # s_k: tempering
+                    log w += φ_k − φ_{k−1};  log Z += log Σ_i W_i·exp(increment_i)
+        resample:   if ESS/N < threshold: (x, φ_k, evaluations) follow their ancestors, log w ← 0
+        move:       x ← MCMC^M(x; π_k·exp(φ_k))            # summed scores + a potential stage
     return x̂_0 at σ_L, normalised log w, log Z, the best particle, the trace
 
-This is an SMC sampler (Del Moral, Doucet & Jasra 2006) whose transport is the flow: the
-Euler step carries π_{k−1} to (approximately) π_k, so exp(φ_k − φ_{k−1}) is the incremental
-weight from π_{k−1}·exp(φ_{k−1}) to π_k·exp(φ_k), taken *before* the moves; the moves then keep
-π_k·exp(φ_k) invariant, rejuvenate resampled copies, and correct what the transition got wrong
-about the product (without them summed-score sampling reaches the wrong law, Du et al. 2023).
+(``poegen.kernel.transition`` derives the FK step, its rate A and V, S, g.) This is an SMC
+sampler (Del Moral, Doucet & Jasra 2006): the corrected transition carries π_{k−1} to π_k, so
+exp(φ_k − φ_{k−1}) is the incremental weight from π_{k−1}·exp(φ_{k−1}) to π_k·exp(φ_k),
+taken *before* the moves; the moves then keep π_k·exp(φ_k) invariant and rejuvenate
+resampled copies. Under Euler the transition only approximately carries π_{k−1} to π_k and
+the moves correct what they can: not the masses of separated modes.
 The moves see the potential through a second accept test on exp(φ_k(x̂_0') − φ_k(x̂_0))
 (delayed acceptance): discriminative experts never need gradients, at the price of one extra
 call per move. s_L = 1, so the last level targets the product exactly.
@@ -43,7 +44,9 @@ masked region to a rendering, noised to each level exactly) is a soft factor *of
 intermediate targets* instead of a potential: w_c·score_c(x_σ, σ) joins the summed score of
 every MCMC move (and w_c·log q_c,σ the MALA/HMC log-density, so it must announce ``LOG_PROB``
 for those), like a generative factor without a velocity. Its ``log_potential`` is then not
-used (the weights would count it twice); its proposals and projections still run. Stiff ties
+used (the weights would count it twice); its proposals and projections still run. Under the
+FK transition its noised log-density also enters the weights (``poegen.kernel.transition``),
+so it must announce ``LOG_PROB`` there too. Stiff ties
 (large w) want a smaller ``step_size`` or MALA: η = c·σ²/W_max does not include them.
 
 Pixel-input potentials (``ExpertInfo.pixel_input``, e.g. a VLM reward) score decoded pixels:
@@ -57,12 +60,12 @@ Combination rules for generative experts, with masks m_i (1 without a region) an
 W(c) = Σ_i w_i·m_i(c) per coordinate c (must be > 0 everywhere):
 
 * score: ∇log π_σ = Σ_i w_i·m_i ⊙ ∇log p_{i,σ} — product semantics, so overlapping regions add;
-* transition velocity: v̄ = Σ_i w_i·m_i ⊙ v_i / W, the per-coordinate weighted average
-  (MultiDiffusion's rule); with Σ_i w_i = 1 and no regions it is exactly the summed-score flow
-  (Composable Diffusion), and the MCMC corrects the rest.
+* FK transition: the summed velocity V = Σ_i w_i·m_i ⊙ v_i and the rate A per coordinate;
+* Euler transition and x̂_0: v̄ = V / W, the per-coordinate weighted average (MultiDiffusion's
+  rule); with Σ_i w_i = 1 and no regions it is exactly the summed-score flow.
 
-With ``mcmc_steps=0`` and no discriminative or constraint factor, the sampler is plain
-summed-score (Composable-Diffusion-style) Euler sampling.
+With ``transition="euler"``, ``mcmc_steps=0`` and no discriminative or constraint factor, the
+sampler is plain summed-score (Composable-Diffusion-style) Euler sampling.
 """
 
 from __future__ import annotations
