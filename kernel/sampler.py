@@ -90,6 +90,9 @@ from poegen.kernel.schedule import adaptive_scale, checked_grid, reward_scales, 
 from poegen.kernel.spec import Factor, SamplerSettings
 
 
+TARGET_ACCEPTANCE = {"mala": 0.574, "hmc": 0.65}  # what step-size adaptation aims for
+
+
 class AllParticlesDiedError(RuntimeError):
     """Every particle got zero weight at one level."""
 
@@ -285,6 +288,7 @@ class _State:
         fk_increment: the FK transition's log-weight increment of this level, ``(N,)``.
         resampled: whether this level resampled.
         acceptance: mean MH acceptance of this level's moves (NaN: none tested).
+        step_scale: the MCMC step-size scale c of the next moves (adapted for MH kernels).
     """
 
     x: Tensor
@@ -296,6 +300,7 @@ class _State:
     fk_increment: Tensor | None = None
     resampled: bool = False
     acceptance: float = math.nan
+    step_scale: float = 1.0
 
     def take(self, idx: Tensor) -> _State:
         """The particles ``idx``, equally weighted (after resampling)."""
@@ -353,7 +358,8 @@ class _Run:
         if here.tie_log_prob is not None:  # π_1 of the whole product: Π_c q_c,1^{w_c} too
             log_z += float(particles.log_mean_weight(log_w, here.tie_log_prob))
             log_w = particles.sanitize(here.tie_log_prob)
-        return _State(x, here, log_w, torch.zeros(n, dtype=torch.float64), log_z)
+        return _State(x, here, log_w, torch.zeros(n, dtype=torch.float64), log_z,
+                      step_scale=self.settings.step_size)  # fmt: skip
 
     def transition(self, state: _State, sigma_prev: float | None, sigma: float,
                    generator: torch.Generator) -> _State:  # fmt: skip
@@ -394,13 +400,24 @@ class _Run:
             phi = _level_potential(self.problem, self.calls, k, sigma,
                                    _penalty(self.settings, k, len(self.scales)), state.scale)  # fmt: skip
             level = (phi, state.potential)
-        x, here, potential, acceptance = _mcmc(
+        x, here, potential, acceptance, own = _mcmc(
             self.settings, self.problem, state.x, state.here, self.target_at(sigma), sigma,
-            generator, level,
+            generator, level, state.step_scale,
         )  # fmt: skip
         potential = state.potential if potential is None else potential
         return dataclasses.replace(state, x=x, here=here, potential=potential,
-                                   acceptance=acceptance)  # fmt: skip
+                                   acceptance=acceptance,
+                                   step_scale=self.adapted(state.step_scale, own))  # fmt: skip
+
+    def adapted(self, scale: float, acceptance: float) -> float:
+        """The next level's step-size scale: log c += 2·(acceptance − target) for MH kernels
+        (MALA 0.574, HMC 0.65: Roberts & Rosenthal 1998, Beskos et al. 2013), from this
+        level's acceptance, so the kernel at each level is fixed given the past and every
+        level's target stays invariant. Unadjusted kernels keep c."""
+        target = TARGET_ACCEPTANCE.get(self.settings.mcmc)
+        if not self.settings.adapt_step_size or target is None or math.isnan(acceptance):
+            return scale
+        return scale * math.exp(2.0 * (acceptance - target))
 
     def reweight(self, state: _State, k: int, sigma: float) -> tuple[_State, _Weighed]:
         """log w += FK increment + φ_k(x̂_0) − φ_{k−1}; log Z += log Σ W·exp(increment)."""
@@ -682,23 +699,26 @@ def _mcmc(
     sigma: float,
     generator: torch.Generator,
     level: tuple[Potential, Tensor] | None = None,
-) -> tuple[Tensor, mcmc.TargetEval, Tensor | None, float]:
-    """M steps of the chosen kernel at σ.
+    scale: float | None = None,
+) -> tuple[Tensor, mcmc.TargetEval, Tensor | None, float, float]:
+    """M steps of the chosen kernel at σ, step-size scale ``scale`` (default: the settings').
 
     With ``level = (φ, φ(x))`` every move also passes the potential stage, so the moves keep
-    π_σ·exp(φ) invariant. Returns (x, evaluation, φ at x or None, mean acceptance; NaN when
-    nothing was ever tested).
+    π_σ·exp(φ) invariant. Returns (x, evaluation, φ at x or None, mean acceptance, mean
+    acceptance of the kernel's own MH test; NaN when nothing was tested).
     """
-    eta = mcmc.step_size(
-        settings.step_rule, settings.step_size, sigma, float(problem.total_weight.max())
-    )
+    scale = settings.step_size if scale is None else scale
+    eta = mcmc.step_size(settings.step_rule, scale, sigma, float(problem.total_weight.max()))
     phi = None if level is None else level[1]
     accepted: list[Tensor] = []
+    own: list[Tensor] = []
     momentum = None
     for _ in range(settings.mcmc_steps):
         x_new, there, acc, momentum = _kernel_step(
             settings, x, here, target, eta, generator, momentum
         )
+        if acc is not None:
+            own.append(acc)
         if level is not None:
             phi_new = level[0](x0_from_velocity(x_new, sigma, there.velocity))
             x_new, there, phi, ok = mcmc.potential_stage(
@@ -711,7 +731,8 @@ def _mcmc(
         if acc is not None:
             accepted.append(acc)
     rate = float(torch.stack(accepted).double().mean()) if accepted else math.nan
-    return x, here, phi, rate
+    own_rate = float(torch.stack(own).double().mean()) if own else math.nan
+    return x, here, phi, rate, own_rate
 
 
 def _kernel_step(
