@@ -17,8 +17,8 @@ from poegen.kernel.experts import (
     available_experts,
     create_expert,
 )
+from poegen.kernel.potentials import AllParticlesDiedError
 from poegen.kernel.sampler import (
-    AllParticlesDiedError,
     ExpertRecord,
     LevelTrace,
     SampleResult,

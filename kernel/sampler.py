@@ -71,10 +71,8 @@ sampler is plain summed-score (Composable-Diffusion-style) Euler sampling.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
-import operator
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,18 +81,22 @@ import torch
 from torch import Tensor
 
 from poegen.kernel import mcmc, particles, transition
-from poegen.kernel.calls import BoundFactor, Call, ExpertCalls, ExpertStats
-from poegen.kernel.experts import Capability, ExpertKind, check_expert
-from poegen.kernel.path import euler_step, score_from_velocity, x0_from_velocity
-from poegen.kernel.schedule import adaptive_scale, checked_grid, reward_scales, sigmas_for
+from poegen.kernel.calls import ExpertCalls, ExpertStats
+from poegen.kernel.experts import Capability
+from poegen.kernel.path import euler_step, x0_from_velocity
+from poegen.kernel.potentials import (
+    Potential,
+    check_alive,
+    evaluate_potentials,
+    level_potential,
+    violation_cost,
+)
+from poegen.kernel.problem import Problem, build_problem, check_shape, noise_grid
+from poegen.kernel.schedule import adaptive_scale, reward_scales
 from poegen.kernel.spec import Factor, SamplerSettings
-
+from poegen.kernel.target import target_factory
 
 TARGET_ACCEPTANCE = {"mala": 0.574, "hmc": 0.65}  # what step-size adaptation aims for
-
-
-class AllParticlesDiedError(RuntimeError):
-    """Every particle got zero weight at one level."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,29 +178,6 @@ class SampleResult:
         return self.particles[particles.systematic(self.log_weights, n, generator=generator)]
 
 
-@dataclass(frozen=True, slots=True)
-class _Problem:
-    """The validated factors of one run, split by kind, with their masks."""
-
-    generative: tuple[BoundFactor, ...]
-    potentials: tuple[BoundFactor, ...]  # discriminative and constraint
-    proposers: tuple[BoundFactor, ...]
-    ties: tuple[BoundFactor, ...]  # constraints with an exact noised score: inside π_σ
-    masks: tuple[Tensor, ...]  # w_i·m_i per generative factor, shape S
-    total_weight: Tensor  # W(c), shape S
-    needs_log_prob: bool
-    needs_score: bool  # only MCMC moves read the score (and the ties' scores)
-    pixels: PixelSource | None = None  # how pixel-input potentials see x̂_0; None: none of them
-
-
-@dataclass(frozen=True, slots=True)
-class PixelSource:
-    """Where pixel-input potentials get their pixels: the decoder of the generative experts'
-    latent space (an expert with ``AUTOENCODER``), or ``None`` for pixel-space experts."""
-
-    decoder: BoundFactor | None
-
-
 def sample(
     factors: Sequence[Factor],
     sample_shape: Sequence[int],
@@ -237,13 +216,13 @@ def sample_iter(
     same seed gives the same result. Closing the generator early stops the run.
     """
     settings = settings or SamplerSettings()
-    shape = _check_shape(sample_shape)
-    problem = _build_problem(factors, shape, settings, dtype, device)
-    levels = _levels([float(s) for s in _noise_grid(settings, problem, shape) if s > 0])
+    shape = check_shape(sample_shape)
+    problem = build_problem(factors, shape, settings, dtype, device)
+    levels = _levels([float(s) for s in noise_grid(settings, problem, shape) if s > 0])
     scales = reward_scales(settings, len(levels)).tolist()
     experts = [*problem.generative, *problem.ties, *problem.potentials]
     with ExpertCalls(experts, settings.max_batch) as calls:
-        run = _Run(settings, problem, calls, _target_factory(problem, calls, settings), scales)
+        run = _Run(settings, problem, calls, target_factory(problem, calls, settings), scales)
         state = run.initial(settings.num_particles, shape, generator, dtype, device)
         trace = []
         for k, (sigma_prev, sigma) in enumerate(levels):
@@ -330,7 +309,7 @@ class _Run:
     """The named steps of one run; each takes a :class:`_State` and returns a new one."""
 
     settings: SamplerSettings
-    problem: _Problem
+    problem: Problem
     calls: ExpertCalls
     target_at: Callable[[float], mcmc.Target]
     scales: list[float]
@@ -397,8 +376,8 @@ class _Run:
             return state
         level = None
         if with_potential:
-            phi = _level_potential(self.problem, self.calls, k, sigma,
-                                   _penalty(self.settings, k, len(self.scales)), state.scale)  # fmt: skip
+            phi = level_potential(self.problem, self.calls, k, sigma,
+                                   violation_cost(self.settings, k, len(self.scales)), state.scale)  # fmt: skip
             level = (phi, state.potential)
         x, here, potential, acceptance, own = _mcmc(
             self.settings, self.problem, state.x, state.here, self.target_at(sigma), sigma,
@@ -423,8 +402,8 @@ class _Run:
         """log w += FK increment + φ_k(x̂_0) − φ_{k−1}; log Z += log Σ W·exp(increment)."""
         problem, settings = self.problem, self.settings
         x0 = x0_from_velocity(state.x, sigma, state.here.velocity)
-        penalty = _penalty(settings, k, len(self.scales))
-        rewards, constraints = _potentials(problem, self.calls, x0, k, sigma, penalty)
+        cost = violation_cost(settings, k, len(self.scales))
+        rewards, constraints = evaluate_potentials(problem, self.calls, x0, k, sigma, cost)
         base = state.log_w if state.fk_increment is None else state.log_w + state.fk_increment
         scale = _scale(settings, self.scales, k, base, rewards, constraints, state.potential,
                        state.scale)  # fmt: skip
@@ -437,7 +416,7 @@ class _Run:
             inc = inc + state.fk_increment
         log_z = state.log_z + float(particles.log_mean_weight(state.log_w, inc))
         log_w = particles.sanitize(state.log_w + inc)
-        _check_alive(problem, self.calls, log_w, x0, k, sigma)
+        check_alive(problem, self.calls, log_w, x0, k, sigma)
         best = _best(current, log_w)
         weighed = _Weighed(particles.ess_fraction(log_w), _spread(log_w), best,
                            x0[best].detach().cpu())  # fmt: skip
@@ -464,216 +443,7 @@ class _Run:
         )  # fmt: skip
 
 
-def _check_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in sample_shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"sample_shape: needs positive dimensions, got {tuple(sample_shape)}")
-    return shape
-
-
-def _noise_grid(settings: SamplerSettings, problem: _Problem, shape: tuple[int, ...]) -> Tensor:
-    """The settings' grid, or with ``schedule="expert"`` the first generative expert's own."""
-    if settings.sigmas is not None or settings.schedule != "expert":
-        return sigmas_for(settings)
-    for b in problem.generative:
-        if b.info.supports(Capability.SCHEDULE):
-            levels = b.factor.expert.schedule(settings.num_steps, shape)  # type: ignore[attr-defined]
-            return checked_grid(levels, settings.num_steps, f"expert {b.name!r}")
-    raise ValueError("schedule: 'expert' needs a generative expert that answers schedule()")
-
-
-def _build_problem(
-    factors: Sequence[Factor],
-    shape: tuple[int, ...],
-    settings: SamplerSettings,
-    dtype: torch.dtype,
-    device: torch.device | str,
-) -> _Problem:
-    """Validate the factors against each other and the settings; split them by kind."""
-    bound = [_bind(i, f, shape) for i, f in enumerate(factors)]
-    names = [b.name for b in bound]
-    if len(set(names)) != len(names):
-        dup = sorted({x for x in names if names.count(x) > 1})
-        raise ValueError(f"factors: duplicate factor names {dup}; give each a distinct name=")
-    generative = tuple(b for b in bound if b.info.kind == ExpertKind.GENERATIVE)
-    if not generative:
-        raise ValueError("factors: at least one generative expert is needed")
-    spaces = {b.info.latent_space for b in generative if b.info.latent_space}
-    if len(spaces) > 1:
-        raise ValueError(
-            f"factors: generative experts must share one latent space, got {sorted(spaces)}"
-        )
-    masks = tuple(_mask(b, shape, dtype, device) for b in generative)
-    total = torch.stack(masks).sum(0)
-    if (total <= 0).any():
-        raise ValueError(
-            "factors: every coordinate needs a positive total generative weight Σ w_i·m_i; "
-            f"{int((total <= 0).sum())} coordinates have none (check regions and weights)"
-        )
-    needs_log_prob = settings.mcmc in ("mala", "hmc") and settings.mcmc_steps > 0
-    for b in generative:
-        if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
-            raise ValueError(
-                f"mcmc: {settings.mcmc!r} needs log_prob from every generative expert; "
-                f"{b.name!r} gives none (use 'ula' or 'uhmc')"
-            )
-        if needs_log_prob and b.factor.region is not None:
-            raise ValueError(f"mcmc: {settings.mcmc!r} cannot use the regional expert {b.name!r}")
-    for b in bound:
-        if b.info.kind == ExpertKind.CONSTRAINT and b.factor.weight <= 0:
-            raise ValueError(f"weight: constraint {b.name!r} needs a positive weight")
-    ties = tuple(
-        b
-        for b in bound
-        if b.info.kind == ExpertKind.CONSTRAINT and b.info.supports(Capability.SCORE)
-    )
-    for b in ties:
-        if settings.transition == "fk" and not b.info.supports(Capability.LOG_PROB):
-            raise ValueError(
-                f"transition: 'fk' weighs the scored constraint {b.name!r} by its log_prob, "
-                "which it does not give (use transition='euler')"
-            )
-        if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
-            raise ValueError(
-                f"mcmc: {settings.mcmc!r} needs log_prob from the scored constraint {b.name!r}, "
-                "which gives none (use 'ula' or 'uhmc')"
-            )
-    potentials = tuple(b for b in bound if b.info.kind != ExpertKind.GENERATIVE and b not in ties)
-    proposers = tuple(
-        b
-        for b in bound
-        if b.info.kind != ExpertKind.GENERATIVE
-        and (b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT))
-    )
-    pixels = _pixel_source(generative, potentials, shape)
-    needs_score = settings.mcmc_steps > 0  # the FK step forms its own score from V
-    return _Problem(
-        generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels
-    )
-
-
-def _pixel_source(
-    generative: tuple[BoundFactor, ...], potentials: tuple[BoundFactor, ...], shape: tuple[int, ...]
-) -> PixelSource | None:
-    """How pixel-input potentials will see x̂_0; ``ValueError`` when they cannot.
-
-    All generative experts must name the same latent space (unnamed counts as a name). The
-    first of them with an autoencoder decodes; with none, the space must be pixels in [-1, 1]
-    (unnamed, or named ``pixels…``) of shape (C, H, W) or (C, F, H, W).
-    """
-    readers = [b.name for b in potentials if b.info.pixel_input]
-    if not readers:
-        return None
-    spaces = sorted({b.info.latent_space for b in generative})
-    if len(spaces) > 1:
-        raise ValueError(
-            f"factors: pixel-input expert {readers[0]!r} needs one latent space to decode, but "
-            f"the generative experts have {spaces}"
-        )
-    for b in generative:
-        if b.info.supports(Capability.AUTOENCODER):
-            return PixelSource(b)
-    if spaces[0] and not spaces[0].startswith("pixels"):
-        raise ValueError(
-            f"factors: pixel-input expert {readers[0]!r} needs pixels, but no generative expert "
-            f"of latent space {spaces[0]!r} has an autoencoder to decode x̂_0"
-        )
-    if len(shape) not in (3, 4):
-        raise ValueError(
-            f"factors: pixel-input expert {readers[0]!r} needs pixels, but the samples {shape} "
-            "are neither (C, H, W) nor (C, F, H, W) and no generative expert decodes them"
-        )
-    return PixelSource(None)
-
-
-def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
-    if not isinstance(factor, Factor):
-        raise TypeError(f"factors[{index}]: expected Factor, got {type(factor).__name__}")
-    info = check_expert(factor.expert)
-    if info.sample_shape is not None and tuple(info.sample_shape) != shape:
-        raise ValueError(
-            f"sample_shape: {shape} does not match expert {info.name!r}'s {info.sample_shape}"
-        )
-    if factor.region is not None and info.kind != ExpertKind.GENERATIVE:
-        raise ValueError(f"factors[{index}].region: only generative experts take a region")
-    return BoundFactor(factor, info, factor.name or info.name)
-
-
-def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
-    """w_i·m_i over the sample shape (m_i = 1 without a region)."""
-    region = b.factor.region
-    if region is None:
-        return torch.full(shape, b.factor.weight, dtype=dtype, device=device)
-    region = torch.as_tensor(region, dtype=dtype, device=device)
-    if tuple(region.shape) != shape:
-        raise ValueError(f"region: factor {b.name!r} has shape {tuple(region.shape)}, not {shape}")
-    if not torch.isfinite(region).all() or (region < 0).any() or (region > 1).any():
-        raise ValueError(f"region: factor {b.name!r} needs values in [0, 1]")
-    return b.factor.weight * region
-
-
-def _target_factory(
-    problem: _Problem, calls: ExpertCalls, settings: SamplerSettings
-) -> Callable[[float], mcmc.Target]:
-    """π_σ at a level: summed masked scores, summed log-densities, the averaged velocity and,
-    under the FK transition, the Feynman–Kac rate A(x, σ) and the ties' log-densities.
-
-    Scored constraints (``problem.ties``) add w_c·score_c(x_σ, σ) to the score and
-    w_c·log q_c,σ(x_σ) to the log-density; they do not move the velocity. Under FK they enter
-    the weights through Σ_c w_c·log q_c,σ (``TargetEval.tie_log_prob``, see
-    ``poegen.kernel.transition``), so they are called at every evaluation; under Euler only MCMC
-    moves read them, and without moves they are not called.
-    """
-    g = len(problem.generative)
-    fk = settings.transition == "fk"
-    ties = problem.ties if problem.needs_score or fk else ()  # without a reader, nothing
-    tie_weights = [b.factor.weight for b in ties]
-
-    def at(sigma: float) -> mcmc.Target:
-        def evaluate(x: Tensor) -> mcmc.TargetEval:
-            sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-            jobs = [Call(b, "velocity", x, (sig,)) for b in problem.generative]
-            jobs += [Call(b, "score", x, (sig,)) for b in ties if problem.needs_score]
-            log_probs = (*problem.generative, *ties) if problem.needs_log_prob else ties * fk
-            jobs += [Call(b, "log_prob", x, (sig,), per_sample_output=True) for b in log_probs]
-            out = iter(calls.run(jobs))
-            velocities = [next(out) for _ in range(g)]
-            tie_scores = [next(out) for b in ties if problem.needs_score]
-            densities = list(out)
-            velocity = _weighted_sum(problem.masks, velocities)
-            score = None
-            if problem.needs_score:
-                scores = [score_from_velocity(x, sig, v) for v in velocities]
-                score = _weighted_sum(problem.masks, scores)
-                if ties:
-                    score = score + _weighted_sum(tie_weights, tie_scores)
-            log_prob = tie_log_prob = None
-            if problem.needs_log_prob:
-                weights = [b.factor.weight for b in problem.generative] + tie_weights
-                log_prob = _weighted_sum(weights, densities)
-            log_rate = None
-            if fk:
-                log_rate = transition.fk_log_rate(
-                    x, sigma, velocities, list(problem.masks), problem.total_weight
-                )
-                if ties:
-                    tie_log_prob = _weighted_sum(tie_weights, densities[-len(ties) :])
-                    tie_log_prob = tie_log_prob.detach().to("cpu", torch.float64)
-            return mcmc.TargetEval(
-                score, log_prob, velocity / problem.total_weight, log_rate, tie_log_prob
-            )
-
-        return evaluate
-
-    return at
-
-
-def _weighted_sum(weights: Sequence[Tensor | float], terms: Sequence[Tensor]) -> Tensor:
-    """Σ_i w_i·t_i (weights: masks of shape S, or scalars)."""
-    return functools.reduce(operator.add, (w * t for w, t in zip(weights, terms, strict=True)))
-
-
-def _propose(problem: _Problem, x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+def _propose(problem: Problem, x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
     """Constraint experts' proposals and projections at σ, in factor order."""
     for b in problem.proposers:
         sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
@@ -687,12 +457,9 @@ def _propose(problem: _Problem, x: Tensor, sigma: float, generator: torch.Genera
     return x
 
 
-Potential = Callable[[Tensor], Tensor]  # x̂_0 (N, *S) → φ (N,) float64 at one level
-
-
 def _mcmc(
     settings: SamplerSettings,
-    problem: _Problem,
+    problem: Problem,
     x: Tensor,
     here: mcmc.TargetEval,
     target: mcmc.Target,
@@ -766,73 +533,6 @@ def _kernel_step(
             return x, here, None, momentum
 
 
-def _level_potential(
-    problem: _Problem, calls: ExpertCalls, k: int, sigma: float, penalty: float, scale: float
-) -> Potential:
-    """φ_k(x̂_0) = s_k·Σ_j λ_j r_j(x̂_0) + constraint terms, for the potential stage."""
-
-    def phi(x0: Tensor) -> Tensor:
-        rewards, constraints = _potentials(problem, calls, x0, k, sigma, penalty)
-        return scale * rewards + constraints
-
-    return phi
-
-
-def _penalty(settings: SamplerSettings, k: int, num_levels: int) -> float:
-    """What a violated hard constraint costs at level k: −inf at the last level only."""
-    if k == num_levels - 1:
-        return math.inf
-    return settings.constraint_penalty * (k + 1) / num_levels
-
-
-def _potentials(
-    problem: _Problem, calls: ExpertCalls, x0: Tensor, step: int, sigma: float, penalty: float
-) -> tuple[Tensor, Tensor]:
-    """(Σ_j λ_j·r_j(x̂_0), Σ_c w_c·log C_c(x̂_0)), each ``(N,)`` float64; a violated hard
-    constraint (−inf) counts −``penalty``."""
-    n = x0.shape[0]
-    rewards = torch.zeros(n, dtype=torch.float64)
-    constraints = torch.zeros(n, dtype=torch.float64)
-    for b, value in zip(problem.potentials, _potential_values(problem, calls, x0), strict=True):
-        value = value.detach().to("cpu", torch.float64)
-        if torch.isnan(value).any() or torch.isposinf(value).any():
-            raise ValueError(
-                f"expert {b.name!r}: log_potential returned NaN or +inf at level {step} "
-                f"(sigma={sigma:.4g})"
-            )
-        if b.info.kind == ExpertKind.DISCRIMINATIVE:
-            rewards += b.factor.weight * value
-        else:
-            violated = torch.full_like(value, -penalty)
-            constraints += torch.where(torch.isneginf(value), violated, b.factor.weight * value)
-    return rewards, constraints
-
-
-def _potential_values(problem: _Problem, calls: ExpertCalls, x0: Tensor) -> list[Tensor]:
-    """Each potential's ``log_potential``, in factor order: of x̂_0, or for pixel-input
-    experts of its pixels, decoded once and shared by all of them."""
-    pixels = None if problem.pixels is None else _decode_pixels(problem.pixels, calls, x0)
-    jobs = [
-        Call(b, "log_potential", pixels if b.info.pixel_input else x0, per_sample_output=True)
-        for b in problem.potentials
-    ]
-    return calls.run(jobs)
-
-
-def _decode_pixels(source: PixelSource, calls: ExpertCalls, x0: Tensor) -> Tensor:
-    """pixels = clamp((D(x̂_0) + 1)/2, 0, 1), D the decoder ([-1, 1] out; identity in pixel
-    space), shape (N, C, H, W) or (N, C, F, H, W)."""
-    decoded = x0
-    if source.decoder is not None:
-        decoded = calls.run([Call(source.decoder, "decode", x0, any_sample_shape=True)])[0]
-        if decoded.ndim not in (4, 5) or not torch.isfinite(decoded).all():
-            raise ValueError(
-                f"expert {source.decoder.name!r}: decode() returned shape {tuple(decoded.shape)} "
-                "or non-finite pixels; expected finite (N, C, H, W) or (N, C, F, H, W)"
-            )
-    return ((decoded + 1) / 2).clamp(0, 1)
-
-
 def _scale(
     settings: SamplerSettings,
     scales: list[float],
@@ -853,24 +553,6 @@ def _scale(
     return adaptive_scale(log_w_at, scale_prev, settings.tempering_ess)
 
 
-def _check_alive(
-    problem: _Problem, calls: ExpertCalls, log_w: Tensor, x0: Tensor, step: int, sigma: float
-) -> None:
-    """Raise naming the level and the factor that killed the last particles."""
-    if not torch.isneginf(log_w).all():
-        return
-    deaths = {
-        b.name: int(torch.isneginf(v).sum())
-        for b, v in zip(problem.potentials, _potential_values(problem, calls, x0), strict=True)
-    }
-    culprits = [name for name, d in sorted(deaths.items(), key=lambda kv: -kv[1]) if d > 0]
-    detail = ", ".join(f"{name!r} ({deaths[name]} of {x0.shape[0]})" for name in culprits)
-    raise AllParticlesDiedError(
-        f"every particle has zero weight at level {step} (sigma={sigma:.4g}); "
-        f"violated by: {detail or 'no single factor (weights underflowed)'}"
-    )
-
-
 def _spread(log_w: Tensor) -> float:
     finite = log_w[torch.isfinite(log_w)]
     return float(finite.max() - finite.min()) if finite.numel() else math.nan
@@ -884,7 +566,7 @@ def _best(potential: Tensor, log_w: Tensor) -> int:
     return int(torch.argmax(torch.where(top, log_w, torch.full_like(log_w, -torch.inf))))
 
 
-def _records(problem: _Problem) -> tuple[ExpertRecord, ...]:
+def _records(problem: Problem) -> tuple[ExpertRecord, ...]:
     return tuple(
         ExpertRecord(b.name, str(b.info.kind), b.info.model_id, b.info.revision)
         for b in (*problem.generative, *problem.ties, *problem.potentials)

@@ -91,8 +91,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import Capability
+from poegen.kernel.potentials import AllParticlesDiedError
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
-from poegen.kernel.sampler import AllParticlesDiedError, LevelTrace, SampleResult, sample_iter
+from poegen.kernel.sampler import LevelTrace, SampleResult, sample_iter
 from poegen.kernel.spec import Factor, SamplerSettings
 from poegen.kernel.transport import (
     DEFAULT_MAX_MESSAGE_BYTES,

@@ -107,7 +107,7 @@ class SamplerSettings(BaseModel):
     step_size: float = Field(1.0, gt=0, description="step-size scale c")
     step_rule: Literal["sigma2", "constant"] = "sigma2"
     adapt_step_size: bool = Field(
-        True, description="MALA/HMC: adapt c level by level toward the optimal acceptance"
+        False, description="MALA/HMC: adapt c level by level toward the optimal acceptance"
     )
     leapfrog_steps: int = Field(3, ge=1)
     damping: float = Field(0.5, ge=0, lt=1, description="momentum persistence of UHMC")

@@ -1,0 +1,193 @@
+"""One run's problem: the factors validated against each other and the settings, split by kind.
+
+:func:`build_problem` binds each :class:`~poegen.kernel.spec.Factor` to its expert's
+description, checks names, latent spaces, regions, weights and what the chosen kernel and
+transition need (``ValueError``/``TypeError`` naming the field), and returns a frozen
+:class:`Problem`: the generative factors with their masks w_i·m_i and the per-coordinate total
+B = Σ_i w_i·m_i, the potentials (discriminative and constraint), the proposers, the scored
+constraints ("ties") and how pixel-input potentials see x̂_0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from poegen.kernel.calls import BoundFactor
+from poegen.kernel.experts import Capability, ExpertKind, check_expert
+from poegen.kernel.schedule import checked_grid, sigmas_for
+from poegen.kernel.spec import Factor, SamplerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The validated factors of one run, split by kind, with their masks."""
+
+    generative: tuple[BoundFactor, ...]
+    potentials: tuple[BoundFactor, ...]  # discriminative and constraint
+    proposers: tuple[BoundFactor, ...]
+    ties: tuple[BoundFactor, ...]  # constraints with an exact noised score: inside π_σ
+    masks: tuple[Tensor, ...]  # w_i·m_i per generative factor, shape S
+    total_weight: Tensor  # W(c), shape S
+    needs_log_prob: bool
+    needs_score: bool  # only MCMC moves read the score (and the ties' scores)
+    pixels: PixelSource | None = None  # how pixel-input potentials see x̂_0; None: none of them
+
+
+@dataclass(frozen=True, slots=True)
+class PixelSource:
+    """Where pixel-input potentials get their pixels: the decoder of the generative experts'
+    latent space (an expert with ``AUTOENCODER``), or ``None`` for pixel-space experts."""
+
+    decoder: BoundFactor | None
+
+
+def check_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in sample_shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"sample_shape: needs positive dimensions, got {tuple(sample_shape)}")
+    return shape
+
+
+def noise_grid(settings: SamplerSettings, problem: Problem, shape: tuple[int, ...]) -> Tensor:
+    """The settings' grid, or with ``schedule="expert"`` the first generative expert's own."""
+    if settings.sigmas is not None or settings.schedule != "expert":
+        return sigmas_for(settings)
+    for b in problem.generative:
+        if b.info.supports(Capability.SCHEDULE):
+            levels = b.factor.expert.schedule(settings.num_steps, shape)  # type: ignore[attr-defined]
+            return checked_grid(levels, settings.num_steps, f"expert {b.name!r}")
+    raise ValueError("schedule: 'expert' needs a generative expert that answers schedule()")
+
+
+def build_problem(
+    factors: Sequence[Factor],
+    shape: tuple[int, ...],
+    settings: SamplerSettings,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Problem:
+    """Validate the factors against each other and the settings; split them by kind."""
+    bound = [_bind(i, f, shape) for i, f in enumerate(factors)]
+    names = [b.name for b in bound]
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if names.count(x) > 1})
+        raise ValueError(f"factors: duplicate factor names {dup}; give each a distinct name=")
+    generative = tuple(b for b in bound if b.info.kind == ExpertKind.GENERATIVE)
+    if not generative:
+        raise ValueError("factors: at least one generative expert is needed")
+    spaces = {b.info.latent_space for b in generative if b.info.latent_space}
+    if len(spaces) > 1:
+        raise ValueError(
+            f"factors: generative experts must share one latent space, got {sorted(spaces)}"
+        )
+    masks = tuple(_mask(b, shape, dtype, device) for b in generative)
+    total = torch.stack(masks).sum(0)
+    if (total <= 0).any():
+        raise ValueError(
+            "factors: every coordinate needs a positive total generative weight Σ w_i·m_i; "
+            f"{int((total <= 0).sum())} coordinates have none (check regions and weights)"
+        )
+    needs_log_prob = settings.mcmc in ("mala", "hmc") and settings.mcmc_steps > 0
+    for b in generative:
+        if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
+            raise ValueError(
+                f"mcmc: {settings.mcmc!r} needs log_prob from every generative expert; "
+                f"{b.name!r} gives none (use 'ula' or 'uhmc')"
+            )
+        if needs_log_prob and b.factor.region is not None:
+            raise ValueError(f"mcmc: {settings.mcmc!r} cannot use the regional expert {b.name!r}")
+    for b in bound:
+        if b.info.kind == ExpertKind.CONSTRAINT and b.factor.weight <= 0:
+            raise ValueError(f"weight: constraint {b.name!r} needs a positive weight")
+    ties = tuple(
+        b
+        for b in bound
+        if b.info.kind == ExpertKind.CONSTRAINT and b.info.supports(Capability.SCORE)
+    )
+    for b in ties:
+        if settings.transition == "fk" and not b.info.supports(Capability.LOG_PROB):
+            raise ValueError(
+                f"transition: 'fk' weighs the scored constraint {b.name!r} by its log_prob, "
+                "which it does not give (use transition='euler')"
+            )
+        if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
+            raise ValueError(
+                f"mcmc: {settings.mcmc!r} needs log_prob from the scored constraint {b.name!r}, "
+                "which gives none (use 'ula' or 'uhmc')"
+            )
+    potentials = tuple(b for b in bound if b.info.kind != ExpertKind.GENERATIVE and b not in ties)
+    proposers = tuple(
+        b
+        for b in bound
+        if b.info.kind != ExpertKind.GENERATIVE
+        and (b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT))
+    )
+    pixels = _pixel_source(generative, potentials, shape)
+    needs_score = settings.mcmc_steps > 0  # the FK step forms its own score from V
+    return Problem(
+        generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels
+    )
+
+
+def _pixel_source(
+    generative: tuple[BoundFactor, ...], potentials: tuple[BoundFactor, ...], shape: tuple[int, ...]
+) -> PixelSource | None:
+    """How pixel-input potentials will see x̂_0; ``ValueError`` when they cannot.
+
+    All generative experts must name the same latent space (unnamed counts as a name). The
+    first of them with an autoencoder decodes; with none, the space must be pixels in [-1, 1]
+    (unnamed, or named ``pixels…``) of shape (C, H, W) or (C, F, H, W).
+    """
+    readers = [b.name for b in potentials if b.info.pixel_input]
+    if not readers:
+        return None
+    spaces = sorted({b.info.latent_space for b in generative})
+    if len(spaces) > 1:
+        raise ValueError(
+            f"factors: pixel-input expert {readers[0]!r} needs one latent space to decode, but "
+            f"the generative experts have {spaces}"
+        )
+    for b in generative:
+        if b.info.supports(Capability.AUTOENCODER):
+            return PixelSource(b)
+    if spaces[0] and not spaces[0].startswith("pixels"):
+        raise ValueError(
+            f"factors: pixel-input expert {readers[0]!r} needs pixels, but no generative expert "
+            f"of latent space {spaces[0]!r} has an autoencoder to decode x̂_0"
+        )
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"factors: pixel-input expert {readers[0]!r} needs pixels, but the samples {shape} "
+            "are neither (C, H, W) nor (C, F, H, W) and no generative expert decodes them"
+        )
+    return PixelSource(None)
+
+
+def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
+    if not isinstance(factor, Factor):
+        raise TypeError(f"factors[{index}]: expected Factor, got {type(factor).__name__}")
+    info = check_expert(factor.expert)
+    if info.sample_shape is not None and tuple(info.sample_shape) != shape:
+        raise ValueError(
+            f"sample_shape: {shape} does not match expert {info.name!r}'s {info.sample_shape}"
+        )
+    if factor.region is not None and info.kind != ExpertKind.GENERATIVE:
+        raise ValueError(f"factors[{index}].region: only generative experts take a region")
+    return BoundFactor(factor, info, factor.name or info.name)
+
+
+def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """w_i·m_i over the sample shape (m_i = 1 without a region)."""
+    region = b.factor.region
+    if region is None:
+        return torch.full(shape, b.factor.weight, dtype=dtype, device=device)
+    region = torch.as_tensor(region, dtype=dtype, device=device)
+    if tuple(region.shape) != shape:
+        raise ValueError(f"region: factor {b.name!r} has shape {tuple(region.shape)}, not {shape}")
+    if not torch.isfinite(region).all() or (region < 0).any() or (region > 1).any():
+        raise ValueError(f"region: factor {b.name!r} needs values in [0, 1]")
+    return b.factor.weight * region
