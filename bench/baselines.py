@@ -42,7 +42,7 @@ from torch import Tensor
 
 from poegen.bench import metrics
 from poegen.bench.tasks import Task
-from poegen.kernel import Factor, SamplerSettings, sample
+from poegen.kernel import Capability, ExpertKind, Factor, SamplerSettings, sample
 from poegen.kernel.schedule import sigmas_for
 
 METHODS = ("poegen", "euler", "summation", "best_of_k", "fk")
@@ -86,25 +86,48 @@ def num_transitions(settings: SamplerSettings) -> int:
     return sum(1 for s in sigmas_for(settings).tolist() if s > 0) - 1
 
 
-def cost_per_particle(settings: SamplerSettings, generative: int, potentials: int) -> int:
-    """Evaluations per particle of one kernel run: G·(1 + L(1 + M)) + P·L·(1 + M'), where
-    M' = M when the moves see the potentials (``mcmc_rewards``), else 0."""
-    levels = num_transitions(settings)
-    moves_see_potentials = settings.mcmc_rewards and potentials > 0
-    potential_calls = 1 + (settings.mcmc_steps if moves_see_potentials else 0)
+def cost_per_particle(
+    settings: SamplerSettings, generative: int, potentials: int, ties: int = 0
+) -> int:
+    """Evaluations per particle of one kernel run.
+
+    The target is evaluated E = 1 + L + K·M times (once at σ = 1, after each of the L
+    transitions, after each of the M moves at each of the K levels; K = L, or 1 for a one-step
+    grid). Each generative expert answers every evaluation; each scored constraint (tie) gives
+    its score at every evaluation when there are moves and its log-density at every evaluation
+    under FK; each other potential is called once per level and once per move when the moves
+    see it (``mcmc_rewards``)::
+
+        G·E + T·E·([M > 0] + [FK]) + P·K·(1 + M')
+    """
+    transitions = num_transitions(settings)
+    levels = max(transitions, 1)
+    moves = settings.mcmc_steps
+    evaluations = 1 + transitions + levels * moves
+    moves_see_potentials = settings.mcmc_rewards and potentials > 0 and moves > 0
+    potential_calls = 1 + (moves if moves_see_potentials else 0)
+    tie_reads = (moves > 0) + (settings.transition == "fk")
     return (
-        generative * (1 + levels * (1 + settings.mcmc_steps))
+        generative * evaluations
+        + ties * evaluations * tie_reads
         + potentials * levels * potential_calls
     )
+
+
+def factor_counts(task: Task, factors: tuple[Factor, ...] | None = None) -> tuple[int, int, int]:
+    """(G, P, T): generative experts, potentials (rewards and constraints that are not ties),
+    and scored constraints (ties) among ``factors`` (default: the task's)."""
+    factors = task.factors if factors is None else factors
+    kinds = [f.expert.describe() for f in factors]
+    generative = sum(k.kind == ExpertKind.GENERATIVE for k in kinds)
+    ties = sum(k.kind == ExpertKind.CONSTRAINT and k.supports(Capability.SCORE) for k in kinds)
+    return generative, len(kinds) - generative - ties, ties
 
 
 def budget(task: Task, settings: SamplerSettings | None = None) -> int:
     """poegen's total evaluations on ``task``."""
     settings = settings or task.settings
-    per = cost_per_particle(
-        settings, len(task.generative), len(task.factors) - len(task.generative)
-    )
-    return settings.num_particles * per
+    return settings.num_particles * cost_per_particle(settings, *factor_counts(task))
 
 
 def evaluations(result) -> dict[str, int]:
@@ -123,9 +146,12 @@ def _sample(factors: tuple[Factor, ...], task: Task, settings: SamplerSettings, 
     )
 
 
-def _checked(result, task: Task, settings: SamplerSettings, potentials: int) -> dict[str, int]:
+def _checked(
+    result, task: Task, settings: SamplerSettings, factors: tuple[Factor, ...] | None = None
+) -> dict[str, int]:
     got = evaluations(result)
-    want = settings.num_particles * cost_per_particle(settings, len(task.generative), potentials)
+    counts = factor_counts(task, factors)
+    want = settings.num_particles * cost_per_particle(settings, *counts)
     if sum(got.values()) != want:
         raise RuntimeError(f"budget accounting: trace has {got}, expected {want} in total")
     return got
@@ -138,14 +164,13 @@ def run_poegen(
     start = time.perf_counter()
     result = _sample(task.factors, task, settings, seed, dtype)
     seconds = time.perf_counter() - start
-    potentials = len(task.factors) - len(task.generative)
     return Run(
         "poegen",
         result.particles,
         result.log_weights,
         result.log_evidence,
         result.best,
-        _checked(result, task, settings, potentials),
+        _checked(result, task, settings),
         settings.num_particles,
         seconds,
         settings.transition == "fk",
@@ -171,7 +196,7 @@ def run_summation(task: Task, seed: int, total: int, *, dtype=torch.float64) -> 
         None,
         math.nan,
         None,
-        _checked(result, task, settings, 0),
+        _checked(result, task, settings, task.generative),
         n,
         seconds,
     )
@@ -202,7 +227,7 @@ def run_best_of_k(
     groups = score.reshape(n // k, k)
     keep = torch.arange(n // k) * k + groups.argmax(1)
     seconds = time.perf_counter() - start
-    calls = _checked(result, task, settings, 0)
+    calls = _checked(result, task, settings, task.generative)
     calls |= {f.name or f.expert.describe().name: n for f in potentials}
     chosen = draws[keep]
     return Run(
@@ -247,9 +272,8 @@ def fk_settings(task: Task, num_particles: int) -> SamplerSettings:
 
 def run_fk(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
     """FK steering (diff potential, multinomial, ESS < ½, no MCMC) at the same budget."""
-    potentials = len(task.factors) - len(task.generative)
     probe = fk_settings(task, 1)
-    n = _particles_for(total, cost_per_particle(probe, len(task.generative), potentials))
+    n = _particles_for(total, cost_per_particle(probe, *factor_counts(task)))
     settings = fk_settings(task, n)
     start = time.perf_counter()
     result = _sample(task.factors, task, settings, seed, dtype)
@@ -260,7 +284,7 @@ def run_fk(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
         result.log_weights,
         result.log_evidence,
         result.best,
-        _checked(result, task, settings, potentials),
+        _checked(result, task, settings),
         n,
         seconds,
         settings.transition == "fk",

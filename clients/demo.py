@@ -107,7 +107,7 @@ def remote_runner(client: Any, log: Callable[[str], None]) -> Callable[..., Any]
             factors, settings = task.factors, task.settings
         elif method == "summation":
             factors = task.generative
-            base = task.settings.model_copy(update={"mcmc_steps": 0})
+            base = baselines.model_sampler(task.settings)
             n = max(1, total // baselines.cost_per_particle(base, len(factors), 0))
             settings = base.model_copy(update={"num_particles": n})
         else:  # not applicable to T1 (no rewards); run in-process as the bench does
