@@ -45,7 +45,7 @@ from poegen.bench.tasks import Task
 from poegen.kernel import Capability, ExpertKind, Factor, SamplerSettings, sample
 from poegen.kernel.schedule import sigmas_for
 
-METHODS = ("poegen", "euler", "summation", "best_of_k", "fk")
+METHODS = ("poegen", "fk_transition", "summation", "best_of_k", "fk")
 BEST_OF_K = 4
 
 
@@ -291,16 +291,17 @@ def run_fk(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
     )
 
 
-def run_euler(task: Task, seed: int, *, dtype=torch.float64) -> Run:
-    """poegen's sampler before the FK transition: Euler on the averaged velocity, the same
-    moves, weights and budget (the transition is the only difference)."""
-    settings = task.settings.model_copy(update={"transition": "euler"})
-    return dataclasses.replace(run_poegen(task, seed, settings, dtype=dtype), method="euler")
+def run_fk_transition(task: Task, seed: int, *, dtype=torch.float64) -> Run:
+    """poegen with the FK transition instead of Euler: the same moves, weights and budget (the
+    corrector weights cost no call; the transition is the only difference)."""
+    settings = task.settings.model_copy(update={"transition": "fk"})
+    run = run_poegen(task, seed, settings, dtype=dtype)
+    return dataclasses.replace(run, method="fk_transition")
 
 
 def applicable(task: Task) -> tuple[str, ...]:
-    """Methods that differ on this task: without potentials, best-of-k and FK are undefined;
-    without a product (one generative expert at weight 1) Euler is poegen with γ = 0."""
+    """Methods that differ on this task: without potentials, best-of-k and FK steering are
+    undefined."""
     methods = METHODS
     if not (task.rewards or task.constraints):
         methods = tuple(m for m in methods if m not in ("best_of_k", "fk"))
@@ -311,8 +312,8 @@ def run(method: str, task: Task, seed: int, total: int, *, dtype=torch.float64) 
     match method:
         case "poegen":
             return run_poegen(task, seed, dtype=dtype)
-        case "euler":
-            return run_euler(task, seed, dtype=dtype)
+        case "fk_transition":
+            return run_fk_transition(task, seed, dtype=dtype)
         case "summation":
             return run_summation(task, seed, total, dtype=dtype)
         case "best_of_k":

@@ -121,8 +121,8 @@ def test_product_of_two_gaussians_euler_needs_the_mcmc_fk_does_not(mcmc_steps):
     the step's small noise, so the weights alone are tested, to their Monte Carlo error."""
     factors = [Factor(gaussian([0.0, 0.0], name="a")), Factor(gaussian([2.0, 2.0], name="b"))]
     common = dict(num_particles=4000, num_steps=40, mcmc_steps=mcmc_steps, schedule="linear")
-    euler = weighted_moments(run(factors, transition="euler", **common))
-    fk_settings = common | ({} if mcmc_steps else {"ess_threshold": 0.0})
+    euler = weighted_moments(run(factors, **common))
+    fk_settings = common | {"transition": "fk"} | ({} if mcmc_steps else {"ess_threshold": 0.0})
     fk = run(factors, **fk_settings)
     ess = float(1 / fk.weights.square().sum())
     moments = [(weighted_moments(fk), 4 * math.sqrt(0.5 / ess) + 0.01)]

@@ -70,7 +70,7 @@ class ScoreOnly(MaskedTarget):
 
 
 def test_fk_refuses_a_scored_constraint_without_its_log_density() -> None:
-    settings = SamplerSettings(num_particles=4, num_steps=5, mcmc="ula")
+    settings = SamplerSettings(num_particles=4, num_steps=5, mcmc="ula", transition="fk")
     tie = ScoreOnly([REF, 0.0], [1.0, 0.0], W, propose=False)
     factors = [Factor(_prior()), Factor(tie)]
     with pytest.raises(ValueError, match="transition: 'fk' weighs the scored constraint"):

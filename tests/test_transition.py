@@ -120,7 +120,7 @@ def test_fk_sampler_reaches_the_product_and_its_normaliser(weights):
     a, b = gaussian_1d(1.0, 0.25, "a"), gaussian_1d(-1.0, 1.0, "b")
     factors = [Factor(a, weight=weights[0]), Factor(b, weight=weights[1])]
     target = exact_target(factors)
-    settings = SamplerSettings(num_particles=20_000, num_steps=200, mcmc_steps=0)
+    settings = SamplerSettings(num_particles=20_000, num_steps=200, mcmc_steps=0, transition="fk")
     result = sample(factors, (1,), settings, generator=torch.Generator().manual_seed(1), dtype=F64)
     mean, var, ess = _weighted_moments(result.particles[:, 0], result.log_weights)
     exact_var = float(target.covariance.reshape(()))
@@ -132,7 +132,7 @@ def test_fk_sampler_reaches_the_product_and_its_normaliser(weights):
 def test_one_expert_at_weight_one_has_no_corrector_weight():
     """β = 1: A ≡ 0, so the weights stay equal and nothing is ever resampled."""
     a = gaussian_1d(1.0, 0.25, "a")
-    settings = SamplerSettings(num_particles=64, num_steps=10, mcmc_steps=0)
+    settings = SamplerSettings(num_particles=64, num_steps=10, mcmc_steps=0, transition="fk")
     result = sample(
         [Factor(a)], (1,), settings, generator=torch.Generator().manual_seed(0), dtype=F64
     )
@@ -144,7 +144,7 @@ def test_noise_free_fk_with_one_expert_is_euler():
     """γ = 0, β = 1: the FK step is the Euler step on the expert's velocity."""
     a = gaussian_1d(1.0, 0.25, "a")
     common = dict(num_particles=16, num_steps=12, mcmc_steps=0)
-    fk_run = sample([Factor(a)], (1,), SamplerSettings(sde_noise=0, **common),
+    fk_run = sample([Factor(a)], (1,), SamplerSettings(transition="fk", sde_noise=0, **common),
                     generator=torch.Generator().manual_seed(0), dtype=F64)  # fmt: skip
     euler = sample([Factor(a)], (1,), SamplerSettings(transition="euler", **common),
                    generator=torch.Generator().manual_seed(0), dtype=F64)  # fmt: skip
@@ -154,7 +154,7 @@ def test_noise_free_fk_with_one_expert_is_euler():
 def test_one_step_runs_are_one_euler_step_to_zero():
     """num_steps = 1 (distilled one-step models): x̂_0 = x − v(x, 1), one level in the trace."""
     a = gaussian_1d(1.0, 0.25, "a")
-    settings = SamplerSettings(num_particles=8, num_steps=1, mcmc_steps=0)
+    settings = SamplerSettings(num_particles=8, num_steps=1, mcmc_steps=0, transition="fk")
     result = sample(
         [Factor(a)], (1,), settings, generator=torch.Generator().manual_seed(0), dtype=F64
     )
