@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from poegen.bench import baselines, metrics
+from poegen.bench import baselines, metrics, provenance
 from poegen.bench.tasks import Task, build, task_names
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -304,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("--seeds: must be at least 1")
         config = dataclasses.replace(config, seeds=args.seeds)
     names = task_names(args.tasks)
+    origin = provenance.stamp("accuracy")
     started = time.perf_counter()
     results = run_suite(names, config)
     elapsed = time.perf_counter() - started
@@ -312,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or RESULTS / ("accuracy_quick.json" if config.quick else "accuracy.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
+        "provenance": origin,
         "config": dataclasses.asdict(config),
         "threads": args.threads,
         "seconds": elapsed,

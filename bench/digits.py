@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poegen.bench import baselines
+from poegen.bench import baselines, provenance
 from poegen.expert_servers.digits import compose
 from poegen.kernel import ExpertKind, Factor, SamplerSettings
 
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": args.threads, "processor": platform.processor() or platform.machine()},
     }  # fmt: skip
+    results["provenance"] = provenance.stamp("digits")
     s = compose.settings(scale)
     results["reward"] = bench_reward(experts, s["reward"], args.seed)
     print(table({**results, "product": {}, "completion": {}}), flush=True)

@@ -1,0 +1,55 @@
+"""Where a benchmark result comes from: the commit of the code it measured.
+
+A result JSON carries ``provenance = {"commit", "dirty", "measures"}``, taken when the run
+starts: the commit checked out, whether the measured paths had uncommitted changes, and the
+paths whose code decides the figures. ``tests/test_bench_results.py`` fails when a committed
+result is older than that code (any change to ``measures`` between ``commit`` and HEAD), so a
+figure quoted from ``bench/results/`` always describes the code beside it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# the code each benchmark's figures depend on (not its printing or file handling)
+MEASURES: dict[str, tuple[str, ...]] = {
+    "accuracy": (
+        "kernel",
+        "expert_servers/analytic",
+        "bench/baselines.py",
+        "bench/metrics.py",
+        "bench/tasks.py",
+    ),
+    "digits": (
+        "kernel",
+        "expert_servers/digits",
+        "expert_servers/flow",
+        "expert_servers/classifier",
+        "bench/baselines.py",
+        "bench/metrics.py",
+    ),
+}
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout.strip()
+
+
+def stamp(benchmark: str) -> dict[str, object]:
+    """The provenance of a run of ``benchmark`` (a key of :data:`MEASURES`), taken now."""
+    measures = list(MEASURES[benchmark])
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--", *measures))
+    return {"commit": commit, "dirty": dirty, "measures": measures}
+
+
+def changed_since(commit: str, measures: list[str]) -> list[str]:
+    """Files under ``measures`` that differ between ``commit`` and the working tree's HEAD."""
+    out = _git("diff", "--name-only", commit, "HEAD", "--", *measures)
+    return [line for line in out.splitlines() if line]
