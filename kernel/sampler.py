@@ -227,8 +227,7 @@ def sample_iter(
         trace = []
         for k, (sigma_prev, sigma) in enumerate(levels):
             started = time.perf_counter()
-            state = run.transition(state, sigma_prev, sigma, generator)
-            state = run.propose(state, sigma, generator)
+            state = run.transition(state, sigma_prev, sigma, generator)  # and proposals
             if not run.moves_see_potentials:  # path bookkeeping: move first, weigh after
                 state = run.move(state, k, sigma, generator, with_potential=False)
             state, weighed = run.reweight(state, k, sigma)
@@ -306,7 +305,8 @@ class _Weighed:
 
 @dataclass(frozen=True, slots=True)
 class _Run:
-    """The named steps of one run; each takes a :class:`_State` and returns a new one."""
+    """The named steps of one run (transition with proposals, move, reweight, resample,
+    summary); each takes a :class:`_State` and returns a new one."""
 
     settings: SamplerSettings
     problem: Problem
@@ -342,32 +342,31 @@ class _Run:
 
     def transition(self, state: _State, sigma_prev: float | None, sigma: float,
                    generator: torch.Generator) -> _State:  # fmt: skip
-        """σ_{k−1} → σ_k: the FK step (1) with its trapezoid weight, or Euler on v̄."""
-        if sigma_prev is None:
-            return dataclasses.replace(state, fk_increment=None, resampled=False)
+        """σ_{k−1} → σ_k: the FK step (1) with its trapezoid weight, or Euler on v̄; then the
+        constraint experts' proposals and projections at σ_k, and one evaluation of π_σ_k
+        where the particles land (proposals are not weighed)."""
+        reset = dict(fk_increment=None, resampled=False, acceptance=math.nan)
         here = state.here
+        if sigma_prev is None:  # a one-step grid: no transport, only the proposals
+            if not self.problem.proposers:
+                return dataclasses.replace(state, **reset)
+            x = _propose(self.problem, state.x, sigma, generator)
+            return dataclasses.replace(state, x=x, here=self.target_at(sigma)(x), **reset)
         if self.fk:
             total = self.problem.total_weight
             x = transition.fk_step(state.x, sigma_prev, sigma, here.velocity * total, total,
                                    self.settings.sde_noise, generator=generator)  # fmt: skip
         else:
             x = euler_step(state.x, sigma_prev, sigma, here.velocity)
+        x = _propose(self.problem, x, sigma, generator)
         there = self.target_at(sigma)(x)
-        increment = None
         if self.fk:
             increment = transition.fk_log_increment(here.log_rate, there.log_rate,
                                                     sigma_prev, sigma)  # fmt: skip
             if there.tie_log_prob is not None:  # ties: w_c·(log q_c,σ'(x') − log q_c,σ(x))
                 increment = increment + there.tie_log_prob - here.tie_log_prob
-        return dataclasses.replace(state, x=x, here=there, fk_increment=increment,
-                                   resampled=False, acceptance=math.nan)  # fmt: skip
-
-    def propose(self, state: _State, sigma: float, generator: torch.Generator) -> _State:
-        """Constraint experts' proposals and projections (re-evaluating π_σ if any moved)."""
-        if not self.problem.proposers:
-            return state
-        x = _propose(self.problem, state.x, sigma, generator)
-        return dataclasses.replace(state, x=x, here=self.target_at(sigma)(x))
+            reset["fk_increment"] = increment
+        return dataclasses.replace(state, x=x, here=there, **reset)
 
     def move(self, state: _State, k: int, sigma: float, generator: torch.Generator, *,
              with_potential: bool) -> _State:  # fmt: skip
