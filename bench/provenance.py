@@ -2,7 +2,7 @@
 
 A result JSON carries ``provenance = {"commit", "dirty", "measures"}``, taken when the run
 starts: the commit checked out, whether the measured paths had uncommitted changes, and the
-paths whose code decides the figures. ``tests/test_bench_results.py`` fails when a committed
+paths whose code decides the figures. ``tests/bench/test_bench_results.py`` fails when a committed
 result is older than that code (any change to ``measures`` between ``commit`` and HEAD), so a
 figure quoted from ``bench/results/`` always describes the code beside it.
 """

@@ -3,7 +3,7 @@
 Run ``.venv/bin/python bench/reward.py`` (``--quick`` for a smoke run, ``--no-vllm`` to skip
 the vLLM backends). It prints two tables and writes ``bench/results/reward.json``.
 
-What it measures, in one run, on tiny random-weight models (``tests/vlm_fixtures.py``; nothing
+What it measures, in one run, on tiny random-weight models (``tests/helpers/vlm_models.py``; nothing
 is downloaded, so the figures are the adapters' and frameworks' overhead around small
 forwards, not a real VLM's speed):
 
@@ -51,7 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tiny-model builders live with the tests
 
-import vlm_fixtures as fx  # noqa: E402
+from helpers import vlm_models as fx  # noqa: E402
 
 from poegen.expert_servers.server.adapter import Condition, ModelRef  # noqa: E402
 
@@ -205,7 +205,7 @@ def _free_port() -> int:
 
 def level_ratios(root: Path, levels: int) -> dict[str, Any]:
     """Per level: reward seconds / generative seconds in a tiny flow × VLM run."""
-    from flow_fixtures import build_unet
+    from helpers.flow_models import build_unet
 
     from poegen.expert_servers.flow import FlowAdapter
     from poegen.expert_servers.vlm import VLMAdapter

@@ -1,0 +1,141 @@
+"""LocalStack and ``poegen up``: real processes, health, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers.stack import BAR, MIX, REPO, alive, wait_gone
+
+from poegen.clients.endpoints import health
+from poegen.clients.files import SpecError
+from poegen.clients.stack import LocalStack, StackError, group_members
+
+
+def _write_stack(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "stack.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _small_stack(tmp_path: Path, *, two_experts: bool = False) -> Path:
+    """An expert from a file (relative to the stack file), maybe one inline, and a Sampler."""
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "experts" / "mix.yaml").write_text(
+        yaml.safe_dump({"expert": "gaussian_mixture", "params": MIX})
+    )
+    experts: list[dict] = [{"name": "mix", "config": "experts/mix.yaml"}]
+    if two_experts:
+        experts.append({"name": "bar", "expert": "gaussian_mixture", "params": BAR})
+    return _write_stack(tmp_path, {"experts": experts, "sampler": {"max_jobs": 1}})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_up_serves_then_a_signal_stops_every_process(tmp_path: Path, sig: int) -> None:
+    stack_file = _small_stack(tmp_path)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "poegen.clients.cli", "up", str(stack_file)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=0,  # like a shell job: Ctrl-C goes to this group only
+    )
+    try:
+        lines = []
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line.strip())
+            if line.startswith("poegen: stack up"):
+                break
+        rows = [re.fullmatch(r"(\S+)\s+(\S+)\s+pid (\d+)", line) for line in lines[:-1]]
+        assert all(rows), lines
+        processes = {m.group(1): (m.group(2), int(m.group(3))) for m in rows if m}
+        assert set(processes) == {"mix", "sampler"}
+        for address, pid in processes.values():
+            assert alive(pid)
+            assert health(address) == "SERVING"
+        os.killpg(up.pid, sig)  # the terminal's Ctrl-C, or a service manager's SIGTERM
+        assert up.wait(timeout=30) == 0
+        pids = [pid for _, pid in processes.values()]
+        assert wait_gone(pids, timeout=5) == []
+        assert all(group_members(pid) == [] for pid in pids)  # each child led its own group
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+@pytest.mark.slow  # a second line of defence; `poegen up` under SIGINT/SIGTERM is the main one
+def test_a_parent_killed_outright_leaves_no_orphan(tmp_path: Path) -> None:
+    """SIGKILL gives the parent no chance to stop the stack: the children notice and stop."""
+    stack_file = _small_stack(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import time
+        from poegen.clients.stack import LocalStack
+        stack = LocalStack.from_yaml({str(stack_file)!r})
+        stack.start()
+        print(" ".join(str(p.pid) for p in stack.processes), flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        parent.kill()
+        parent.wait()
+        assert wait_gone(pids, timeout=30) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_a_server_that_fails_to_start_is_named_with_its_error(tmp_path: Path) -> None:
+    stack = LocalStack.from_mapping(
+        {
+            "experts": [
+                {"name": "good", "expert": "gaussian_mixture", "params": MIX},
+                {"name": "broken", "expert": "no_such_expert"},
+            ],
+            "sampler": None,
+        }
+    )
+    with pytest.raises(StackError, match=r"broken exited with status 2[\s\S]*no_such_expert"):
+        stack.start()
+    assert stack.processes == []  # the good one was stopped too
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        (
+            {"experts": [{"name": "a", "expert": "x"}, {"name": "b", "port": 70000}]},
+            "experts[1].port",
+        ),
+        ({"experts": [{"name": "a", "expert": "x", "model": "m"}]}, "experts[0]"),
+        (
+            {"experts": [{"name": "a", "expert": "x"}], "sampler": {"max_jobs": 0}},
+            "sampler.max_jobs",
+        ),
+        ({"experts": [{"name": "-a", "expert": "x"}]}, "experts[0].name"),
+        ({"experts": [{"name": "a", "expert": "x"}], "extra": 1}, "extra"),
+    ],
+)
+def test_stack_file_errors_name_the_path(tmp_path: Path, data: dict, path: str) -> None:
+    with pytest.raises(SpecError) as error:
+        LocalStack.from_yaml(_write_stack(tmp_path, data))
+    assert any(p == path or p.startswith(path) for p in error.value.paths), error.value
+    assert str(tmp_path / "stack.yaml") in str(error.value)

@@ -1,0 +1,87 @@
+"""The physics constraint in a video latent space: a falling ball encoded by a tiny Wan VAE
+(4× in time, 8× in space), its mask pooled per latent frame, and the sampler with a tiny Wan
+expert keeping the ball's fully covered latent cells on the encoded simulation."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from poegen.expert_servers.flow import WanAdapter
+from poegen.expert_servers.physics import PhysicsAdapter
+from poegen.expert_servers.physics.latents import mask_to_sample
+from poegen.expert_servers.server import Condition, ModelRef
+from poegen.kernel.sampler import sample
+from poegen.kernel.spec import Factor, SamplerSettings
+
+SCENE = """
+objects:
+  - {name: ball, shape: sphere, size: [0.7], position: [0, 0, 1.4], colour: [0.9, 0.2, 0.1]}
+camera: {position: [0, -2.5, 1.3], look_at: [0, 0, 1.3], fov: 40}
+width: 32
+height: 32
+frames: 5
+fps: 24
+"""
+
+
+def _progress(fraction: float, message: str) -> None:
+    del fraction, message
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run 20–40× slower with two OpenMP threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def experts(flow_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("video-assets")
+    shutil.copytree(flow_models.path("wan"), root / "wan")
+    wan = WanAdapter().load(ModelRef("wan", root / "wan"), {}, _progress).expert
+    physics = (
+        PhysicsAdapter()
+        .load(ModelRef("assets", root), {"autoencoder": "wan:wan", "mask_mode": "all"}, _progress)
+        .expert
+    )
+    return wan, physics
+
+
+def test_video_target_is_the_wan_encoding_and_the_mask_pools_per_latent_frame(experts) -> None:
+    wan, physics = experts
+    view = physics.prepare(Condition(text=SCENE))
+    out = view.render()
+    pixels = (2 * out["rgb"] - 1).permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+    torch.testing.assert_close(out["target"], wan.encode(pixels)[0])
+    assert out["target"].shape == (16, 2, 4, 4)
+    expected = mask_to_sample(out["mask"][:, 0], (16, 2, 4, 4), "all")
+    assert torch.equal(out["target_mask"], expected)
+    # latent frame 1 pools pixel frames 1–4: a cell counts only if the ball covers it in all four
+    assert out["target_mask"][0, 0].sum() >= out["target_mask"][0, 1].sum() > 0
+
+
+def test_sampler_with_wan_keeps_the_simulated_ball(experts) -> None:
+    wan, physics = experts
+    view = physics.prepare(Condition(text=SCENE))
+    out = view.render()
+    prompt = wan.prepare(Condition(text="a ball falling"))
+    settings = SamplerSettings(num_particles=2, mcmc_steps=1,
+                               sigmas=(1.0, 0.6, 0.3, 0.1, 0.02, 0.004))  # fmt: skip
+    result = sample([Factor(prompt), Factor(view)], (16, 2, 4, 4), settings,
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    inside = out["target_mask"].bool().expand_as(result.particles)
+    assert inside.any()
+    error = (result.particles - out["target"]).abs()[inside].max()
+    free = sample([Factor(prompt)], (16, 2, 4, 4), settings,
+                  generator=torch.Generator().manual_seed(0)).particles  # fmt: skip
+    assert float(error) < 0.1
+    assert float((free - out["target"]).abs()[inside].max()) > 5 * float(error)
