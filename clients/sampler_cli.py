@@ -77,7 +77,7 @@ def sampler_config(flags: SamplerFlags) -> SamplerServerConfig:
     if flags.shared_memory:
         settings["shared_memory"] = True
     for key, variable in _ENV_TOKENS.items():
-        if os.environ.get(variable):
+        if variable in os.environ:  # set but empty is refused by the config, not auth off
             settings[key] = os.environ[variable]
     try:
         return SamplerServerConfig.model_validate(settings)

@@ -8,7 +8,7 @@ Public entry point::
     result.particles, result.log_weights, result.log_evidence, result.trace
 """
 
-from poegen.kernel.calls import ExpertStats
+from poegen.kernel.calls import ExpertStats, NonFiniteOutputError
 from poegen.kernel.experts import (
     Capability,
     Expert,
@@ -37,6 +37,7 @@ __all__ = [
     "ExpertStats",
     "Factor",
     "LevelTrace",
+    "NonFiniteOutputError",
     "SampleResult",
     "SamplerSettings",
     "available_experts",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from math import inf
 
 import torch
 from torch import Tensor
@@ -148,4 +149,29 @@ class ExpertCalls:
                 f"expert {name!r}: {call.method}() returned shape {tuple(out.shape)}, "
                 f"expected {want}"
             )
+        # velocities and scores must be finite; a log-density or potential may be −inf (outside
+        # a support), never NaN or +inf
+        if out.is_floating_point():
+            finite = call.method in _FINITE_METHODS
+            bad = ~torch.isfinite(out) if finite else out.isnan() | (out == inf)
+            if bool(bad.any()):
+                nan = int(out.isnan().sum())
+                raise NonFiniteOutputError(
+                    call.bound.factor, name, call.method, nan, int(bad.sum()) - nan
+                )
         return out.to(call.batch.dtype)
+
+
+_FINITE_METHODS = frozenset({"velocity", "score"})
+
+
+class NonFiniteOutputError(ValueError):
+    """An expert answered with NaN or infinite values: the run stops, naming the expert."""
+
+    def __init__(self, factor: Factor, name: str, method: str, nan: int, inf: int) -> None:
+        super().__init__(
+            f"expert {name!r}: {method}() returned {nan} NaN and {inf} infinite values"
+        )
+        self.factor = factor
+        self.expert = name
+        self.method = method

@@ -29,12 +29,12 @@ Potential = Callable[[Tensor], Tensor]  # x̂_0 (N, *S) → φ (N,) float64 at o
 
 
 def level_potential(
-    problem: Problem, calls: ExpertCalls, k: int, sigma: float, penalty: float, scale: float
+    problem: Problem, calls: ExpertCalls, penalty: float, scale: float
 ) -> Potential:
     """φ_k(x̂_0) = s_k·Σ_j λ_j r_j(x̂_0) + constraint terms, for the potential stage."""
 
     def phi(x0: Tensor) -> Tensor:
-        rewards, constraints = evaluate_potentials(problem, calls, x0, k, sigma, penalty)
+        rewards, constraints = evaluate_potentials(problem, calls, x0, penalty)
         return scale * rewards + constraints
 
     return phi
@@ -48,7 +48,7 @@ def violation_cost(settings: SamplerSettings, k: int, num_levels: int) -> float:
 
 
 def evaluate_potentials(
-    problem: Problem, calls: ExpertCalls, x0: Tensor, step: int, sigma: float, penalty: float
+    problem: Problem, calls: ExpertCalls, x0: Tensor, penalty: float
 ) -> tuple[Tensor, Tensor]:
     """(Σ_j λ_j·r_j(x̂_0), Σ_c w_c·log C_c(x̂_0)), each ``(N,)`` float64; a violated hard
     constraint (−inf) counts −``penalty``."""
@@ -56,12 +56,7 @@ def evaluate_potentials(
     rewards = torch.zeros(n, dtype=torch.float64)
     constraints = torch.zeros(n, dtype=torch.float64)
     for b, value in zip(problem.potentials, potential_values(problem, calls, x0), strict=True):
-        value = value.detach().to("cpu", torch.float64)
-        if torch.isnan(value).any() or torch.isposinf(value).any():
-            raise ValueError(
-                f"expert {b.name!r}: log_potential returned NaN or +inf at level {step} "
-                f"(sigma={sigma:.4g})"
-            )
+        value = value.detach().to("cpu", torch.float64)  # NaN and +inf: refused by the calls
         if b.info.kind == ExpertKind.DISCRIMINATIVE:
             rewards += b.factor.weight * value
         else:

@@ -375,8 +375,8 @@ class _Run:
             return state
         level = None
         if with_potential:
-            phi = level_potential(self.problem, self.calls, k, sigma,
-                                   violation_cost(self.settings, k, len(self.scales)), state.scale)  # fmt: skip
+            cost = violation_cost(self.settings, k, len(self.scales))
+            phi = level_potential(self.problem, self.calls, cost, state.scale)
             level = (phi, state.potential)
         x, here, potential, acceptance, own = _mcmc(
             self.settings, self.problem, state.x, state.here, self.target_at(sigma), sigma,
@@ -402,7 +402,7 @@ class _Run:
         problem, settings = self.problem, self.settings
         x0 = x0_from_velocity(state.x, sigma, state.here.velocity)
         cost = violation_cost(settings, k, len(self.scales))
-        rewards, constraints = evaluate_potentials(problem, self.calls, x0, k, sigma, cost)
+        rewards, constraints = evaluate_potentials(problem, self.calls, x0, cost)
         base = state.log_w if state.fk_increment is None else state.log_w + state.fk_increment
         scale = _scale(settings, self.scales, k, base, rewards, constraints, state.potential,
                        state.scale)  # fmt: skip

@@ -41,12 +41,16 @@ in float32); log-weights ``(N,)`` in float64, the kernel's own precision, unroun
 factor's record names the first revision its replies came from (``revision``) and all of them
 in the order first seen (``revisions``; two: the model was hot-swapped during the job).
 
-Jobs. At most ``max_jobs`` run at once (RESOURCE_EXHAUSTED beyond), each in its own thread;
-``num_particles × prod(sample_shape)`` is capped by ``max_elements`` (RESOURCE_EXHAUSTED on
-``settings.num_particles``). Cancelling the stream (the client cancels or disconnects) stops
-the job: the experts' calls in flight are cancelled, no further call is made, the sampler's
-generator is closed and every condition handle is released. Events wait in an unbounded queue
-for a slow reader (one per level: small unless previews are large).
+Jobs. At most ``max_jobs`` run at once (RESOURCE_EXHAUSTED beyond), each in its own thread.
+Before anything is allocated, ``num_particles × prod(sample_shape)`` is capped by
+``max_elements`` and the job's estimated working set (:func:`job_bytes`) by ``max_job_bytes``
+(RESOURCE_EXHAUSTED on ``settings.num_particles``), ``num_steps`` by ``max_levels``
+(on ``settings.num_steps``), factor and source names by ``MAX_NAME_CHARS``. Cancelling the
+stream (the client cancels or disconnects) stops the job: the experts' calls in flight are
+cancelled, no further call is made, the sampler's generator is closed and every condition
+handle is released. At most ``MAX_PENDING_EVENTS`` level events wait for a slow reader; later
+ones are dropped (a slow client loses previews, the service no memory); the result always
+comes.
 
 Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.errors`):
 
@@ -58,6 +62,8 @@ Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.er
   quotes the expert's field); a refused token → FAILED_PRECONDITION; a handle lost twice →
   ABORTED (retry the job); anything else → FAILED_PRECONDITION quoting the expert's status;
 * every particle died (constraints unsatisfiable) → FAILED_PRECONDITION on ``factors``;
+* an expert answered NaN or infinite velocities or scores (or NaN / +inf log-densities) →
+  FAILED_PRECONDITION on ``factors[i]``, the job stops;
 * our own bugs → INTERNAL (traceback to the log).
 
 :func:`create_sampler_server` wires the servicer with health (``""`` and
@@ -86,9 +92,10 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from poegen.kernel import codec
+from poegen.kernel.calls import NonFiniteOutputError
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import Capability
 from poegen.kernel.potentials import AllParticlesDiedError
@@ -117,6 +124,8 @@ SERVICE_NAME = _SERVICE.full_name
 _SETTINGS_FIELDS = frozenset(SamplerSettings.model_fields)
 _FIELD = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+)*$")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+MAX_NAME_CHARS = 256  # factor and source names (each level event repeats the factor names)
+MAX_PENDING_EVENTS = 64  # level events waiting for a slow reader; later ones are dropped
 
 
 class SamplerServerConfig(BaseModel):
@@ -132,7 +141,11 @@ class SamplerServerConfig(BaseModel):
     tls: TLSConfig | None = None
     token: SecretStr | None = Field(None, description="bearer token every RPC but health needs")
     max_jobs: int = Field(4, ge=1, le=1024, description="jobs running at once")
-    max_elements: int = Field(1 << 28, ge=1, description="cap on num_particles × prod(S)")
+    max_elements: int = Field(1 << 26, ge=1, description="cap on num_particles × prod(S)")
+    max_levels: int = Field(10_000, ge=1, description="cap on settings.num_steps")
+    max_job_bytes: int = Field(
+        8 << 30, ge=1 << 20, description="cap on a job's estimated working set (job_bytes)"
+    )
     allowed_experts: tuple[str, ...] = Field(
         (), description="expert addresses a request may name; empty: any"
     )
@@ -143,6 +156,14 @@ class SamplerServerConfig(BaseModel):
     expert_deadline_s: float = Field(60.0, gt=0, description="deadline of each expert call")
     expert_retries: int = Field(5, ge=0, le=100, description="retries of UNAVAILABLE")
     shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> SamplerServerConfig:
+        for name in ("token", "expert_token"):
+            secret = getattr(self, name)
+            if secret is not None and not secret.get_secret_value().strip():
+                raise ValueError(f"{name}: must not be empty (unset it to turn auth off)")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,12 +227,40 @@ def parse_request(request: sampler_pb2.GenerateRequest, config: SamplerServerCon
             f"num_particles × prod(sample_shape) = {elements} is over the limit of "
             f"{config.max_elements}",
         )
+    if settings.num_steps > config.max_levels:
+        raise ExpertError.resource_exhausted(
+            "settings.num_steps", f"{settings.num_steps} levels; the limit is {config.max_levels}"
+        )
+    estimate = job_bytes(elements, len(request.factors))
+    if estimate > config.max_job_bytes:
+        raise ExpertError.resource_exhausted(
+            "settings.num_particles",
+            f"the job would hold about {estimate / 2**30:.1f} GiB "
+            f"({len(request.factors)} factors); the limit is {config.max_job_bytes / 2**30:.1f} GiB",
+        )
     factors = tuple(_parse_factor(i, f, shape, config) for i, f in enumerate(request.factors))
     sources = tuple(_parse_source(j, s, config) for j, s in enumerate(request.sources))
     waves = link_waves(factors, sources)
     return JobPlan(
         factors, shape, settings, int(request.seed), bool(request.preview), sources, waves
     )
+
+
+def job_bytes(elements: int, factors: int) -> int:
+    """Estimated peak working set of a job: 4 bytes × N·prod(S) × (16 + 8·F).
+
+    The particles, their proposals and MCMC copies (about 16 float32 tensors of N·prod(S)), and
+    per factor its outputs, their chunks and the combined score (about 8); calibrated on one
+    measurement (N·prod(S) = 2^24, one factor: 1.65 GB resident).
+    """
+    return 4 * elements * (16 + 8 * factors)
+
+
+def _check_name(where: str, name: str) -> str:
+    # names travel back in every level event: keep them short
+    if len(name) > MAX_NAME_CHARS:
+        raise ExpertError.invalid(where, f"{len(name)} characters; at most {MAX_NAME_CHARS}")
+    return name
 
 
 def _check_address(where: str, address: str, config: SamplerServerConfig) -> str:
@@ -231,6 +280,7 @@ def _parse_source(
     where = f"sources[{j}]"
     if not spec.name.strip():
         raise ExpertError.invalid(f"{where}.name", "required: links refer to sources by name")
+    _check_name(f"{where}.name", spec.name)
     address = _check_address(where, spec.address, config)
     condition = spec.condition if spec.HasField("condition") else None
     return SourcePlan(spec.name.strip(), address, condition)
@@ -306,7 +356,10 @@ def _parse_factor(
                 f"{where}.region.shape", f"{list(region.shape)}, expected {list(shape)}"
             )
         region = region.to(torch.float32, copy=True)
+        if not bool(torch.isfinite(region).all()):
+            raise ExpertError.invalid(f"{where}.region", "must be finite (no NaN or inf)")
     condition = spec.condition if spec.HasField("condition") else None
+    _check_name(f"{where}.name", spec.name)
     return FactorPlan(
         address, float(weight), condition, region, spec.name or None, _parse_links(where, spec)
     )
@@ -417,6 +470,7 @@ class Job:
         self._lock = threading.Lock()
         self._experts: list[RemoteExpert] = []
         self.finished = threading.Event()
+        self.dropped_events = 0  # level events a slow reader did not get (see _emit_level)
         # the job thread computes with the service thread's torch thread count (calls.worker_pool)
         self._torch_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._main, name=f"poegen-job-{number}", daemon=True)
@@ -439,6 +493,19 @@ class Job:
     def _emit(self, item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _emit_level(self, event: sampler_pb2.GenerateResponse) -> None:
+        """A level event, dropped when the reader is ``MAX_PENDING_EVENTS`` behind: a slow
+        client loses previews, the service never holds more of them (the result always comes)."""
+
+        def put() -> None:
+            if self.queue.qsize() < MAX_PENDING_EVENTS:
+                self.queue.put_nowait(event)
+            else:
+                self.dropped_events += 1
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(put)
 
     def _main(self) -> None:
         torch.set_num_threads(self._torch_threads)
@@ -474,7 +541,10 @@ class Job:
                     trace = next(run)
                 except StopIteration as done:
                     return generate_result(done.value, factors, experts)
-                self._emit(level_event(trace, preview=plan.preview))
+                except NonFiniteOutputError as e:
+                    index = next(i for i, f in enumerate(factors) if f is e.factor)
+                    raise ExpertError.failed_precondition(f"factors[{index}]", str(e)) from None
+                self._emit_level(level_event(trace, preview=plan.preview))
         finally:
             run.close()
         return None

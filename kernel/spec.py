@@ -89,7 +89,8 @@ class Factor:
 class SamplerSettings(BaseModel):
     """Settings of one sampling run (see the module docstring for the defaults)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf and NaN are refused by the field that holds them (``gt=0`` alone lets inf through)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     num_particles: int = Field(64, ge=1, description="number of particles N")
     num_steps: int = Field(50, ge=1, description="number of noise levels (transitions)")
@@ -126,7 +127,8 @@ class SamplerSettings(BaseModel):
     )
     constraint_penalty: float = Field(
         10.0,
-        gt=0,
+        gt=0,  # NaN fails it; inf is allowed here only
+        allow_inf_nan=True,
         description="log-weight cost of a violated hard constraint before the last level",
     )
     max_batch: int | None = Field(None, ge=1, description="largest batch per expert call")

@@ -125,7 +125,7 @@ def server_settings(request: ServeRequest, data: dict[str, Any]) -> dict[str, An
         if value is not None:
             settings[key] = value
     for key, variable in _ENV_TOKENS.items():
-        if os.environ.get(variable):
+        if variable in os.environ:  # set but empty is refused by the config, not auth off
             settings[key] = os.environ[variable]
     return settings
 

@@ -1,0 +1,189 @@
+"""The Sampler's limits and refusals (issue 16, items 2, 6 and 7), over real hosts on 127.0.0.1:
+requests that would allocate without bound are refused before anything is allocated, with the
+field to blame; an expert answering NaN fails the job naming that expert; a slow reader costs
+the service a bounded number of events; an empty token is refused at start-up. After each
+refusal the same server runs a good job.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+import torch
+from helpers.remote import LoopThread
+from helpers.server_experts import Gaussian
+from helpers.timing import scaled
+from torch import Tensor
+
+from poegen.clients.sampler_cli import SamplerFlags, sampler_config
+from poegen.expert_servers.server.config import ConfigError
+from poegen.kernel import codec
+from poegen.kernel.errors import from_rpc_error
+from poegen.kernel.service import (
+    MAX_NAME_CHARS,
+    MAX_PENDING_EVENTS,
+    JobSlots,
+    SamplerServerConfig,
+    job_bytes,
+    parse_request,
+)
+from poegen.v1 import sampler_pb2, sampler_pb2_grpc
+
+SETTINGS = dict(num_particles=16, num_steps=4, mcmc_steps=1)
+
+
+class NaNBelow(Gaussian):
+    """A fault injected on purpose: NaN velocities once σ drops below ``sigma``."""
+
+    def __init__(self, sigma: float, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.sigma = sigma
+
+    def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
+        v = super().velocity(x, sigma)
+        return torch.where((sigma < self.sigma).view(-1, *[1] * (x.ndim - 1)), math.nan, v)
+
+
+def _request(
+    addresses: list[str], *, names: list[str] | None = None, **kw: object
+) -> sampler_pb2.GenerateRequest:
+    factors = [
+        sampler_pb2.FactorSpec(address=a, weight=1.0, name=(names or [""] * len(addresses))[i])
+        for i, a in enumerate(addresses)
+    ]
+    settings = sampler_pb2.SamplerSettings(**{**SETTINGS, **kw.pop("settings", {})})  # type: ignore[arg-type]
+    return sampler_pb2.GenerateRequest(
+        factors=factors,
+        sample_shape=kw.pop("sample_shape", [2]),  # type: ignore[arg-type]
+        settings=settings,
+        seed=3,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _refusal(stub: sampler_pb2_grpc.SamplerServiceStub, request: object) -> tuple[object, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(request, timeout=scaled(60)))
+    err = from_rpc_error(caught.value)
+    assert err is not None, caught.value
+    return caught.value.code(), err.field
+
+
+@pytest.fixture
+def served(loop: LoopThread):
+    expert = loop.serve(Gaussian((1.0, 0.0), name="g"))
+    sampler = loop.sampler()
+    channel = grpc.insecure_channel(sampler.address)
+    yield expert.address, sampler_pb2_grpc.SamplerServiceStub(channel), loop
+    channel.close()
+
+
+def _works(stub: sampler_pb2_grpc.SamplerServiceStub, address: str) -> None:
+    replies = list(stub.Generate(_request([address]), timeout=scaled(60)))
+    assert replies[-1].HasField("result")
+
+
+@pytest.mark.parametrize(
+    ("settings", "sample_shape", "code", "field"),
+    [
+        # 32 bytes that once asked for 4.5 GB (10**7 levels) or for 8e18 bytes (10**18)
+        ({"num_steps": 10**7}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED, "settings.num_steps"),
+        ({"num_steps": 10**18}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED, "settings.num_steps"),
+        # 2^27 particles: over max_elements
+        ({"num_particles": 1 << 27}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED,
+         "settings.num_particles"),
+        # under max_elements (2^26) but over the working-set estimate (16 GiB)
+        ({"num_particles": 1 << 22}, [16], grpc.StatusCode.RESOURCE_EXHAUSTED,
+         "settings.num_particles"),
+        # non-finite settings are blamed on themselves (once: factors[0] and num_steps)
+        ({"step_size": math.inf}, [2], grpc.StatusCode.INVALID_ARGUMENT, "settings.step_size"),
+        ({"shift": math.inf}, [2], grpc.StatusCode.INVALID_ARGUMENT, "settings.shift"),
+        ({"sde_noise": math.nan}, [2], grpc.StatusCode.INVALID_ARGUMENT, "settings.sde_noise"),
+    ],
+)  # fmt: skip
+def test_a_request_over_a_limit_is_refused_with_its_field(served, settings, sample_shape, code,
+                                                          field):  # fmt: skip
+    address, stub, _ = served
+    request = _request([address] * 4, settings=settings, sample_shape=sample_shape)
+    assert _refusal(stub, request) == (code, field)
+    _works(stub, address)
+
+
+def test_the_working_set_estimate_decides_the_fourth_case():
+    """The cases above sit on either side of the limits they name."""
+    config = SamplerServerConfig()
+    assert (1 << 25) * 2 <= config.max_elements < (1 << 27) * 2
+    assert job_bytes((1 << 25) * 2, 4) > config.max_job_bytes
+    assert job_bytes((1 << 25) * 2, 1) < config.max_job_bytes  # one factor: admitted
+
+
+def test_a_nan_region_and_a_long_name_are_refused_with_their_field(served):
+    address, stub, _ = served
+    region = torch.ones(2)
+    region[1] = math.nan
+    request = _request([address])
+    request.factors[0].region.CopyFrom(codec.encode(region))
+    assert _refusal(stub, request) == (grpc.StatusCode.INVALID_ARGUMENT, "factors[0].region")
+    long = _request([address], names=["n" * (MAX_NAME_CHARS + 1)])
+    assert _refusal(stub, long) == (grpc.StatusCode.INVALID_ARGUMENT, "factors[0].name")
+    replies = list(
+        stub.Generate(_request([address], names=["n" * MAX_NAME_CHARS]), timeout=scaled(60))
+    )
+    assert replies[-1].HasField("result")
+
+
+def test_an_expert_answering_nan_fails_the_job_naming_it(served):
+    address, stub, loop = served
+    broken = loop.serve(NaNBelow(0.6, mean=(0.0, 1.0), name="broken"))
+    request = _request([address, broken.address], names=["good", "bad"])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(request, timeout=scaled(60)))
+    err = from_rpc_error(caught.value)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err is not None and err.field == "factors[1]"
+    assert "'bad'" in err.reason and "velocity() returned" in err.reason
+    _works(stub, address)
+
+
+def test_a_reader_that_never_reads_holds_a_bounded_number_of_events(loop: LoopThread):
+    """The job runs to its end while nobody takes events: MAX_PENDING_EVENTS level events wait,
+    the rest are dropped, the result and the end marker still arrive."""
+    expert = loop.serve(Gaussian((1.0, 0.0), name="g"))
+    config = SamplerServerConfig()
+    request = _request(
+        [expert.address], settings={"num_steps": MAX_PENDING_EVENTS + 40, "mcmc_steps": 0},
+        preview=True,
+    )  # fmt: skip
+    channel = grpc.insecure_channel(loop.sampler().address)
+    read = list(sampler_pb2_grpc.SamplerServiceStub(channel).Generate(request, timeout=scaled(60)))
+    channel.close()
+    levels = sum(r.HasField("level") for r in read)  # what a reader that reads everything gets
+    assert levels > MAX_PENDING_EVENTS
+    plan = parse_request(request, config)
+    job = JobSlots(1).admit(plan, config, loop.loop)
+    job.start()
+    assert job.join(scaled(120))
+
+    async def drain() -> list[object]:
+        # runs after every callback the job scheduled (call_soon_threadsafe is FIFO)
+        return [job.queue.get_nowait() for _ in range(job.queue.qsize())]
+
+    items = loop.run(drain())
+    responses = [i for i in items if isinstance(i, sampler_pb2.GenerateResponse)]
+    assert [r.HasField("level") for r in responses] == [True] * MAX_PENDING_EVENTS + [False]
+    assert responses[-1].HasField("result")
+    assert len(items) == MAX_PENDING_EVENTS + 2  # + the end marker
+    assert job.dropped_events == levels - MAX_PENDING_EVENTS
+    steps = [r.level.step for r in responses[:-1]]
+    assert steps == sorted(steps) and steps[0] == 0
+
+
+@pytest.mark.parametrize("variable", ["POEGEN_TOKEN", "POEGEN_EXPERT_TOKEN"])
+def test_an_empty_token_is_refused_at_start_up(monkeypatch, variable):
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(ConfigError, match="must not be empty"):
+        sampler_config(SamplerFlags())
+    monkeypatch.setenv(variable, "s3cret")
+    assert sampler_config(SamplerFlags()) is not None
