@@ -58,6 +58,7 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poegen.kernel.errors import ExpertError, abort
@@ -218,14 +219,6 @@ def tune_allocator(*, mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
 # --------------------------------------------------------------------------- services
 
 
-_HANDLERS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def _from_string(message_type: Any) -> Callable[[bytes], Any]:
     return message_type.FromString
 
@@ -240,22 +233,56 @@ def add_service(
     """Register ``servicer``'s methods for ``service``, replies serialised with
     ``reply.SerializeToString()`` (the generated ``add_*_to_server``, made codec-aware).
 
-    ``parser(request_type)`` gives each method's request deserializer (``FromString`` by
-    default; the expert host passes :func:`poegen.kernel.codec.parser`, which leaves the
-    bytes of large tensors where they arrived)."""
+    ``parser(request_type)`` gives each method's request parser (``FromString`` by default; the
+    expert host passes :func:`poegen.kernel.codec.parser`, which leaves the bytes of large
+    tensors where they arrived). Requests are parsed inside the handler, not by gRPC's
+    deserializer, so bytes that are no valid message end the call with INVALID_ARGUMENT on
+    ``request`` (a deserializer's exception would become UNKNOWN, naming a Python class)."""
     handlers = {}
     for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client streams are not supported")
         request = message_factory.GetMessageClass(method.input_type)
-        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=parser(request),
-            response_serializer=serialize,
+        behaviour = _parsing(getattr(servicer, method.name), parser(request), method)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
         )
+        handlers[method.name] = make(behaviour, response_serializer=serialize)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _parsing(behaviour: Callable[..., Any], parse: Callable[[bytes], Any], method: Any) -> Any:
+    """``behaviour`` called with the request ``parse`` makes of the raw bytes."""
+    type_name = method.input_type.full_name
+
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except (DecodeError, UnicodeDecodeError) as e:
+            reason = f"not a valid {type_name} message ({e})"
+            await abort(context, ExpertError.invalid("request", reason))
+
+    if method.server_streaming:
+
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request = await parsed(raw, context)
+            async for reply in behaviour(request, context):
+                yield reply
+
+        return stream
+
+    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await behaviour(await parsed(raw, context), context)
+
+    return unary
+
+
+# --------------------------------------------------------------------------- clients
 
 
 def unary_methods(
