@@ -4,9 +4,11 @@ over gRPC) keeping the masked region on the target."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers.remote import LoopThread
+from scipy import stats
 
 from poegen.expert_servers.analytic import GaussianMixture
 from poegen.expert_servers.masked import MaskedTarget, noised_target
@@ -21,6 +23,7 @@ from poegen.v1 import expert_pb2
 
 TARGET = torch.tensor([[3.0, -3.0, 2.0], [0.5, 0.0, -1.0]])
 MASK = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+F64 = torch.float64
 
 
 def _sigma(b: int, s: float) -> torch.Tensor:
@@ -86,18 +89,63 @@ def test_log_potential_and_its_gradient() -> None:
     assert float(expert.log_potential(TARGET[None])) == 0.0
 
 
+def test_proposals_follow_the_noised_replacement_law() -> None:
+    """x' = (1 − m)⊙x + m⊙((1 − σ)·x_ref + σ·ε): given x, each coordinate is
+    N((1 − m)x + m(1 − σ)x_ref, (mσ)²), independently; where m = 0 it is x itself. Checked with
+    scipy's KS test per level and coordinate, and the coordinates' correlations."""
+    mask = torch.tensor([[1.0, 0.5, 1.0], [0.0, 0.25, 0.0]])
+    expert = MaskedTarget(TARGET, mask)
+    n, levels = 3000, (0.2, 0.6, 0.9)
+    sigma = torch.tensor(levels, dtype=torch.float64).repeat_interleave(n)
+    x = 2 * torch.randn(len(sigma), 2, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
+    out = expert.propose(x, sigma, seed=21).numpy()
+    xs, m, ref, s = x.numpy(), mask.double().numpy(), TARGET.double().numpy(), sigma.numpy()
+    s = s[:, None, None]
+    loc, scale = (1 - m) * xs + m * (1 - s) * ref, m * s
+    free = m == 0
+    assert np.array_equal(out[:, free], xs[:, free])
+    z = (out - loc)[:, ~free] / scale[:, ~free]  # standard normal where the mask is on
+    for k in range(len(levels)):
+        block = z[k * n : (k + 1) * n]
+        for j in range(block.shape[1]):
+            assert stats.kstest(block[:, j], stats.norm.cdf).pvalue > 1e-3, (levels[k], j)
+        corr = np.corrcoef(block, rowvar=False)
+        assert np.abs(corr - np.eye(len(corr))).max() < 5 / n**0.5
+    # one draw per call: fresh seeds give independent draws of the same law
+    one = np.stack([expert.propose(x[:1], sigma[:1], seed=k).numpy()[0] for k in range(2000)])
+    z1 = (one - loc[0])[:, ~free] / scale[0][~free]
+    for j in range(z1.shape[1]):
+        assert stats.kstest(z1[:, j], stats.norm.cdf).pvalue > 1e-3, j
+
+
 def test_noised_score_is_the_gradient_of_the_noised_tie_and_matches_its_law() -> None:
     expert = MaskedTarget(TARGET, MASK, weight=4.0)
     x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
     sigma = torch.tensor([0.1, 0.5, 0.95], dtype=torch.float64)
     (grad,) = torch.autograd.grad(expert.log_prob(x, sigma).sum(), x)
     torch.testing.assert_close(expert.score(x, sigma), grad)
-    # the law it claims: x0 ~ N(x_ref, I/w) pushed to level σ has variance (1−σ)²/w + σ²
-    g = torch.Generator().manual_seed(5)
+    # the law it claims: x0 ~ N(x_ref, I/w) on the mask, pushed to level σ, i.e.
+    # N((1 − σ)x_ref, (1 − σ)²/w + σ²) per masked coordinate; scipy's density of it, written
+    # from those parameters, equals log_prob up to a σ-only constant; the free row never counts
+    rng = np.random.default_rng(5)
+    for s in (0.1, 0.4, 0.95):
+        pts = rng.normal(0.0, 3.0, size=(64, 2, 3))
+        loc, sd = (1 - s) * TARGET[0].double().numpy(), ((1 - s) ** 2 / 4 + s**2) ** 0.5
+        want = stats.norm.logpdf(pts[:, 0], loc=loc, scale=sd).sum(1)
+        got = expert.log_prob(torch.from_numpy(pts), torch.full((64,), s, dtype=F64)).numpy()
+        assert np.ptp(got - want) < 1e-9, s
+    # and the score is that law's: Stein's identity on draws of it made with numpy (not with
+    # the formula), E[s(x)] = 0 and E[s(x)ᵢ (xᵢ − μᵢ)] = −1 per masked coordinate
     n, s = 20000, 0.4
-    x0 = TARGET + torch.randn(n, 2, 3, generator=g, dtype=torch.float64) / 2.0
-    xs = (1 - s) * x0 + s * torch.randn(n, 2, 3, generator=g, dtype=torch.float64)
-    assert abs(float(xs[:, 0].var(0).mean()) - ((1 - s) ** 2 / 4 + s**2)) < 0.01
+    x0 = TARGET.double().numpy() + rng.normal(size=(n, 2, 3)) / 2.0  # x_ref + N(0, I/w), w = 4
+    xs = (1 - s) * x0 + s * rng.normal(size=(n, 2, 3))
+    score = expert.score(torch.from_numpy(xs), torch.full((n,), s, dtype=F64)).numpy()
+    assert np.array_equal(score[:, 1], np.zeros((n, 3)))
+    inside, centred = score[:, 0], xs[:, 0] - (1 - s) * TARGET[0].double().numpy()
+    se = inside.std(0) / n**0.5
+    assert (np.abs(inside.mean(0)) < 5 * se).all()
+    stein = inside * centred
+    assert (np.abs(stein.mean(0) + 1) < 5 * stein.std(0) / n**0.5).all()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import FluxControlPipeline, FluxPipeline, WanImageToVideoPipeline, WanVACEPipeline
+from diffusers import (
+    FluxControlPipeline,
+    FluxPipeline,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanVACEPipeline,
+)
 
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
 from poegen.expert_servers.flow.wan import _to_pil
@@ -223,15 +229,34 @@ def test_box_crops_the_model_input_and_zeroes_outside(flow_models):
     assert (v[~mask] == 0).all()
 
 
-def test_expert_velocity_is_the_empty_condition(flow_models):
+def test_expert_velocity_is_the_models_on_the_empty_prompt(flow_models):
+    """The expert's own velocity (no condition) is Wan's transformer on the empty prompt (CFG
+    against the empty negative prompt leaves it as is): checked against a pipeline loaded
+    here, its transformer called directly with the pipeline's prompt embeddings, and its loop."""
     expert = _expert(flow_models, "wan")
     x, sigma = (
         torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(5)),
         torch.tensor([0.8, 0.2]),
     )
-    torch.testing.assert_close(
-        expert.velocity(x, sigma), expert.prepare(Condition()).velocity(x, sigma)
+    got = expert.velocity(x, sigma)
+    pipe = WanPipeline.from_pretrained(flow_models.path("wan"))
+    pipe.set_progress_bar_config(disable=True)
+    embeds, _ = pipe.encode_prompt(
+        ["", ""], do_classifier_free_guidance=False, max_sequence_length=16
     )
+    t = sigma * pipe.scheduler.config.num_train_timesteps
+    with torch.no_grad():
+        want = pipe.transformer(
+            hidden_states=x, timestep=t, encoder_hidden_states=embeds, return_dict=False
+        )[0]
+    torch.testing.assert_close(got, want)
+    # the pipeline's loop, one Euler step from σ = 1 to 0: latents − v(latents, 1)
+    out = pipe(
+        ["", ""], height=32, width=32, num_frames=9, latents=x, num_inference_steps=1,
+        guidance_scale=5.0, output_type="latent", max_sequence_length=16,
+    ).frames  # fmt: skip
+    assert pipe.scheduler.sigmas[0] == 1.0
+    torch.testing.assert_close(expert.velocity(x, torch.ones(2)), x - out, rtol=0, atol=1e-5)
 
 
 def test_wan_folder_with_a_unipc_scheduler_gets_the_flow_match_grid(flow_models, tmp_path):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
 from poegen.expert_servers.flow import WanAdapter
 from poegen.expert_servers.physics import PhysicsAdapter
-from poegen.expert_servers.physics.latents import mask_to_sample
 from poegen.expert_servers.server import Condition, ModelRef
 from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -48,29 +48,51 @@ def experts(flow_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("video-assets")
     shutil.copytree(flow_models.path("wan"), root / "wan")
     wan = WanAdapter().load(ModelRef("wan", root / "wan"), {}, _progress).expert
-    physics = (
+    physics = [
         PhysicsAdapter()
-        .load(ModelRef("assets", root), {"autoencoder": "wan:wan", "mask_mode": "all"}, _progress)
+        .load(ModelRef("assets", root), {"autoencoder": "wan:wan", "mask_mode": mode}, _progress)
         .expert
-    )
-    return wan, physics
+        for mode in ("all", "fraction")
+    ]
+    return wan, *physics
 
 
 def test_video_target_is_the_wan_encoding_and_the_mask_pools_per_latent_frame(experts) -> None:
-    wan, physics = experts
+    wan, physics, fractions = experts
     view = physics.prepare(Condition(text=SCENE))
     out = view.render()
     pixels = (2 * out["rgb"] - 1).permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
     torch.testing.assert_close(out["target"], wan.encode(pixels)[0])
-    assert out["target"].shape == (16, 2, 4, 4)
-    expected = mask_to_sample(out["mask"][:, 0], (16, 2, 4, 4), "all")
-    assert torch.equal(out["target_mask"], expected)
+    # Wan's VAE: 4× in time (causal: 1 + 4k frames → 1 + k), 8× in space, 16 channels
+    frames, size, time_step, cell = 5, 32, 4, 8
+    latent_frames = 1 + (frames - 1) // time_step
+    assert out["target"].shape == (16, latent_frames, size // cell, size // cell) == (16, 2, 4, 4)
+    # mode "all", pooled by hand: a latent cell is 1 when the ball covers every pixel of its
+    # 8×8 block in every pixel frame the latent frame encodes (frame 0; then frames 1–4)
+    pixel = out["mask"][:, 0].numpy() > 0.5  # (F, H, W)
+    assert pixel.shape == (frames, size, size) and pixel.any()
+    groups = [[0]] + [list(range(1 + time_step * (j - 1), 1 + time_step * j))
+                      for j in range(1, latent_frames)]  # fmt: skip
+    blocks = pixel.reshape(frames, size // cell, cell, size // cell, cell)
+    per_frame = blocks.all(axis=(2, 4))  # (F, 4, 4)
+    expected = np.stack([per_frame[g].all(axis=0) for g in groups]).astype(np.float32)
+    expected = np.broadcast_to(expected, (16, *expected.shape))
+    assert np.array_equal(out["target_mask"].numpy(), expected)
+    assert 0 < expected.sum() < expected.size  # the pooling decides something
+    # mode "fraction": the covered share of each cell's pixels, averaged over the latent
+    # frame's pixel frames (the ball moves: frames 1–4 average to other shares than frames
+    # 0–3, so a grouping one frame off shows)
+    share = blocks.mean(axis=(2, 4))
+    want = np.stack([share[g].mean(axis=0) for g in groups])
+    assert not np.allclose(want[1], share[:4].mean(axis=0), atol=1e-3)
+    got = fractions.prepare(Condition(text=SCENE)).render()["target_mask"].numpy()
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=0, atol=1e-6)
     # latent frame 1 pools pixel frames 1–4: a cell counts only if the ball covers it in all four
     assert out["target_mask"][0, 0].sum() >= out["target_mask"][0, 1].sum() > 0
 
 
 def test_sampler_with_wan_keeps_the_simulated_ball(experts) -> None:
-    wan, physics = experts
+    wan, physics, _ = experts
     view = physics.prepare(Condition(text=SCENE))
     out = view.render()
     prompt = wan.prepare(Condition(text="a ball falling"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import transformers
 from helpers import vlm_models as fx
 from helpers.remote import LoopThread
 from helpers.server import rpc_error, run, running, tensor
@@ -56,8 +57,37 @@ def load(root: Path, name: str, **options: str):
     return VLMAdapter().load(ModelRef(name, root / name), options, lambda f, m: None)
 
 
-def direct_log_yes(judge, images, question: str) -> torch.Tensor:
-    """log Σ_{yes} softmax(logits at the last prompt position), from the model's own forward."""
+class _NoVideoProcessor:
+    """transformers' own Qwen-VL processor without its video half: the video processor needs
+    torchvision, which cannot sit beside the CPU torch here; images never reach it."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class _Qwen2VLProcessor(_NoVideoProcessor, transformers.Qwen2VLProcessor):
+    pass
+
+
+class _Qwen25VLProcessor(_NoVideoProcessor, transformers.Qwen2_5_VLProcessor):
+    pass
+
+
+def qwen_processor(folder: Path, family: str):
+    """The HF processor of a saved Qwen folder, built from its tokenizer, image processor and
+    chat template (the adapter builds its inputs by hand instead)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    images = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)
+    cls = _Qwen2VLProcessor if family == "qwen2_vl" else _Qwen25VLProcessor
+    return cls(image_processor=images, tokenizer=tokenizer, video_processor=None,
+               chat_template=tokenizer.chat_template)  # fmt: skip
+
+
+def direct_log_yes(judge, images, question: str, folder: Path) -> torch.Tensor:
+    """log Σ_{yes} softmax(logits at the last prompt position), from the model's own forward
+    on inputs the transformers processor or tokenizer builds (``folder``: the saved model)."""
     yes, _ = fx.yes_no_ids(judge.tokenizer)
     match judge.family:
         case "llava":
@@ -77,8 +107,12 @@ def direct_log_yes(judge, images, question: str) -> torch.Tensor:
             inputs = judge.tokenizer(
                 [prompt] * len(images), return_tensors="pt", add_special_tokens=False
             )
-        case _:  # Qwen: the adapter builds the expanded prompt; checked in test_qwen_image_pads
-            inputs = judge.inputs(images, question)
+        case _:  # Qwen: the processor renders the chat template and expands <|image_pad|>
+            processor = qwen_processor(folder, judge.family)
+            turn = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question}]}]  # fmt: skip
+            prompt = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            inputs = processor(text=[prompt] * len(images), images=images, return_tensors="pt")
     with torch.no_grad():
         logits = judge.model(**inputs).logits[:, -1]
     return logits.double().softmax(-1)[:, yes].sum(-1).log()
@@ -97,7 +131,7 @@ def test_served_score_equals_direct_softmax(vlm_root: Path, family: str) -> None
     # the same chunks as the server (max_batch=2): rows see the same batch, bit for bit
     chunks = [images[:2], images[2:]]
     want = sum(
-        w * torch.cat([direct_log_yes(judge, c, q) for c in chunks])
+        w * torch.cat([direct_log_yes(judge, c, q, vlm_root / family) for c in chunks])
         for w, q in ((2.0, q1), (-0.5, q2))
     )
     loop = LoopThread()
@@ -117,11 +151,18 @@ def test_qwen_image_pads(vlm_root: Path) -> None:
     judge = load(vlm_root, "qwen2_vl").expert.judge
     from poegen.expert_servers.vlm.reward import to_images
 
-    inputs = judge.inputs(to_images(fx.random_images(2, size=56), []), "Q?")
+    images = to_images(fx.random_images(2, size=56), [])
+    inputs = judge.inputs(images, "Q?")
     pad = judge.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     count = int(inputs["image_grid_thw"][0].prod()) // 4
     assert ((inputs["input_ids"] == pad).sum(1) == count).all()
     assert torch.equal(inputs["mm_token_type_ids"], (inputs["input_ids"] == pad).long())
+    # what transformers' own processor builds from the folder, key for key
+    processor = qwen_processor(vlm_root / "qwen2_vl", "qwen2_vl")
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    want = processor(text=[text] * 2, images=images, return_tensors="pt")
+    assert set(inputs) == set(want) and all(torch.equal(inputs[k], want[k]) for k in want)
 
 
 def test_normalized_score_and_video_frames(vlm_root: Path) -> None:
