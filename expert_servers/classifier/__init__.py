@@ -73,7 +73,9 @@ def load_classifier(folder: Path, ref: ModelRef) -> tuple[Any, Any]:
         if not (folder / name).is_file():
             raise ExpertError.invalid("model_id", f"{ref.model_id!r} has no {name}")
     try:
-        model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForImageClassification.from_pretrained(
+            folder, trust_remote_code=False, use_safetensors=True
+        )
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError):
         raise ExpertError.invalid(

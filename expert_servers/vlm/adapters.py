@@ -56,9 +56,15 @@ class VLMAdapter:
                 "options[family]", f"{family!r} is not one of {list(hf.FAMILIES)}"
             )
         progress(0.3, f"loading a {hf.family_of(family)} model")
-        judge = hf.load_transformers_judge(
-            source_of(ref), family=hf.family_of(family) or "", dtype=dtype, device=device
-        )
+        try:
+            judge = hf.load_transformers_judge(
+                source_of(ref), family=hf.family_of(family) or "", dtype=dtype, device=device
+            )
+        except OSError:  # no safetensors weights (a pickled checkpoint is never read), no tokenizer
+            raise ExpertError.invalid(
+                "model_id",
+                f"{ref.model_id!r} is not a {family} checkpoint with safetensors weights",
+            ) from None
         return ServedModel(VQAReward(judge, shared, model_id=ref.model_id))
 
 

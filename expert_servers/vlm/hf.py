@@ -174,7 +174,9 @@ def load_transformers_judge(
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "text": transformers.AutoModelForCausalLM,
     }
-    model = classes[family].from_pretrained(source, dtype=dtype, trust_remote_code=False)
+    model = classes[family].from_pretrained(
+        source, dtype=dtype, trust_remote_code=False, use_safetensors=True
+    )
     model = model.to(device).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     processor: Any = None

@@ -265,6 +265,7 @@ def _load_engine(
         "seed": seed,
         "gpu_memory_utilization": gpu_memory,
         "trust_remote_code": False,
+        "load_format": "safetensors",  # never a pickled checkpoint
     }
     if max_model_len:
         engine_args["max_model_len"] = max_model_len

@@ -62,6 +62,12 @@ def tiny_root(tmp_path_factory):
     ViTImageProcessor(do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(root / "vit")  # fmt: skip
     (root / "no_processor").mkdir()
     resnet.save_pretrained(root / "no_processor")
+    # the same classifier as a pickled checkpoint (pytorch_model.bin), written here only to be
+    # refused: the loader must not fall back to it
+    resnet.save_pretrained(root / "pickled")
+    (root / "pickled" / "model.safetensors").unlink()
+    torch.save(resnet.state_dict(), root / "pickled" / "pytorch_model.bin")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(root / "pickled")  # fmt: skip
     return root
 
 
@@ -150,11 +156,14 @@ def test_bad_pixels_name_the_field(tiny_root):
 
 
 def test_bad_folders_and_options(tiny_root, tmp_path):
+    assert (tiny_root / "pickled" / "pytorch_model.bin").is_file()
+    assert not list((tiny_root / "pickled").glob("*.safetensors"))
     adapter = ClassifierAdapter()
     invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     cases = [
         (ModelRef("gone", tmp_path / "gone"), {}, "model_id", not_found),
         (ModelRef("np", tiny_root / "no_processor"), {}, "model_id", invalid),
+        (ModelRef("pickled", tiny_root / "pickled"), {}, "model_id", invalid),
         (ModelRef("r", tiny_root / "resnet"), {"nope": "1"}, "options[nope]", invalid),
     ]
     for ref, options, field, code in cases:

@@ -262,6 +262,23 @@ def test_bad_options_name_the_option(vlm_root: Path, options: dict, field: str) 
     assert err.value.field == field
 
 
+def test_a_pickled_checkpoint_is_refused(tmp_path: Path) -> None:
+    """The same text model with its weights in pytorch_model.bin (written here only to be
+    refused): the loader never falls back to a pickle."""
+    folder = tmp_path / "pickled"
+    fx.save_text_llm(folder)
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ExpertError) as err:
+        VLMAdapter().load(ModelRef("pickled", folder), {}, lambda f, m: None)
+    assert err.value.field == "model_id" and "safetensors" in err.value.reason
+    assert str(tmp_path) not in str(err.value)
+
+
 # ------------------------------------------------------------------ bad input over gRPC
 
 
