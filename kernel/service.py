@@ -57,8 +57,12 @@ Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.er
 * INVALID_ARGUMENT for a bad request: ``"factors"``, ``"factors[1].address"``,
   ``"factors[0].region.shape"``, ``"sample_shape"``, ``"settings.num_particles"``, ... and the
   kernel's own checks (``"settings.mcmc"``: MALA with an expert without log_prob);
+* an address the sampler may not call (see :func:`_check_address`: by default a host:port on
+  loopback; ``allowed_experts`` lists others, ``'*'`` opens any host:port; ``unix:`` only when
+  listed) → PERMISSION_DENIED on ``factors[i].address``, before anything is dialled; the
+  ``expert_token`` needs ``allowed_experts``, so it goes only to listed experts;
 * from an expert, named ``factors[i]``: unreachable or too slow → UNAVAILABLE on
-  ``factors[i].address``; its INVALID_ARGUMENT / RESOURCE_EXHAUSTED pass through (the reason
+  ``factors[i].address`` (the transport's detail only in the log); its INVALID_ARGUMENT / RESOURCE_EXHAUSTED pass through (the reason
   quotes the expert's field); a refused token → FAILED_PRECONDITION; a handle lost twice →
   ABORTED (retry the job); anything else → FAILED_PRECONDITION quoting the expert's status;
 * every particle died (constraints unsatisfiable) → FAILED_PRECONDITION on ``factors``;
@@ -76,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import math
@@ -123,6 +128,9 @@ _SERVICE = sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"]
 SERVICE_NAME = _SERVICE.full_name
 _SETTINGS_FIELDS = frozenset(SamplerSettings.model_fields)
 _FIELD = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+)*$")
+_HOST_PORT = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})"
+)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_NAME_CHARS = 256  # factor and source names (each level event repeats the factor names)
 MAX_PENDING_EVENTS = 64  # level events waiting for a slow reader; later ones are dropped
@@ -147,7 +155,9 @@ class SamplerServerConfig(BaseModel):
         8 << 30, ge=1 << 20, description="cap on a job's estimated working set (job_bytes)"
     )
     allowed_experts: tuple[str, ...] = Field(
-        (), description="expert addresses a request may name; empty: any"
+        (),
+        description="expert addresses a request may name; empty: host:port on loopback only; "
+        "'*': any host:port (never a unix: path unless listed)",
     )
     expert_token: SecretStr | None = Field(None, description="bearer token sent to experts")
     expert_ca_file: Path | None = Field(
@@ -163,6 +173,11 @@ class SamplerServerConfig(BaseModel):
             secret = getattr(self, name)
             if secret is not None and not secret.get_secret_value().strip():
                 raise ValueError(f"{name}: must not be empty (unset it to turn auth off)")
+        if self.expert_token is not None and (
+            not self.allowed_experts or "*" in self.allowed_experts
+        ):
+            # the token goes with every expert call: only to addresses someone configured
+            raise ValueError("expert_token: needs allowed_experts listing the experts' addresses")
         return self
 
 
@@ -264,14 +279,42 @@ def _check_name(where: str, name: str) -> str:
 
 
 def _check_address(where: str, address: str, config: SamplerServerConfig) -> str:
+    """``address`` if this sampler may call it: listed in ``allowed_experts``; with no list, a
+    host:port on loopback; with ``'*'``, any host:port. Anything else (a ``unix:`` path, a
+    target with a scheme, a host the list does not name) is PERMISSION_DENIED, before dialling."""
     address = address.strip()
-    if not address or ":" not in address:
+    if address in config.allowed_experts:
+        return address
+    host = _host_of(address)
+    if host is None and ":" not in address:
         raise ExpertError.invalid(f"{where}.address", "needs host:port of an ExpertService")
-    if config.allowed_experts and address not in config.allowed_experts:
+    if host is None:  # a target with a scheme: unix:, unix-abstract:, dns:, ipv4:, ...
+        raise ExpertError.permission_denied(
+            f"{where}.address", "only host:port targets, unless allowed_experts lists it"
+        )
+    open_to_any = "*" in config.allowed_experts
+    if not (open_to_any or (not config.allowed_experts and _is_loopback(host))):
         raise ExpertError.permission_denied(
             f"{where}.address", "not among the expert addresses this sampler may call"
         )
     return address
+
+
+def _host_of(address: str) -> str | None:
+    """The host of ``host:port`` / ``[v6]:port``; None for anything else (schemes, paths)."""
+    match = _HOST_PORT.fullmatch(address)
+    if match is None:
+        return None
+    return match.group("v6") or match.group("host")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_source(
@@ -692,7 +735,12 @@ def _expert_error(
     if code == grpc.StatusCode.CANCELLED:
         return ExpertError(code, "", "the job was cancelled")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ExpertError.unavailable(f"{where}.address", quoted)
+        # the transport's detail (refused, reset, no route) stays in the log: told to the
+        # caller it would make the sampler a port scanner
+        logger.warning("%s: %s", where, quoted)
+        return ExpertError.unavailable(
+            f"{where}.address", f"the expert did not answer {err.method} ({code.name})"
+        )
     if (
         connecting
         and code == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,23 +1,27 @@
-"""The Sampler's limits and refusals (issue 16, items 2, 6 and 7), over real hosts on 127.0.0.1:
+"""The Sampler's limits and refusals (issue 16, items 1, 2, 6 and 7), over real hosts on 127.0.0.1:
 requests that would allocate without bound are refused before anything is allocated, with the
 field to blame; an expert answering NaN fails the job naming that expert; a slow reader costs
-the service a bounded number of events; an empty token is refused at start-up. After each
+the service a bounded number of events; an empty token is refused at start-up; addresses the
+sampler may not call are refused before it dials them, and its token goes only to listed
+experts. After each
 refusal the same server runs a good job.
 """
 
 from __future__ import annotations
 
 import math
+import socket
 
 import grpc
 import pytest
 import torch
-from helpers.remote import LoopThread
+from helpers.remote import LoopThread, free_port
 from helpers.server_experts import Gaussian
 from helpers.timing import scaled
 from torch import Tensor
 
 from poegen.clients.sampler_cli import SamplerFlags, sampler_config
+from poegen.expert_servers.server import ServerConfig
 from poegen.expert_servers.server.config import ConfigError
 from poegen.kernel import codec
 from poegen.kernel.errors import from_rpc_error
@@ -182,8 +186,91 @@ def test_a_reader_that_never_reads_holds_a_bounded_number_of_events(loop: LoopTh
 
 @pytest.mark.parametrize("variable", ["POEGEN_TOKEN", "POEGEN_EXPERT_TOKEN"])
 def test_an_empty_token_is_refused_at_start_up(monkeypatch, variable):
+    flags = SamplerFlags(allowed_experts=("127.0.0.1:50051",))  # the expert token needs it
     monkeypatch.setenv(variable, "")
     with pytest.raises(ConfigError, match="must not be empty"):
-        sampler_config(SamplerFlags())
+        sampler_config(flags)
     monkeypatch.setenv(variable, "s3cret")
-    assert sampler_config(SamplerFlags()) is not None
+    assert sampler_config(flags) is not None
+
+
+# ------------------------------------------------------------------ perimeter (item 1)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "address", "code"),
+    [
+        ((), "unix:/tmp/poegen-expert.sock", grpc.StatusCode.PERMISSION_DENIED),
+        ((), "unix-abstract:poegen", grpc.StatusCode.PERMISSION_DENIED),
+        ((), "dns:///127.0.0.1:1", grpc.StatusCode.PERMISSION_DENIED),
+        ((), "10.0.0.1:50051", grpc.StatusCode.PERMISSION_DENIED),  # not loopback, no list
+        ((), "example.com:443", grpc.StatusCode.PERMISSION_DENIED),
+        (("*",), "unix:/tmp/poegen-expert.sock", grpc.StatusCode.PERMISSION_DENIED),
+        (("127.0.0.1:1",), "127.0.0.2:1", grpc.StatusCode.PERMISSION_DENIED),  # a list is a list
+        ((), "no-port", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_addresses_the_sampler_may_not_call_are_refused_before_dialling(
+    loop: LoopThread, allowed, address, code
+):
+    with socket.socket() as listener:  # would see a connection if the sampler dialled it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        sampler = loop.sampler(SamplerServerConfig(allowed_experts=allowed))
+        with grpc.insecure_channel(sampler.address) as channel:
+            stub = sampler_pb2_grpc.SamplerServiceStub(channel)
+            assert _refusal(stub, _request([address])) == (code, "factors[0].address")
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+
+def test_loopback_is_callable_by_default_and_a_star_opens_any_host_port(loop: LoopThread):
+    expert = loop.serve(Gaussian((1.0, 0.0), name="g"))
+    for allowed, address in [((), expert.address), ((), f"localhost:{expert.port}"),
+                             (("*",), expert.address)]:  # fmt: skip
+        sampler = loop.sampler(SamplerServerConfig(allowed_experts=allowed))
+        with grpc.insecure_channel(sampler.address) as channel:
+            _works(sampler_pb2_grpc.SamplerServiceStub(channel), address)
+
+
+def test_the_expert_token_goes_only_to_listed_experts():
+    with pytest.raises(ValueError, match="expert_token: needs allowed_experts"):
+        SamplerServerConfig(expert_token="s3cret")
+    with pytest.raises(ValueError, match="expert_token: needs allowed_experts"):
+        SamplerServerConfig(expert_token="s3cret", allowed_experts=("*",))
+    assert SamplerServerConfig(expert_token="s3cret", allowed_experts=("127.0.0.1:1",))
+
+
+def test_a_token_guarded_expert_sees_the_token_only_when_listed(loop: LoopThread):
+    """An expert host that needs the token serves a job when the sampler lists it; a caller's
+    own listener, not listed, is never dialled (so it never sees the token)."""
+    expert = loop.serve(Gaussian((1.0, 0.0), name="g"), ServerConfig(token="s3cret"))
+    sampler = loop.sampler(
+        SamplerServerConfig(expert_token="s3cret", allowed_experts=(expert.address,))
+    )
+    with grpc.insecure_channel(sampler.address) as channel:
+        stub = sampler_pb2_grpc.SamplerServiceStub(channel)
+        _works(stub, expert.address)
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            listener.setblocking(False)
+            trap = f"127.0.0.1:{listener.getsockname()[1]}"
+            refused = _refusal(stub, _request([trap]))
+            assert refused == (grpc.StatusCode.PERMISSION_DENIED, "factors[0].address")
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+
+
+def test_an_unreachable_expert_does_not_say_why(loop: LoopThread):
+    """Refused, reset or no route: the caller hears UNAVAILABLE and the method, nothing about
+    the transport (which would make the sampler a port scanner); the log has the detail."""
+    sampler = loop.sampler(SamplerServerConfig(expert_retries=0))
+    with grpc.insecure_channel(sampler.address) as channel:
+        stub = sampler_pb2_grpc.SamplerServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(_request([f"127.0.0.1:{free_port()}"]), timeout=scaled(60)))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details().lower()
+    assert "refused" not in details and "connect" not in details and "127.0.0.1" not in details
