@@ -41,7 +41,9 @@ in float32); log-weights ``(N,)`` in float64, the kernel's own precision, unroun
 factor's record names the first revision its replies came from (``revision``) and all of them
 in the order first seen (``revisions``; two: the model was hot-swapped during the job).
 
-Jobs. At most ``max_jobs`` run at once (RESOURCE_EXHAUSTED beyond), each in its own thread.
+Jobs. At most ``max_jobs`` run at once, each in its own thread; up to ``max_queued`` more wait
+in order for a slot (RESOURCE_EXHAUSTED on ``request`` beyond), and a job's slot passes to the
+next one the moment its thread ends (a cancelled job ends between two expert calls).
 Before anything is allocated, ``num_particles × prod(sample_shape)`` is capped by
 ``max_elements`` and the job's estimated working set (:func:`job_bytes`) by ``max_job_bytes``
 (RESOURCE_EXHAUSTED on ``settings.num_particles``), ``num_steps`` by ``max_levels``
@@ -79,6 +81,7 @@ Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.er
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import itertools
@@ -149,6 +152,9 @@ class SamplerServerConfig(BaseModel):
     tls: TLSConfig | None = None
     token: SecretStr | None = Field(None, description="bearer token every RPC but health needs")
     max_jobs: int = Field(4, ge=1, le=1024, description="jobs running at once")
+    max_queued: int = Field(
+        16, ge=0, le=65536, description="jobs waiting for a slot; beyond: RESOURCE_EXHAUSTED"
+    )
     max_elements: int = Field(1 << 26, ge=1, description="cap on num_particles × prod(S)")
     max_levels: int = Field(10_000, ge=1, description="cap on settings.num_steps")
     max_job_bytes: int = Field(
@@ -771,29 +777,74 @@ def _kernel_field(message: str) -> tuple[str, str]:
 
 
 class JobSlots:
-    """The jobs running now, at most ``max_jobs``; thread-safe."""
+    """The jobs running now, at most ``max_jobs``, and up to ``max_queued`` calls waiting, in
+    order, for a slot (RESOURCE_EXHAUSTED beyond). A job's slot is handed to the next waiter
+    when its thread ends. ``admit`` runs on the service's event loop; ``running`` anywhere."""
 
-    def __init__(self, max_jobs: int) -> None:
+    def __init__(self, max_jobs: int, max_queued: int = 0) -> None:
         self.max_jobs = max_jobs
+        self.max_queued = max_queued
         self._jobs: set[Job] = set()
+        self._reserved = 0  # slots handed to a waiter that has not made its job yet
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._lock = threading.Lock()
         self._count = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def admit(
-        self, plan: JobPlan, config: SamplerServerConfig, loop: asyncio.AbstractEventLoop
-    ) -> Job:
+    async def admit(self, plan: JobPlan, config: SamplerServerConfig) -> Job:
+        """A job holding a slot, after waiting for one if every slot is taken."""
+        loop = self._loop = asyncio.get_running_loop()
         with self._lock:
-            if len(self._jobs) >= self.max_jobs:
+            free = len(self._jobs) + self._reserved < self.max_jobs and not self._waiters
+            if free:
+                self._reserved += 1
+            elif len(self._waiters) >= self.max_queued:
                 raise ExpertError.resource_exhausted(
-                    "", f"{self.max_jobs} jobs are running; try again later"
+                    "request",
+                    f"{self.max_jobs} jobs are running and {len(self._waiters)} waiting; "
+                    "try again later",
                 )
-            job = Job(plan, config, loop, self._done, next(self._count))
+            else:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+        if not free:
+            try:
+                await waiter  # resolved by _hand_over, with a slot reserved for this call
+            except BaseException:
+                with self._lock:
+                    handed = waiter.done() and not waiter.cancelled()
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+                    if handed:  # the caller left as its slot came: pass the slot on
+                        self._reserved -= 1
+                self._hand_over()
+                raise
+        job = Job(plan, config, loop, self._done, next(self._count))
+        with self._lock:
+            self._reserved -= 1
             self._jobs.add(job)
         return job
 
     def _done(self, job: Job) -> None:
+        # the job's thread, as it ends
         with self._lock:
             self._jobs.discard(job)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Give free slots to the longest waiting calls (on the event loop)."""
+        with self._lock:
+            while self._waiters and len(self._jobs) + self._reserved < self.max_jobs:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    self._reserved += 1
+                    waiter.set_result(None)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiters)
 
     def running(self) -> list[Job]:
         with self._lock:
@@ -808,14 +859,14 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
 
     def __init__(self, config: SamplerServerConfig) -> None:
         self.config = config
-        self.jobs = JobSlots(config.max_jobs)
+        self.jobs = JobSlots(config.max_jobs, config.max_queued)
 
     @maps_errors
     async def Generate(
         self, request: sampler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[sampler_pb2.GenerateResponse]:
         plan = parse_request(request, self.config)
-        job = self.jobs.admit(plan, self.config, asyncio.get_running_loop())
+        job = await self.jobs.admit(plan, self.config)
         job.start()
         try:
             while (item := await job.queue.get()) is not _END:

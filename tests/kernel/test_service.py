@@ -17,6 +17,7 @@ import yaml
 from helpers.remote import Counter, CountingGaussian, LoopThread, Served, free_port, wait_until
 from helpers.server import start_process
 from helpers.server_experts import Gaussian, HalfSpace, LinearReward
+from helpers.timing import scaled
 
 from poegen.expert_servers.analytic import GaussianMixture
 from poegen.expert_servers.analytic import LinearReward as AnalyticLinearReward
@@ -139,19 +140,35 @@ def test_two_jobs_run_at_once(loop: LoopThread) -> None:
     assert a[-1].result == b[-1].result  # same request, same seed, same result
 
 
-def test_jobs_beyond_the_limit_are_refused(loop: LoopThread) -> None:
+def test_jobs_beyond_the_limit_wait_in_a_bounded_queue(loop: LoopThread) -> None:
+    """max_jobs = 1, max_queued = 1: the second job waits, the third is refused; cancelling the
+    first hands its slot to the second, which runs to its result; a waiting call that leaves
+    gives its place back."""
     served = loop.serve(Gaussian(delay_s=0.1))
-    sampler = loop.sampler(SamplerServerConfig(max_jobs=1))
+    sampler = loop.sampler(SamplerServerConfig(max_jobs=1, max_queued=1))
+    slots = sampler.host.servicer.jobs
     channel, stub = _stub(sampler)
     request = _request([served.address], [1.0])
+    short = _request([served.address], [1.0], settings={"mcmc_steps": 0})
     with channel:
         running = stub.Generate(request)
         next(running)
-        assert _failure(stub.Generate(request)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+        waiting = stub.Generate(short)
+        assert wait_until(lambda: slots.waiting() == 1, timeout=scaled(10))
+        assert _failure(stub.Generate(short)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "request")
         running.cancel()
-        # the slot comes back once the cancelled job has stopped
-        assert wait_until(lambda: not sampler.host.servicer.jobs.running())
-        assert list(stub.Generate(_request([served.address], [1.0], settings={"mcmc_steps": 0})))
+        replies = list(waiting)  # it got the slot: levels, then the result
+        assert replies[-1].HasField("result") and replies[0].HasField("level")
+        # a waiting call that is cancelled leaves the queue
+        running = stub.Generate(request)
+        next(running)
+        leaving = stub.Generate(short)
+        assert wait_until(lambda: slots.waiting() == 1, timeout=scaled(10))
+        leaving.cancel()
+        assert wait_until(lambda: slots.waiting() == 0, timeout=scaled(10))
+        running.cancel()
+        assert wait_until(lambda: not slots.running(), timeout=scaled(10))
+        assert list(stub.Generate(short))[-1].HasField("result")
 
 
 def test_cancelling_the_stream_stops_the_job(loop: LoopThread) -> None:

@@ -98,7 +98,7 @@ def _works(stub: sampler_pb2_grpc.SamplerServiceStub, address: str) -> None:
         # 2^27 particles: over max_elements
         ({"num_particles": 1 << 27}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED,
          "settings.num_particles"),
-        # under max_elements (2^26) but over the working-set estimate (16 GiB)
+        # at max_elements (2^26) but, with four factors, over the working-set estimate (8 GiB)
         ({"num_particles": 1 << 22}, [16], grpc.StatusCode.RESOURCE_EXHAUSTED,
          "settings.num_particles"),
         # non-finite settings are blamed on themselves (once: factors[0] and num_steps)
@@ -118,9 +118,9 @@ def test_a_request_over_a_limit_is_refused_with_its_field(served, settings, samp
 def test_the_working_set_estimate_decides_the_fourth_case():
     """The cases above sit on either side of the limits they name."""
     config = SamplerServerConfig()
-    assert (1 << 25) * 2 <= config.max_elements < (1 << 27) * 2
-    assert job_bytes((1 << 25) * 2, 4) > config.max_job_bytes
-    assert job_bytes((1 << 25) * 2, 1) < config.max_job_bytes  # one factor: admitted
+    assert (1 << 22) * 16 <= config.max_elements < (1 << 27) * 2
+    assert job_bytes((1 << 22) * 16, 4) > config.max_job_bytes
+    assert job_bytes((1 << 22) * 16, 1) < config.max_job_bytes  # one factor: admitted
 
 
 def test_a_nan_region_and_a_long_name_are_refused_with_their_field(served):
@@ -166,7 +166,7 @@ def test_a_reader_that_never_reads_holds_a_bounded_number_of_events(loop: LoopTh
     levels = sum(r.HasField("level") for r in read)  # what a reader that reads everything gets
     assert levels > MAX_PENDING_EVENTS
     plan = parse_request(request, config)
-    job = JobSlots(1).admit(plan, config, loop.loop)
+    job = loop.run(JobSlots(1).admit(plan, config))
     job.start()
     assert job.join(scaled(120))
 
