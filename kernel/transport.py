@@ -223,12 +223,41 @@ def _from_string(message_type: Any) -> Callable[[bytes], Any]:
     return message_type.FromString
 
 
+class InflightLimit:
+    """At most ``max_calls`` calls and ``max_bytes`` request bytes in flight on one host;
+    beyond either, a call is refused with RESOURCE_EXHAUSTED on ``request`` before it is parsed.
+    (Tensors sent through shared memory count only their few wire bytes.)"""
+
+    def __init__(self, max_calls: int, max_bytes: int) -> None:
+        self.max_calls, self.max_bytes = max_calls, max_bytes
+        self.calls = self.bytes = 0  # touched only on the event loop
+
+    def acquire(self, size: int) -> None:
+        if self.calls + 1 > self.max_calls:
+            raise ExpertError.resource_exhausted(
+                "request", f"{self.calls} calls in flight, the limit is {self.max_calls}"
+            )
+        if self.bytes + size > self.max_bytes:
+            raise ExpertError.resource_exhausted(
+                "request",
+                f"{self.bytes + size} request bytes would be in flight, the limit is "
+                f"{self.max_bytes}",
+            )
+        self.calls += 1
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.calls -= 1
+        self.bytes -= size
+
+
 def add_service(
     server: grpc.aio.Server,
     servicer: Any,
     service: ServiceDescriptor,
     *,
     parser: Callable[[Any], Callable[[bytes], Any]] = _from_string,
+    limit: InflightLimit | None = None,
 ) -> None:
     """Register ``servicer``'s methods for ``service``, replies serialised with
     ``reply.SerializeToString()`` (the generated ``add_*_to_server``, made codec-aware).
@@ -237,13 +266,14 @@ def add_service(
     expert host passes :func:`poegen.kernel.codec.parser`, which leaves the bytes of large
     tensors where they arrived). Requests are parsed inside the handler, not by gRPC's
     deserializer, so bytes that are no valid message end the call with INVALID_ARGUMENT on
-    ``request`` (a deserializer's exception would become UNKNOWN, naming a Python class)."""
+    ``request`` (a deserializer's exception would become UNKNOWN, naming a Python class).
+    With ``limit``, each call holds its share of it while it runs."""
     handlers = {}
     for method in service.methods:
         if method.client_streaming:
             raise ValueError(f"{method.full_name}: client streams are not supported")
         request = message_factory.GetMessageClass(method.input_type)
-        behaviour = _parsing(getattr(servicer, method.name), parser(request), method)
+        behaviour = _parsing(getattr(servicer, method.name), parser(request), method, limit)
         make = (
             grpc.unary_stream_rpc_method_handler
             if method.server_streaming
@@ -256,28 +286,52 @@ def add_service(
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def _parsing(behaviour: Callable[..., Any], parse: Callable[[bytes], Any], method: Any) -> Any:
-    """``behaviour`` called with the request ``parse`` makes of the raw bytes."""
+def _parsing(
+    behaviour: Callable[..., Any],
+    parse: Callable[[bytes], Any],
+    method: Any,
+    limit: InflightLimit | None,
+) -> Any:
+    """``behaviour`` called with the request ``parse`` makes of the raw bytes, holding its
+    share of ``limit`` until it returns."""
     type_name = method.input_type.full_name
 
-    async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def admitted(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        if limit is not None:
+            try:
+                limit.acquire(len(raw))
+            except ExpertError as err:
+                await abort(context, err)
         try:
             return parse(raw)
         except (DecodeError, UnicodeDecodeError) as e:
+            if limit is not None:
+                limit.release(len(raw))
             reason = f"not a valid {type_name} message ({e})"
             await abort(context, ExpertError.invalid("request", reason))
+
+    def release(raw: bytes) -> None:
+        if limit is not None:
+            limit.release(len(raw))
 
     if method.server_streaming:
 
         async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            request = await parsed(raw, context)
-            async for reply in behaviour(request, context):
-                yield reply
+            request = await admitted(raw, context)
+            try:
+                async for reply in behaviour(request, context):
+                    yield reply
+            finally:
+                release(raw)
 
         return stream
 
     async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        return await behaviour(await parsed(raw, context), context)
+        request = await admitted(raw, context)
+        try:
+            return await behaviour(request, context)
+        finally:
+            release(raw)
 
     return unary
 

@@ -74,6 +74,15 @@ class ServerConfig(BaseModel):
         False, description="accept shared-memory tensors; write replies into rooms offered"
     )
     workers: int = Field(4, ge=1, le=256, description="threads running model calls")
+    max_inflight_calls: int = Field(
+        64, ge=1, le=65536, description="calls in flight at once; beyond: RESOURCE_EXHAUSTED"
+    )
+    max_inflight_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="request bytes in flight at once (default: twice max_message_bytes); "
+        "beyond: RESOURCE_EXHAUSTED",
+    )
     metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
 
@@ -89,6 +98,10 @@ class ServerConfig(BaseModel):
             and self.token.get_secret_value() == self.admin_token.get_secret_value()
         ):
             raise ValueError("admin_token: must differ from token")
+        if self.max_inflight_bytes is None:
+            object.__setattr__(self, "max_inflight_bytes", 2 * self.max_message_bytes)
+        elif self.max_inflight_bytes < self.max_message_bytes:
+            raise ValueError("max_inflight_bytes: must be at least max_message_bytes")
         if self.model_root is not None and not self.model_root.is_dir():
             raise ValueError("model_root: not a directory")
         return self

@@ -43,6 +43,7 @@ from poegen.kernel.calls import worker_pool
 from poegen.kernel.codec import SharedMemoryReader, parser
 from poegen.kernel.experts import Expert
 from poegen.kernel.transport import (
+    InflightLimit,
     TokenInterceptor,
     add_service,
     bind,
@@ -108,7 +109,9 @@ class ExpertHost:
             interceptors.append(TokenInterceptor(config.token.get_secret_value()))
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
         servicer = ExpertServicer(self.models, serving, limits)
-        add_service(self.server, servicer, _SERVICE, parser=parser)
+        inflight_bytes = config.max_inflight_bytes or 2 * config.max_message_bytes
+        self.inflight = InflightLimit(config.max_inflight_calls, inflight_bytes)
+        add_service(self.server, servicer, _SERVICE, parser=parser, limit=self.inflight)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
