@@ -137,6 +137,7 @@ _HOST_PORT = re.compile(
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_NAME_CHARS = 256  # factor and source names (each level event repeats the factor names)
 MAX_PENDING_EVENTS = 64  # level events waiting for a slow reader; later ones are dropped
+_STOP_WAIT_S = 5.0  # after the grace: for stopped jobs to leave their expert call, streams to end
 
 
 class SamplerServerConfig(BaseModel):
@@ -790,11 +791,14 @@ class JobSlots:
         self._lock = threading.Lock()
         self._count = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     async def admit(self, plan: JobPlan, config: SamplerServerConfig) -> Job:
         """A job holding a slot, after waiting for one if every slot is taken."""
         loop = self._loop = asyncio.get_running_loop()
         with self._lock:
+            if self._closed:
+                raise _shutting_down()
             free = len(self._jobs) + self._reserved < self.max_jobs and not self._waiters
             if free:
                 self._reserved += 1
@@ -842,6 +846,15 @@ class JobSlots:
                     self._reserved += 1
                     waiter.set_result(None)
 
+    def close(self) -> None:
+        """Admit no more jobs; the calls waiting for a slot end UNAVAILABLE (on the loop)."""
+        with self._lock:
+            self._closed = True
+            waiters, self._waiters = list(self._waiters), collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(_shutting_down())
+
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiters)
@@ -849,6 +862,10 @@ class JobSlots:
     def running(self) -> list[Job]:
         with self._lock:
             return list(self._jobs)
+
+
+def _shutting_down() -> ExpertError:
+    return ExpertError.unavailable("request", "the sampler is shutting down; try another")
 
 
 # --------------------------------------------------------------------------- servicer
@@ -877,14 +894,18 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
             job.stop()  # a no-op after a normal end; cancels the job when the client left
 
     async def stop_all(self, grace: float) -> None:
-        """Stop every job and wait up to ``grace`` seconds for their threads."""
-        jobs = self.jobs.running()
-        for job in jobs:
-            job.stop()
+        """Drain: admit no more jobs, let the running ones finish for up to ``grace`` seconds,
+        then stop those still running (they end between two expert calls)."""
+        self.jobs.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        jobs = self.jobs.running()
         for job in jobs:
-            await asyncio.to_thread(job.join, max(0.0, deadline - loop.time()))
+            await asyncio.to_thread(job.finished.wait, max(0.0, deadline - loop.time()))
+        for job in jobs:
+            job.stop()
+        for job in jobs:
+            await asyncio.to_thread(job.join, _STOP_WAIT_S)
 
 
 # --------------------------------------------------------------------------- server
@@ -927,12 +948,13 @@ class SamplerHost:
         logger.info("sampler service on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new jobs, stop running ones, wait ``grace`` seconds."""
+        """Health NOT_SERVING, refuse new jobs, let running ones finish for up to ``grace``
+        seconds (their streams deliver their results), then stop the rest."""
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.server.stop(grace))
         await self.servicer.stop_all(grace)
-        await stopping
+        # every job has ended: what remains are streams sending their last replies
+        await self.server.stop(_STOP_WAIT_S)
 
 
 def create_sampler_server(

@@ -1,21 +1,23 @@
-"""The Sampler's limits and refusals (issue 16, items 1, 2, 6 and 7), over real hosts on 127.0.0.1:
+"""The Sampler's limits and refusals (issue 16, items 1, 2, 3, 6 and 7, and the drain), over real hosts on 127.0.0.1:
 requests that would allocate without bound are refused before anything is allocated, with the
 field to blame; an expert answering NaN fails the job naming that expert; a slow reader costs
 the service a bounded number of events; an empty token is refused at start-up; addresses the
 sampler may not call are refused before it dials them, and its token goes only to listed
-experts. After each
+experts; a stopping sampler drains its running jobs within the grace. After each
 refusal the same server runs a good job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
+import time
 
 import grpc
 import pytest
 import torch
-from helpers.remote import LoopThread, free_port
+from helpers.remote import Counter, CountingGaussian, LoopThread, free_port, wait_until
 from helpers.server_experts import Gaussian
 from helpers.timing import scaled
 from torch import Tensor
@@ -274,3 +276,51 @@ def test_an_unreachable_expert_does_not_say_why(loop: LoopThread):
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     details = caught.value.details().lower()
     assert "refused" not in details and "connect" not in details and "127.0.0.1" not in details
+
+
+# ------------------------------------------------------------------ drain (SIGTERM)
+
+
+def _stop_in_background(loop: LoopThread, host, grace: float):
+    return asyncio.run_coroutine_threadsafe(host.stop(grace), loop.loop)
+
+
+def test_a_stopping_sampler_lets_running_jobs_finish_and_refuses_new_ones(loop: LoopThread):
+    expert = loop.serve(Gaussian((1.0, 0.0), delay_s=0.02, name="g"))
+    sampler = loop.sampler()
+    slots = sampler.host.servicer.jobs
+    request = _request([expert.address], settings={"num_steps": 30, "mcmc_steps": 1})
+    with grpc.insecure_channel(sampler.address) as channel:
+        stub = sampler_pb2_grpc.SamplerServiceStub(channel)
+        whole = list(stub.Generate(request, timeout=scaled(120)))  # the same job, undisturbed
+        call = stub.Generate(request, timeout=scaled(120))
+        first = next(call)
+        assert first.HasField("level")
+        stopping = _stop_in_background(loop, sampler.host, scaled(60))
+        assert wait_until(lambda: slots._closed, timeout=scaled(10))
+        assert _refusal(stub, _request([expert.address])) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "request",
+        )
+        rest = list(call)  # the running job finishes: every level, then its result
+        assert len([first, *rest]) == len(whole)  # every level, then the result
+        assert rest[-1].result == whole[-1].result  # the same result, bit for bit
+    stopping.result(scaled(60))
+
+
+def test_jobs_still_running_at_the_end_of_the_grace_are_stopped(loop: LoopThread):
+    counter = Counter()
+    expert = loop.serve(CountingGaussian(delay_s=0.05, counter=counter))
+    sampler = loop.sampler()
+    request = _request([expert.address], settings={"num_steps": 10_000, "mcmc_steps": 1})
+    with grpc.insecure_channel(sampler.address) as channel:
+        call = sampler_pb2_grpc.SamplerServiceStub(channel).Generate(request, timeout=scaled(120))
+        next(call)
+        _stop_in_background(loop, sampler.host, 0.5).result(scaled(60))
+        with pytest.raises(grpc.RpcError):
+            list(call)
+    assert not sampler.host.servicer.jobs.running()
+    calls = counter.calls
+    time.sleep(0.3)
+    assert counter.calls == calls  # the stopped job makes no more expert calls
+    assert calls < 10_000
