@@ -18,7 +18,9 @@ law of the generative factors alone (for log Z), and poegen's settings for the t
 * **T3** (d = 2): a ring prior × a linear reward exp(aᵀx) used as a black box (no gradient):
   the tilt moves mass toward +x; log Z = log E_prior[exp(aᵀx)] is exact.
 * **T4** (d = 2): DAS's toy targets (Kim et al. 2025), quadratic reward, α = 1:
-  E_target[r] = −0.2907 (grid), −1.3400 (ring).
+  E_target[r] = −0.2907 (grid), −1.3400 (ring): our closed forms (checked against scipy
+  quadrature in ``tests/expert_servers/analytic/test_analytic_targets.py``), not the DAS
+  notebooks' Monte Carlo figures (−0.2916, −1.3366, within 0.4 s.e. of them).
 * **T5** (d = 2): a grid prior × the half-space x₁ + x₂ ≤ 0.5 (a hard constraint).
 * **P**, **Pt** (d = 2, 8, 32, 64): an elongated, correlated 3-mixture × a narrow 4-mixture
   with one heavy mode (mode weights disagree), without and with a linear tilt exp(aᵀx): the
