@@ -109,6 +109,7 @@ from poegen.kernel.experts import Capability
 from poegen.kernel.potentials import AllParticlesDiedError
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.kernel.sampler import LevelTrace, SampleResult, sample_iter
+from poegen.kernel.service_metrics import SamplerMetrics
 from poegen.kernel.spec import Factor, SamplerSettings
 from poegen.kernel.transport import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -173,6 +174,8 @@ class SamplerServerConfig(BaseModel):
     expert_deadline_s: float = Field(60.0, gt=0, description="deadline of each expert call")
     expert_retries: int = Field(5, ge=0, le=100, description="retries of UNAVAILABLE")
     shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
 
     @model_validator(mode="after")
     def _check_tokens(self) -> SamplerServerConfig:
@@ -510,8 +513,10 @@ class Job:
         loop: asyncio.AbstractEventLoop,
         on_done: Callable[[Job], None],
         number: int,
+        metrics: SamplerMetrics | None = None,
     ) -> None:
         self.plan = plan
+        self._metrics = metrics
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self._config = config
         self._loop = loop
@@ -569,11 +574,20 @@ class Job:
                 experts, self._experts = self._experts, []
             for expert in experts:
                 expert.close()  # releases its handle before the client hears the end
+            if self._metrics is not None:
+                self._metrics.job_finished(self._outcome(outcome))
             self._on_done(self)
             if outcome is not None:
                 self._emit(outcome)
             self._emit(_END)
             self.finished.set()
+
+    def _outcome(self, outcome: Any) -> str:
+        if isinstance(outcome, sampler_pb2.GenerateResponse):
+            return "completed"
+        if outcome is None or self._stop.is_set():
+            return "stopped"  # cancelled, the client left, or shutdown
+        return "failed"
 
     def _run(self) -> sampler_pb2.GenerateResponse | None:
         """Run the sampler, emitting level events; the result, or None when stopped."""
@@ -594,6 +608,8 @@ class Job:
                 except NonFiniteOutputError as e:
                     index = next(i for i, f in enumerate(factors) if f is e.factor)
                     raise ExpertError.failed_precondition(f"factors[{index}]", str(e)) from None
+                if self._metrics is not None:
+                    self._metrics.level_done(trace.experts)
                 self._emit_level(level_event(trace, preview=plan.preview))
         finally:
             run.close()
@@ -782,8 +798,11 @@ class JobSlots:
     order, for a slot (RESOURCE_EXHAUSTED beyond). A job's slot is handed to the next waiter
     when its thread ends. ``admit`` runs on the service's event loop; ``running`` anywhere."""
 
-    def __init__(self, max_jobs: int, max_queued: int = 0) -> None:
+    def __init__(
+        self, max_jobs: int, max_queued: int = 0, metrics: SamplerMetrics | None = None
+    ) -> None:
         self.max_jobs = max_jobs
+        self._metrics = metrics
         self.max_queued = max_queued
         self._jobs: set[Job] = set()
         self._reserved = 0  # slots handed to a waiter that has not made its job yet
@@ -823,7 +842,7 @@ class JobSlots:
                         self._reserved -= 1
                 self._hand_over()
                 raise
-        job = Job(plan, config, loop, self._done, next(self._count))
+        job = Job(plan, config, loop, self._done, next(self._count), self._metrics)
         with self._lock:
             self._reserved -= 1
             self._jobs.add(job)
@@ -876,7 +895,9 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
 
     def __init__(self, config: SamplerServerConfig) -> None:
         self.config = config
-        self.jobs = JobSlots(config.max_jobs, config.max_queued)
+        self.metrics = SamplerMetrics()
+        self.jobs = JobSlots(config.max_jobs, config.max_queued, self.metrics)
+        self.metrics.track_jobs(lambda: len(self.jobs.running()), self.jobs.waiting)
 
     @maps_errors
     async def Generate(
@@ -933,6 +954,7 @@ class SamplerHost:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = self._bind()
+        self.metrics_port: int | None = None  # bound by start() when metrics_port is set
 
     @property
     def address(self) -> str:
@@ -943,6 +965,10 @@ class SamplerHost:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.servicer.metrics.serve_http(
+                self.config.metrics_host, self.config.metrics_port
+            )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, _SERVING)
         logger.info("sampler service on %s", self.address)
@@ -955,6 +981,7 @@ class SamplerHost:
         await self.servicer.stop_all(grace)
         # every job has ended: what remains are streams sending their last replies
         await self.server.stop(_STOP_WAIT_S)
+        self.servicer.metrics.close()
 
 
 def create_sampler_server(
