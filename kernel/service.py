@@ -171,6 +171,10 @@ class SamplerServerConfig(BaseModel):
     expert_ca_file: Path | None = Field(
         None, description="PEM CA bundle: call experts over TLS, trusting these roots"
     )
+    expert_cert_file: Path | None = Field(
+        None, description="PEM certificate the sampler presents to mTLS experts (with its key)"
+    )
+    expert_key_file: Path | None = Field(None, description="PEM key of expert_cert_file")
     expert_deadline_s: float = Field(60.0, gt=0, description="deadline of each expert call")
     expert_retries: int = Field(5, ge=0, le=100, description="retries of UNAVAILABLE")
     shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
@@ -183,6 +187,12 @@ class SamplerServerConfig(BaseModel):
             secret = getattr(self, name)
             if secret is not None and not secret.get_secret_value().strip():
                 raise ValueError(f"{name}: must not be empty (unset it to turn auth off)")
+        if (self.expert_cert_file is None) != (self.expert_key_file is None):
+            raise ValueError("expert_cert_file: expert_cert_file and expert_key_file go together")
+        for name in ("expert_ca_file", "expert_cert_file", "expert_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: not a file")
         if self.expert_token is not None and (
             not self.allowed_experts or "*" in self.allowed_experts
         ):
@@ -683,7 +693,15 @@ class Job:
             return []
         config = self._config
         token = config.expert_token.get_secret_value() if config.expert_token else None
-        tls = channel_credentials(config.expert_ca_file) if config.expert_ca_file else None
+        tls = (
+            channel_credentials(
+                config.expert_ca_file,
+                cert_file=config.expert_cert_file,
+                key_file=config.expert_key_file,
+            )
+            if config.expert_ca_file or config.expert_cert_file
+            else None
+        )
 
         def connect(where: str, address: str, condition: Any | None) -> RemoteExpert:
             if self._stop.is_set():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +10,10 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import auth
 from helpers.server import collect, rpc_error, run, running, velocity_request
 from helpers.server_experts import Gaussian
+from helpers.timing import scaled
 
 from poegen.expert_servers.server import ExpertFileAdapter, ServerConfig, create_server
 from poegen.expert_servers.server.config import ConfigError, load_server_config
@@ -26,31 +26,45 @@ BEARER = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def test_token_is_required_on_every_rpc_but_health() -> None:
+    """All 12 RPCs of ExpertService (read from the descriptor) and server reflection are
+    refused UNAUTHENTICATED, naming ``authorization``, for every bad credential; with the token
+    each reaches its handler (no UNAUTHENTICATED); health answers without one (the probes')."""
+    guarded = auth.methods(
+        pb.DESCRIPTOR.services_by_name["ExpertService"],
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    )
+    assert len(guarded) == 13  # 12 expert RPCs + ServerReflectionInfo
+
     async def body() -> None:
         async with running(ServerConfig(token=TOKEN), expert=Gaussian()) as server:
-            for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
-                for call in (
-                    server.stub.Describe(pb.DescribeRequest(), metadata=metadata),
-                    server.stub.Velocity(velocity_request(), metadata=metadata),
-                ):
-                    code, err = await rpc_error(call)
-                    assert code == grpc.StatusCode.UNAUTHENTICATED
-                    assert err is not None and err.field == "authorization"
-            stream = server.stub.LoadModel(pb.LoadModelRequest(model_id="x"))
-            code, _ = await rpc_error(collect(stream))
-            assert code == grpc.StatusCode.UNAUTHENTICATED
+            for metadata in auth.bad_credentials(TOKEN):
+                refused = await auth.answers(server.channel, guarded, metadata)
+                assert refused == dict.fromkeys(
+                    refused, (grpc.StatusCode.UNAUTHENTICATED, "authorization")
+                ), metadata
+            admitted = await auth.answers(server.channel, guarded, BEARER)
+            assert len(admitted) == 13
+            assert all(code != grpc.StatusCode.UNAUTHENTICATED for code, _ in admitted.values())
+            assert admitted["ExpertService/Describe"][0] == grpc.StatusCode.OK
+            # the service is served (not UNIMPLEMENTED): every handler answered
+            assert all(code != grpc.StatusCode.UNIMPLEMENTED for code, _ in admitted.values())
             health = health_pb2_grpc.HealthStub(server.channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            # reflection is not exempt
+            open_ = await auth.answers(
+                server.channel, auth.methods(health_pb2.DESCRIPTOR.services_by_name["Health"]), ()
+            )
+            # every health method passes the interceptor; Check and Watch answer SERVING
+            # (List, newer than grpcio-health-checking's servicer, is UNIMPLEMENTED there)
+            assert all(code != grpc.StatusCode.UNAUTHENTICATED for code, _ in open_.values())
+            assert open_["Health/Check"] == open_["Health/Watch"] == (grpc.StatusCode.OK, None)
+            # reflection with the token lists the services
             reflect = reflection_pb2_grpc.ServerReflectionStub(server.channel)
             request = reflection_pb2.ServerReflectionRequest(list_services="")
 
             async def requests() -> Any:
                 yield request
 
-            code, _ = await rpc_error(collect(reflect.ServerReflectionInfo(requests())))
-            assert code == grpc.StatusCode.UNAUTHENTICATED
             replies = await collect(reflect.ServerReflectionInfo(requests(), metadata=BEARER))
             names = {s.name for s in replies[0].list_services_response.service}
             assert {"poegen.v1.ExpertService", "grpc.health.v1.Health"} <= names
@@ -107,55 +121,10 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ TLS
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    assert shutil.which("openssl"), (
-        "the TLS tests need the openssl CLI (scripts/test.sh installs it)"
-    )
-    directory = tmp_path_factory.mktemp("certs")
-    server_key, server_cert = _self_signed(directory, "server")
-    client_key, client_cert = _self_signed(directory, "client")
-    return {
-        "server_key": server_key,
-        "server_cert": server_cert,
-        "client_key": client_key,
-        "client_cert": client_cert,
-    }
-
-
 async def _secure_describe(port: int, credentials: grpc.ChannelCredentials) -> pb.DescribeResponse:
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
         return await expert_pb2_grpc.ExpertServiceStub(channel).Describe(
-            pb.DescribeRequest(), timeout=10
+            pb.DescribeRequest(), timeout=scaled(10)
         )
 
 
@@ -173,7 +142,7 @@ def test_tls_round_trip(certs: dict[str, Path]) -> None:
             assert code == grpc.StatusCode.UNAVAILABLE
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
                 stub = expert_pb2_grpc.ExpertServiceStub(plain)
-                code, _ = await rpc_error(stub.Describe(pb.DescribeRequest(), timeout=5))
+                code, _ = await rpc_error(stub.Describe(pb.DescribeRequest(), timeout=scaled(5)))
                 assert code == grpc.StatusCode.UNAVAILABLE
         finally:
             await host.stop(0)
