@@ -55,7 +55,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -451,6 +451,67 @@ def _result(
 
 # --------------------------------------------------------------------------- sync client
 
+_POLL_S = 0.05  # how often a blocked call of the sync client looks for a pending Ctrl-C
+_CANCEL_WAIT_S = 10.0  # how long an interrupted call waits for its job to stop
+
+
+class _Running:
+    """A coroutine on the sync client's loop, waited for from the calling thread.
+
+    The wait polls. Ctrl-C is a process-directed SIGINT, delivered to any thread that does not
+    block it: the loop's, gRPC's, torch's, busy on a loaded machine. Python then raises
+    ``KeyboardInterrupt`` in the main thread only when that thread next runs bytecode, so a
+    wait that sleeps in ``Future.result()`` would see Ctrl-C only once the job had ended.
+    Cancelling waits for the task to finish (its ``finally`` blocks cancel the gRPC call or
+    stop the in-process job), so the job is stopped by the time the interrupt propagates.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._done: Future[Any] = Future()
+        self._task: asyncio.Task[Any] | None = None
+
+    def start(self, coro: Any) -> None:
+        self._loop.call_soon_threadsafe(self._create, coro)
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.done():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the call did not end within {timeout} s")
+            wait([self._done], timeout=_POLL_S)  # returns at once when it ends
+        return self._done.result()
+
+    def cancel(self, timeout: float) -> None:
+        """Cancel the task and wait up to ``timeout`` seconds for it to finish."""
+        self._loop.call_soon_threadsafe(self._cancel)
+        deadline = time.monotonic() + timeout
+        while not self._done.done() and time.monotonic() < deadline:
+            wait([self._done], timeout=_POLL_S)
+
+    # on the loop's thread (callbacks run in the order they were scheduled: _create first)
+
+    def _create(self, coro: Any) -> None:
+        self._task = self._loop.create_task(coro)
+        self._task.add_done_callback(self._finished)
+
+    def _cancel(self) -> None:
+        if self._task is None:  # never started
+            self._done.cancel()
+        else:
+            self._task.cancel()
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self._done.cancel()
+        elif (error := task.exception()) is not None:
+            self._done.set_exception(error)
+        else:
+            self._done.set_result(task.result())
+
 
 class Client:
     """The blocking client: an :class:`AsyncClient` on a background event loop.
@@ -499,18 +560,20 @@ class Client:
     def _submit(self, coro: Any) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def _wait(self, future: Future[Any]) -> Any:
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run ``coro`` on the client's loop and wait for it here; interrupted (Ctrl-C), cancel
+        it and wait until it has stopped (the gRPC call cancelled), then re-raise."""
+        running = _Running(self._loop)
         try:
-            return future.result()
+            running.start(coro)
+            return running.result(timeout)
         except BaseException:
-            if not future.done():  # interrupted here (Ctrl-C): cancel the job, then re-raise
-                future.cancel()
-                with contextlib.suppress(BaseException):
-                    future.result(10)
+            if not running.done():
+                running.cancel(_CANCEL_WAIT_S)
             raise
 
     def describe(self, endpoint: str) -> EndpointInfo:
-        return self._wait(self._submit(self._async.describe(endpoint)))
+        return self._call(self._async.describe(endpoint))
 
     def generate(
         self,
@@ -520,9 +583,7 @@ class Client:
         on_progress: Callable[[ProgressEvent], None] | None = None,
     ) -> GenerationResult:
         """Run ``spec`` to the end (see :meth:`AsyncClient.generate`)."""
-        return self._wait(
-            self._submit(self._async.generate(spec, timeout=timeout, on_progress=on_progress))
-        )
+        return self._call(self._async.generate(spec, timeout=timeout, on_progress=on_progress))
 
     def stream(self, spec: GenerationSpec, *, timeout: float | None = None) -> Iterator[Event]:
         """Yield a :class:`ProgressEvent` per level, then the :class:`GenerationResult`;
@@ -531,12 +592,12 @@ class Client:
         try:
             while True:
                 try:
-                    yield self._wait(self._submit(events.__anext__()))
+                    yield self._call(events.__anext__())
                 except StopAsyncIteration:
                     return
         finally:
             with contextlib.suppress(BaseException):
-                self._submit(events.aclose()).result(30)
+                self._call(events.aclose(), timeout=30)
 
 
 __all__ = [

@@ -16,6 +16,7 @@ import torch
 import yaml
 from helpers.remote import free_port
 from helpers.stack import ADMIN_TOKEN, MIX, REPO, SETTINGS, poegen, write_models
+from helpers.timing import scaled
 
 from poegen.clients.cli import main
 from poegen.clients.stack import LocalStack
@@ -101,6 +102,21 @@ def test_serve_rejects_bad_flags_with_status_2(
     args = ["serve", "analytic", "--model", str(tmp_path / "m.yaml"), "--model-root", str(other)]
     assert main(args) == 2
     assert "is not inside --model-root" in capsys.readouterr().err
+
+
+def test_serve_exits_1_when_an_analytic_model_fails_to_load(tmp_path: Path) -> None:
+    """The fast form of the test below: the same ``serve_model`` path (listen, announce, load
+    through LoadModel, status 1) with a model file the analytic backend cannot build, so the
+    process imports no diffusers (about 2 s)."""
+    model = tmp_path / "broken.yaml"
+    model.write_text("expert: no_such_expert\n")
+    done = poegen(
+        "serve", "analytic", "--model", str(model), "--port", "0", timeout=scaled(60)
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert re.match(r"poegen: serving analytic on 127\.0\.0\.1:\d+$", done.stdout.splitlines()[0])
+    assert "poegen serve: error: loading 'broken.yaml' failed" in done.stderr
+    assert "cannot build 'no_such_expert'" in done.stderr
 
 
 @pytest.mark.slow  # imports diffusers in a fresh process (~10 s of CPU)
@@ -293,7 +309,7 @@ def test_generate_with_its_own_stack_from_the_examples(tmp_path: Path) -> None:
             "generate", "examples/t1.yaml", "--stack", "examples/t1_stack.yaml",
             "--particles", "64", "--steps", "10", "-o", str(out),
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
+        cwd=REPO, capture_output=True, text=True, timeout=scaled(240),
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

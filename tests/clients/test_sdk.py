@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 from helpers.remote import LoopThread
-from helpers.stack import BAR, MIX, REWARD, SETTINGS, spec_data, stack_data, write_models
+from helpers.stack import BAR, MIX, REPO, REWARD, SETTINGS, spec_data, stack_data, write_models
+from helpers.timing import scaled
 
 from poegen import (
     AsyncClient,
@@ -80,7 +82,7 @@ def _local_reference(seed: int = 3):
     )
 
 
-def _free_slots(client: Client, within_s: float = 10.0) -> None:
+def _free_slots(client: Client, within_s: float = scaled(10.0)) -> None:
     """Two jobs at once succeed within seconds: the Sampler (max_jobs 2) runs nothing left
     over (a job that was not cancelled would run for minutes and hold a slot)."""
     spec = _spec()
@@ -88,7 +90,9 @@ def _free_slots(client: Client, within_s: float = 10.0) -> None:
     while True:
         try:
             with ThreadPoolExecutor(2) as pool:
-                results = list(pool.map(lambda _: client.generate(spec, timeout=60), range(2)))
+                results = list(
+                    pool.map(lambda _: client.generate(spec, timeout=scaled(60)), range(2))
+                )
             break
         except GenerationError as e:
             if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
@@ -112,7 +116,7 @@ def test_the_stack_serves_every_endpoint(stack: LocalStack) -> None:
 
 def test_generate_through_the_sampler_equals_the_kernel_in_process(stack: LocalStack) -> None:
     with Client.from_stack(stack) as client:
-        result = client.generate(_spec(), timeout=60)
+        result = client.generate(_spec(), timeout=scaled(60))
     local = _local_reference()
     assert torch.equal(result.particles, local.particles)
     torch.testing.assert_close(result.log_weights, local.log_weights.to(torch.float64))
@@ -127,7 +131,7 @@ def test_generate_through_the_sampler_equals_the_kernel_in_process(stack: LocalS
 def test_in_process_mode_gives_the_same_particles(stack: LocalStack) -> None:
     with Client.from_stack(stack, in_process=True) as client:
         assert client.sampler is None
-        result = client.generate(_spec(), timeout=60)
+        result = client.generate(_spec(), timeout=scaled(60))
     assert torch.equal(result.particles, _local_reference().particles)
     assert [r.name for r in result.experts] == ["mix", "bar", "right"]
 
@@ -135,7 +139,7 @@ def test_in_process_mode_gives_the_same_particles(stack: LocalStack) -> None:
 def test_stream_events_arrive_in_order_then_the_result(stack: LocalStack) -> None:
     spec = _spec()
     with Client.from_stack(stack) as client:
-        events = list(client.stream(spec, timeout=60))
+        events = list(client.stream(spec, timeout=scaled(60)))
     *levels, result = events
     assert isinstance(result, GenerationResult)
     assert all(isinstance(e, ProgressEvent) for e in levels)
@@ -153,8 +157,8 @@ def test_stream_events_arrive_in_order_then_the_result(stack: LocalStack) -> Non
 
 def test_previews_ride_on_the_events_when_asked(stack: LocalStack) -> None:
     with Client.from_stack(stack) as client:
-        with_previews = list(client.stream(_spec(preview=True), timeout=60))[:-1]
-        without = list(client.stream(_spec(), timeout=60))[:-1]
+        with_previews = list(client.stream(_spec(preview=True), timeout=scaled(60)))[:-1]
+        without = list(client.stream(_spec(), timeout=scaled(60)))[:-1]
     assert all(e.preview is not None and e.preview.shape == (2,) for e in with_previews)
     assert all(e.preview is None for e in without)
 
@@ -162,7 +166,7 @@ def test_previews_ride_on_the_events_when_asked(stack: LocalStack) -> None:
 def test_async_client_generates_and_streams(stack: LocalStack) -> None:
     async def body() -> tuple[GenerationResult, list[int]]:
         async with AsyncClient.from_stack(stack) as client:
-            result = await client.generate(_spec(), timeout=60)
+            result = await client.generate(_spec(), timeout=scaled(60))
             steps = [e.step async for e in client.stream(_spec()) if isinstance(e, ProgressEvent)]
             return result, steps
 
@@ -194,6 +198,7 @@ def test_cancelling_the_task_cancels_the_job_on_the_sampler(stack: LocalStack) -
 
 
 def test_timeout_raises_and_cancels_the_job(stack: LocalStack) -> None:
+    # timeout=1.0 is the subject, not a limit (not scaled): LONG runs for minutes
     with Client.from_stack(stack) as client:
         with pytest.raises(GenerationTimeout, match="timeout"):
             client.generate(_spec(settings=LONG), timeout=1.0)
@@ -203,20 +208,83 @@ def test_timeout_raises_and_cancels_the_job(stack: LocalStack) -> None:
 
 
 def test_in_process_timeout_stops_the_kernel(stack: LocalStack) -> None:
+    # timeout=1.0 is the subject, not a limit (not scaled)
     with Client.from_stack(stack, in_process=True) as client, pytest.raises(GenerationTimeout):
         client.generate(_spec(settings=LONG), timeout=1.0)
 
 
+_CTRL_C_CLIENT = """
+import json, sys
+from poegen import Client, GenerationSpec
+
+sampler, endpoints, spec, timeout = sys.argv[1:]
+def progress(event):
+    if event.step == 0:
+        print("level 0", flush=True)  # the job runs and this process waits in generate()
+with Client(sampler, endpoints=json.loads(endpoints)) as client:
+    try:
+        client.generate(
+            GenerationSpec.from_mapping(json.loads(spec)), timeout=float(timeout),
+            on_progress=progress,
+        )
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(0)
+print("finished", flush=True)
+"""
+
+
 def test_ctrl_c_in_the_blocking_client_cancels_the_job(stack: LocalStack) -> None:
-    assert threading.current_thread() is threading.main_thread()
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    """Ctrl-C (SIGINT to the process) while ``generate`` waits: KeyboardInterrupt at once, the
+    job cancelled on the Sampler. A client process of its own, signalled only once it streams
+    the first level, so the signal lands inside the blocking wait, as a user's Ctrl-C does."""
+    job_timeout = scaled(120)  # LONG runs for minutes; this bounds a client that missed Ctrl-C
+    endpoints = stack.endpoints
+    child = subprocess.Popen(
+        [
+            sys.executable, "-c", _CTRL_C_CLIENT, endpoints.sampler,
+            json.dumps(endpoints.experts), json.dumps(spec_data(settings=LONG)), str(job_timeout),
+        ],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "level 0"
+        signalled = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=job_timeout) == 0
+        latency = time.monotonic() - signalled
+        assert child.stdout.read().strip() == "interrupted"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert latency < job_timeout / 4  # it stopped at the signal, not at the job's timeout
     with Client.from_stack(stack) as client:
-        timer.start()
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                client.generate(_spec(settings=LONG), timeout=60)
-        finally:
-            timer.cancel()
+        _free_slots(client)
+
+
+def test_a_sigint_taken_by_another_thread_still_interrupts_the_blocking_client(
+    stack: LocalStack,
+) -> None:
+    """A process-directed SIGINT goes to any thread that does not block it; Python raises
+    KeyboardInterrupt in the main thread only when that thread runs. Here the client's own
+    loop thread takes it (as on a loaded machine, where the bug was seen): the blocking wait
+    still raises, within its polling interval rather than when the job ends."""
+    assert threading.current_thread() is threading.main_thread()
+    job_timeout = scaled(60)
+    signalled: list[float] = []
+
+    def progress(event: ProgressEvent) -> None:  # on the client's loop thread
+        if not signalled:
+            signalled.append(time.monotonic())
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    with Client.from_stack(stack) as client:
+        with pytest.raises(KeyboardInterrupt):
+            client.generate(_spec(settings=LONG), timeout=job_timeout, on_progress=progress)
+        latency = time.monotonic() - signalled[0]
+        assert latency < job_timeout / 4  # before the fix: the whole job_timeout
         _free_slots(client)
 
 
@@ -235,7 +303,7 @@ def test_a_bad_address_names_the_spec_field(stack: LocalStack, in_process: bool)
         Client.from_stack(stack, in_process=in_process) as client,
         pytest.raises(GenerationError) as error,
     ):
-        client.generate(spec, timeout=60)
+        client.generate(spec, timeout=scaled(60))
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
     assert error.value.spec_field == "experts[1].address"
     assert "experts[1].address" in str(error.value)
@@ -259,7 +327,7 @@ def test_builder_spec_runs(stack: LocalStack) -> None:
         .build()
     )
     with Client.from_stack(stack) as client:
-        result = client.generate(spec, timeout=60)
+        result = client.generate(spec, timeout=scaled(60))
     assert torch.equal(result.particles, _local_reference().particles)
 
 
@@ -274,7 +342,7 @@ def test_pixel_samples_become_images_and_outputs(
         }
     )
     with Client.from_stack(stack) as client:
-        result = client.generate(spec, timeout=60)
+        result = client.generate(spec, timeout=scaled(60))
     assert result.sample_shape == (3, 8, 8)  # from the expert's Describe
     assert len(result.images) == 4 and result.images[0].size == (8, 8)
     weights = result.weights[list(result.image_indices)]
@@ -308,7 +376,7 @@ def test_video_samples_become_frames_and_an_mp4(
         }
     )
     with Client.from_stack(stack) as client:
-        result = client.generate(spec, timeout=60)
+        result = client.generate(spec, timeout=scaled(60))
     assert result.video.shape == (2, 4, 8, 8, 3) and result.video.dtype.name == "uint8"
     written = write_outputs(result, tmp_path, spec)
     mp4 = tmp_path / "sample_000.mp4"

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 from helpers.server_experts import Gaussian
+from helpers.timing import scaled
 from torch import Tensor
 
 from poegen.expert_servers.server import ExpertHost, ServerConfig, create_server
@@ -35,7 +36,7 @@ class LoopThread:
         self._thread.start()
         self._hosts: list[ExpertHost | SamplerHost] = []
 
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 30.0) -> _T:
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = scaled(30.0)) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def serve(self, expert: Any, config: ServerConfig | None = None, **kw: Any) -> Served:
@@ -69,7 +70,7 @@ class LoopThread:
         for host in list(self._hosts):
             self.stop(host)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        self._thread.join(scaled(10))
         self.loop.close()
 
 
@@ -94,7 +95,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = scaled(5.0)) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass (default scaled; a caller's
+    own ``timeout`` is written ``scaled(...)`` at the call)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from helpers.timing import scaled
 
 from poegen.expert_servers.server import ExpertHost, ServerConfig, create_server
 from poegen.kernel import codec
@@ -32,7 +33,7 @@ OPTIONS = [
 ]
 
 
-def run(coro: Coroutine[Any, Any, _T], timeout: float = 30.0) -> _T:
+def run(coro: Coroutine[Any, Any, _T], timeout: float = scaled(30.0)) -> _T:
     """Run a test body in a fresh event loop, with a timeout."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -95,14 +96,14 @@ class Process:
     port: int
     lines: list[str]
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = scaled(20.0)) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
 
 def start_process(
-    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 30.0
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = scaled(30.0)
 ) -> Process:
     """Start ``python ARGS`` and wait for its ``poegen: serving ... on HOST:PORT`` line."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from helpers.timing import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +63,7 @@ def spec_data(**overrides: Any) -> dict[str, Any]:
     }
 
 
-def poegen(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0):
+def poegen(*args: str, env: dict[str, str] | None = None, timeout: float = scaled(120.0)):
     """Run ``python -m poegen.clients.cli ARGS`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "poegen.clients.cli", *args],
@@ -83,7 +84,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
+def wait_gone(pids: list[int], timeout: float = scaled(20.0)) -> list[int]:
     """The pids still alive after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

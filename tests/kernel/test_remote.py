@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers.remote import Counter, CountingGaussian, Jitter, LoopThread, free_port, wait_until
 from helpers.server_experts import Gaussian, HalfSpace
+from helpers.timing import scaled
 
 from poegen.expert_servers.analytic import GaussianMixture, LinearReward
 from poegen.expert_servers.analytic import HalfSpace as AnalyticHalfSpace
@@ -131,7 +132,7 @@ def test_retries_until_the_server_is_up(loop: LoopThread) -> None:
     thread.start()
     time.sleep(0.4)  # the client is retrying now
     loop.serve(Gaussian(), ServerConfig(port=port))
-    thread.join(20)
+    thread.join(scaled(20))
     assert "error" not in got, got.get("error")
     assert got["v"].shape == (2, 2)
 
@@ -163,13 +164,15 @@ def test_unavailable_after_the_retries_says_so() -> None:
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     assert "3 attempt" in err.value.reason
     assert err.value.method == "Describe"
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < scaled(10)
 
 
 def test_deadline_exceeded_surfaces_clearly(loop: LoopThread) -> None:
     served = loop.serve(Gaussian(delay_s=1.0))
     with RemoteExpert.connect(served.address) as remote, pytest.raises(RemoteExpertError) as err:
-        remote.deadline_s = 0.2  # connect (Describe) without it: a loaded machine may be slow
+        # the deadline is the subject, not a limit (not scaled); connect (Describe) without it:
+        # a loaded machine may be slow
+        remote.deadline_s = 0.2
         remote.velocity(torch.zeros(1, 2), torch.full((1,), 0.5))
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline_s=0.2" in str(err.value)
@@ -325,8 +328,8 @@ def test_cancel_stops_calls_in_flight(loop: LoopThread) -> None:
         thread.start()
         time.sleep(0.2)
         remote.cancel()
-        thread.join(5)
-        assert time.monotonic() - started < 1.5
+        thread.join(scaled(5))
+        assert time.monotonic() - started < 1.5  # the subject: before the 2 s call ends
         with pytest.raises(RemoteExpertError) as later:
             remote.velocity(torch.zeros(1, 2), torch.full((1,), 0.5))
     assert errors and errors[0].code == grpc.StatusCode.CANCELLED

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
+from helpers.timing import scaled
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "proto"
@@ -122,7 +123,7 @@ def test_buf_lint():
     # scripts/test.sh installs buf (npm ci) before the suite runs: its absence is a failure
     assert BUF.exists(), f"buf is not installed at {BUF}: run npm ci (scripts/test.sh does)"
     result = subprocess.run(
-        [str(BUF), "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [str(BUF), "lint"], cwd=ROOT, capture_output=True, text=True, timeout=scaled(120)
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 from helpers.server import collect, rpc_error, run, running
+from helpers.timing import scaled
 
 from poegen.expert_servers.classifier import ClassifierAdapter
 from poegen.expert_servers.digits import model_path, weights_dir
@@ -227,4 +228,4 @@ def test_shipped_reward_classifier_served_over_grpc():
             )
             assert codec.decode(resized.log_prob, field="log_prob").shape == (2,)
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))

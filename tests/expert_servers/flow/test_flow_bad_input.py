@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 from helpers.server import collect, rpc_error, run, running
+from helpers.timing import scaled
 
 from poegen.expert_servers.flow import FluxAdapter, WanAdapter
 from poegen.expert_servers.server import ServerConfig
@@ -95,7 +96,7 @@ def test_flux_server_refuses_bad_input_and_keeps_serving(flow_models):
                 codec.decode(again.velocity, field="v"), good, rtol=0, atol=0
             )
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))
 
 
 def test_wan_image_to_video_refuses_bad_conditions(flow_models):
@@ -128,7 +129,7 @@ def test_wan_image_to_video_refuses_bad_conditions(flow_models):
             reply = await stub.Velocity(_velocity(torch.randn(1, 16, 3, 4, 4), sigma, handle))
             assert codec.decode(reply.velocity, field="v").shape == (1, 16, 3, 4, 4)
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from helpers.server import collect, rpc_error, run, running
+from helpers.timing import scaled
 
 from poegen.expert_servers.flow import FlowAdapter
 from poegen.expert_servers.server import Condition, ModelRef, ServerConfig
@@ -175,7 +176,7 @@ def test_served_over_grpc_load_velocity_and_bad_input(flow_models):
                 codec.decode(again.velocity, field="v"), want, rtol=0, atol=0
             )
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))
 
 
 def test_pickled_weights_are_refused(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 from helpers.remote import LoopThread
+from helpers.timing import scaled
 
 from poegen.expert_servers.flow import FluxAdapter, SD3Adapter, WanAdapter
 from poegen.expert_servers.server import Condition, ModelRef
@@ -197,7 +198,7 @@ def test_poegen_serve_flux_process_answers_the_same(flow_models):
     process = start_process(
         ["-m", "poegen.clients.cli", "serve", "flux", "--model", str(folder), "--option",
          "max_sequence_length=16", "--host", "127.0.0.1", "--port", "0"],
-        env={"HF_HUB_OFFLINE": "1"}, timeout=60,
+        env={"HF_HUB_OFFLINE": "1"}, timeout=scaled(60),
     )  # fmt: skip
     try:
         local = family.adapter().load(

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 from helpers.remote import LoopThread, Served
+from helpers.timing import scaled
 
 from poegen.expert_servers.flow import FluxAdapter
 from poegen.expert_servers.physics import PhysicsAdapter
@@ -71,14 +72,18 @@ def stack(flow_models, tmp_path_factory) -> Iterator[dict[str, Served]]:
 
 def _generate(sampler: Served, request: sampler_pb2.GenerateRequest) -> torch.Tensor:
     with grpc.insecure_channel(sampler.address) as channel:
-        replies = list(sampler_pb2_grpc.SamplerServiceStub(channel).Generate(request, timeout=120))
+        replies = list(
+            sampler_pb2_grpc.SamplerServiceStub(channel).Generate(request, timeout=scaled(120))
+        )
     return codec.decode(replies[-1].result.particles, field="particles")
 
 
 def _failure(sampler: Served, request: sampler_pb2.GenerateRequest) -> tuple[grpc.StatusCode, str]:
     with grpc.insecure_channel(sampler.address) as channel:
         try:
-            list(sampler_pb2_grpc.SamplerServiceStub(channel).Generate(request, timeout=120))
+            list(
+                sampler_pb2_grpc.SamplerServiceStub(channel).Generate(request, timeout=scaled(120))
+            )
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             return e.code(), "" if err is None else err.field

@@ -11,6 +11,7 @@ import pytest
 import torch
 import trimesh
 from helpers.server import collect, rpc_error, run, running
+from helpers.timing import scaled
 
 from poegen.expert_servers.graphics import GraphicsAdapter
 from poegen.expert_servers.physics import PhysicsAdapter
@@ -98,7 +99,7 @@ def test_physics_over_grpc_prepare_render_propose(model_root: Path) -> None:
             want = -1.0 * float((target[inside] ** 2).sum())
             assert codec.decode(lp.log_prob, field="lp")[0].item() == pytest.approx(want, rel=1e-5)
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))
 
 
 def test_physics_tie_as_a_score_over_grpc(model_root: Path) -> None:
@@ -136,7 +137,7 @@ def test_physics_tie_as_a_score_over_grpc(model_root: Path) -> None:
                 await server.stub.Score(pb.ScoreRequest(x=request["x"], sigma=request["sigma"]))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))
 
 
 def test_graphics_over_grpc(model_root: Path) -> None:
@@ -150,7 +151,7 @@ def test_graphics_over_grpc(model_root: Path) -> None:
             mask = codec.decode(reply.tensors["mask"], field="mask")
             assert mask.shape == (1, 1, 24, 32) and 20 < mask.sum() < 24 * 32
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))
 
 
 MJCF_BROKEN = "<mujoco><worldbody><body><geom type='sphere' size='0.1'></body></worldbody>"
@@ -210,7 +211,7 @@ def test_bad_input_table_over_grpc(model_root: Path, backend: str) -> None:
                     await server.stub.Render(pb.RenderRequest(handle=handle, names=["mask"]))
                 ).tensors
 
-    run(body(), timeout=240)
+    run(body(), timeout=scaled(240))
 
 
 def test_bad_load_options_and_ids(model_root: Path) -> None:
@@ -233,7 +234,7 @@ def test_bad_load_options_and_ids(model_root: Path) -> None:
             code, err = await rpc_error(server.stub.Render(pb.RenderRequest()))
             assert code == grpc.StatusCode.FAILED_PRECONDITION and err.field == "handle"
 
-    run(body(), timeout=120)
+    run(body(), timeout=scaled(120))
 
 
 def test_backends_are_registered() -> None:

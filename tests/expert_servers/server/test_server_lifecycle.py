@@ -10,6 +10,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.server import rpc_error, run, running
 from helpers.server_experts import Gaussian, HalfSpace
+from helpers.timing import scaled
 
 from poegen.expert_servers.server import ServerConfig, create_server
 from poegen.kernel import codec
@@ -110,7 +111,7 @@ def test_replies_go_to_the_room_the_client_offers() -> None:
 
 def _scrape(port: int) -> str:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=scaled(10)) as reply:
         return reply.read().decode()
 
 

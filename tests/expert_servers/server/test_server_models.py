@@ -16,6 +16,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.server import collect, rpc_error, run, running, tensor
 from helpers.server_experts import Gaussian, GaussianFileAdapter
+from helpers.timing import scaled
 
 from poegen.expert_servers.server import ExpertFileAdapter, ModelRef, ServedModel, ServerConfig
 from poegen.kernel import codec
@@ -347,7 +348,7 @@ def test_load_unload_cycles_do_not_grow_memory(root: Path) -> None:
             alive = sum(ref() is not None for ref in adapter.refs)
             return growth, alive
 
-    growth, alive = run(body(), timeout=60)
+    growth, alive = run(body(), timeout=scaled(60))
     assert alive <= 1, f"{alive} experts still alive after 35 loads"
     assert growth < 200_000, f"memory grew by {growth} bytes over 30 load cycles"
 

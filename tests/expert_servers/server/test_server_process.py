@@ -14,6 +14,7 @@ import torch
 import yaml
 from helpers.server import rpc_error, run, start_process
 from helpers.server_experts import Gaussian
+from helpers.timing import scaled
 
 from poegen.clients.cli import main
 from poegen.expert_servers.analytic import GaussianMixture
@@ -32,7 +33,7 @@ def _velocity_request() -> pb.VelocityRequest:
 
 def _metrics(port: int) -> str:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
-    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=scaled(10)) as reply:
         return reply.read().decode()
 
 
@@ -43,14 +44,16 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero() -> None:
         address = f"127.0.0.1:{server.port}"
         async with grpc.aio.insecure_channel(address) as channel:
             stub = expert_pb2_grpc.ExpertServiceStub(channel)
-            in_flight = asyncio.ensure_future(stub.Velocity(_velocity_request(), timeout=20))
+            in_flight = asyncio.ensure_future(
+                stub.Velocity(_velocity_request(), timeout=scaled(20))
+            )
             await asyncio.sleep(1.0)  # the call is inside the expert's 2.5 s compute
             server.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             async with grpc.aio.insecure_channel(address) as fresh:
                 code, _ = await rpc_error(
                     expert_pb2_grpc.ExpertServiceStub(fresh).Describe(
-                        pb.DescribeRequest(), timeout=3
+                        pb.DescribeRequest(), timeout=scaled(3)
                     )
                 )
                 assert code == grpc.StatusCode.UNAVAILABLE  # the port is closed
@@ -61,7 +64,7 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero() -> None:
 
     try:
         run(body())
-        assert server.proc.wait(timeout=20) == 0
+        assert server.proc.wait(timeout=scaled(20)) == 0
     finally:
         if server.proc.poll() is None:
             server.proc.kill()

@@ -18,6 +18,7 @@ import transformers
 from helpers import vlm_models as fx
 from helpers.remote import LoopThread
 from helpers.server import rpc_error, run, running, tensor
+from helpers.timing import scaled
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -335,7 +336,7 @@ def test_bad_input_over_grpc_and_the_server_keeps_serving(vlm_root: Path) -> Non
             described = await stub.Describe(pb.DescribeRequest())
             assert described.pixel_input and described.kind == pb.EXPERT_KIND_DISCRIMINATIVE
 
-    run(body(), timeout=60)
+    run(body(), timeout=scaled(60))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
