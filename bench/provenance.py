@@ -23,6 +23,13 @@ MEASURES: dict[str, tuple[str, ...]] = {
         "bench/metrics.py",
         "bench/tasks.py",
     ),
+    "kernel_figures": (
+        "kernel",
+        "expert_servers/analytic",
+        "bench/baselines.py",
+        "bench/metrics.py",
+        "bench/tasks.py",
+    ),
     "digits": (
         "kernel",
         "expert_servers/digits",

@@ -206,8 +206,13 @@ def _cost(job: Job) -> int:
     return settings["num_particles"] * len(job.experts) * (1 + settings.get("mcmc_steps", 0))
 
 
-def run(options: DemoOptions) -> int:
-    """The digits demo (see the module docstring)."""
+def run(options: DemoOptions, *, start_stack: Any = None) -> int:
+    """The digits demo (see the module docstring).
+
+    ``start_stack(mapping)`` returns the context manager that serves :func:`stack_mapping`
+    (its value has ``endpoints``); default :meth:`LocalStack.from_mapping
+    <poegen.clients.stack.LocalStack.from_mapping>`, a process per server.
+    """
     from safetensors.torch import save_file
 
     from poegen.clients.sdk import Client
@@ -228,7 +233,7 @@ def run(options: DemoOptions) -> int:
     with tempfile.TemporaryDirectory(prefix="poegen-demo-") as tmp:
         targets_file = Path(tmp) / "targets.safetensors"
         save_file({f"t{k}": t.contiguous() for k, t in enumerate(targets)}, targets_file)
-        with LocalStack.from_mapping(stack_mapping(1)) as stack:
+        with (start_stack or LocalStack.from_mapping)(stack_mapping(1)) as stack:
             for name, address in stack.endpoints.experts.items():
                 say(f"  expert {name:<10} at {address}")
             say(f"  sampler           at {stack.endpoints.sampler}")
