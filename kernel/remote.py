@@ -39,7 +39,8 @@ Failures, each raised as :class:`RemoteExpertError` (an
 * a status the server sent with a ``BadRequest`` keeps its code and field (``"x.shape"``,
   ``"sigma"``, ``"handle"``), read back with :func:`~poegen.kernel.errors.from_rpc_error`;
 * UNAVAILABLE (server not up yet, restarting, still loading its first model) is retried
-  ``retries`` times with exponential backoff (``backoff_s·2^k``, capped at ``max_backoff_s``)
+  ``retries`` times — or for ``outage_s`` seconds from the first failure, when given — with
+  exponential backoff (``backoff_s·2^k``, capped at ``max_backoff_s``)
   and jitter drawn from the expert's own ``random.Random(jitter_seed)``; nothing else is
   retried, since other codes will not change by asking again;
 * each attempt has its own deadline of ``deadline_s`` seconds; DEADLINE_EXCEEDED says so;
@@ -81,6 +82,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -142,21 +144,33 @@ class RemoteExpertError(ExpertError):
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Retries of UNAVAILABLE: at most ``retries`` more attempts, waiting
-    ``uniform(½, 1)·min(max_backoff_s, backoff_s·2^k)`` before attempt ``k + 1``."""
+    ``uniform(½, 1)·min(max_backoff_s, backoff_s·2^k)`` before attempt ``k + 1`` — or, with
+    ``outage_s``, as many as fit in ``outage_s`` seconds from the first failure (an expert
+    restarting within that window is picked up where the job was)."""
 
     retries: int = 5
     backoff_s: float = 0.1
     max_backoff_s: float = 2.0
+    outage_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.retries < 0:
             raise ValueError(f"retries: must be >= 0, got {self.retries}")
+        if self.outage_s is not None and not (self.outage_s > 0 and math.isfinite(self.outage_s)):
+            raise ValueError(f"outage_s: must be a positive number, got {self.outage_s}")
         if not (self.backoff_s > 0 and self.max_backoff_s >= self.backoff_s):
             raise ValueError("backoff_s: needs 0 < backoff_s <= max_backoff_s")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         base = min(self.max_backoff_s, self.backoff_s * 2.0**attempt)
         return base * (0.5 + 0.5 * rng.random())
+
+    def again(self, attempt: int, down_s: float, delay: float) -> bool:
+        """Whether to retry after ``attempt`` failed attempts, ``down_s`` seconds after the
+        first, waiting ``delay`` more."""
+        if self.outage_s is not None:
+            return down_s + delay < self.outage_s
+        return attempt < self.retries
 
 
 class RemoteExpert:
@@ -217,6 +231,7 @@ class RemoteExpert:
         retries: int = 5,
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
+        outage_s: float | None = None,
         jitter_seed: int = 0,
         shared_memory: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -228,7 +243,8 @@ class RemoteExpert:
             token: bearer token of the expert host, if it wants one.
             tls: channel credentials (``grpc.ssl_channel_credentials(...)``); plaintext if None.
             deadline_s: deadline of each attempt of each call.
-            retries, backoff_s, max_backoff_s: retries of UNAVAILABLE (:class:`RetryPolicy`).
+            retries, backoff_s, max_backoff_s, outage_s: retries of UNAVAILABLE
+                (:class:`RetryPolicy`; with ``outage_s``, for that long instead of a count).
             jitter_seed: seed of the backoff jitter's own generator.
             shared_memory: send large request tensors, and take large replies, through shared
                 memory when the server also opted in and is on this host.
@@ -251,7 +267,7 @@ class RemoteExpert:
             condition=condition,
             token=token,
             deadline_s=deadline_s,
-            retry=RetryPolicy(retries, backoff_s, max_backoff_s),
+            retry=RetryPolicy(retries, backoff_s, max_backoff_s, outage_s),
             jitter_seed=jitter_seed,
             shared_memory=shared_memory,
             max_message_bytes=max_message_bytes,
@@ -567,6 +583,7 @@ class RemoteExpert:
         rpc = self._rpcs[method]
         message = getattr(request, "message", request)
         attempt = 0
+        down_since: float | None = None
         while True:
             if self._cancelled.is_set() or self._closed:
                 raise self._error(method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled")
@@ -582,13 +599,19 @@ class RemoteExpert:
                 if isinstance(e, ValueError):
                     raise
                 code = e.code()  # type: ignore[attr-defined]
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retry.retries:
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    now = time.monotonic()
+                    down_since = now if down_since is None else down_since
                     with self._lock:
                         delay = self._retry.delay(attempt, self._rng)
+                    retry = self._retry.again(attempt, now - down_since, delay)
+                else:
+                    retry = False
+                if retry:
                     attempt += 1
                     logger.info(
-                        "%s at %s unavailable; retry %d of %d in %.2f s",
-                        method, self.address, attempt, self._retry.retries, delay,
+                        "%s at %s unavailable; retry %d in %.2f s", method, self.address,
+                        attempt, delay,
                     )  # fmt: skip
                     self._cancelled.wait(delay)
                     continue

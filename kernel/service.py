@@ -176,7 +176,15 @@ class SamplerServerConfig(BaseModel):
     )
     expert_key_file: Path | None = Field(None, description="PEM key of expert_cert_file")
     expert_deadline_s: float = Field(60.0, gt=0, description="deadline of each expert call")
-    expert_retries: int = Field(5, ge=0, le=100, description="retries of UNAVAILABLE")
+    expert_retries: int = Field(
+        5, ge=0, le=100, description="retries of UNAVAILABLE without expert_outage_s; 0: none"
+    )
+    expert_outage_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="how long a job keeps retrying an expert that is down (UNAVAILABLE), "
+        "from its first failed call; None: expert_retries retries",
+    )
     shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
     metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
@@ -716,6 +724,7 @@ class Job:
                 tls=tls,
                 deadline_s=config.expert_deadline_s,
                 retries=config.expert_retries,
+                outage_s=config.expert_outage_s if config.expert_retries else None,
                 jitter_seed=_jitter_seed(where),
                 shared_memory=config.shared_memory,
                 max_message_bytes=config.max_message_bytes,
