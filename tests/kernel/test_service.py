@@ -127,17 +127,40 @@ def test_unset_settings_take_defaults_and_the_paper_preset(loop: LoopThread) -> 
     assert torch.equal(codec.decode(result.particles, field="p"), local.particles)
 
 
+class _Meeting(Gaussian):
+    """A Gaussian whose velocity calls each mark ``name`` arrived and then wait for ``other``:
+    two jobs that each call one of a pair pass only while both are running; jobs run one after
+    the other would leave the first waiting until ``timeout`` and then failing."""
+
+    def __init__(self, name: str, other: str, arrived: dict[str, threading.Event]) -> None:
+        super().__init__(name=name)
+        self.other, self.arrived = other, arrived
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.arrived[self.name].set()
+        if not self.arrived[self.other].wait(scaled(20)):
+            raise RuntimeError(f"{self.other!r} never called: the jobs did not overlap")
+        return super().velocity(x, sigma)
+
+
 def test_two_jobs_run_at_once(loop: LoopThread) -> None:
-    served = [loop.serve(Gaussian(delay_s=0.05, name=n)) for n in ("a", "b")]
-    sampler = loop.sampler(SamplerServerConfig(max_jobs=2))
+    """Job A calls only expert a, job B only expert b, and each expert answers only after the
+    other has been called: both results come back only if the jobs ran at the same time (with
+    ``max_jobs=1`` the same test fails: A's expert gives up waiting and A fails)."""
+    arrived = {"a": threading.Event(), "b": threading.Event()}
+    served = {n: loop.serve(_Meeting(n, o, arrived)) for n, o in (("a", "b"), ("b", "a"))}
+    sampler = loop.sampler(SamplerServerConfig(max_jobs=2, expert_retries=0))
     channel, stub = _stub(sampler)
-    request = _request([s.address for s in served], [0.5, 0.5], settings={"mcmc_steps": 0})
-    with channel:
-        first, second = stub.Generate(request), stub.Generate(request)
-        # both streams have started before either ends: the jobs overlap
-        assert next(first).HasField("level") and next(second).HasField("level")
-        a, b = list(first), list(second)
-    assert a[-1].result == b[-1].result  # same request, same seed, same result
+    requests = [_request([served[n].address], [1.0], settings={"mcmc_steps": 0}) for n in "ab"]
+    with channel, ThreadPoolExecutor(2) as pool:
+        calls = [
+            pool.submit(lambda r=r: list(stub.Generate(r, timeout=scaled(60)))) for r in requests
+        ]
+        a, b = (c.result() for c in calls)
+    assert a[-1].HasField("result") and b[-1].HasField("result")
+    assert arrived["a"].is_set() and arrived["b"].is_set()
+    # the same law and seed behind either address: the same particles
+    assert a[-1].result.particles == b[-1].result.particles
 
 
 def test_jobs_beyond_the_limit_wait_in_a_bounded_queue(loop: LoopThread) -> None:
@@ -183,7 +206,7 @@ def test_cancelling_the_stream_stops_the_job(loop: LoopThread) -> None:
         next(call)
         assert len(served.host.handles) == 1
         call.cancel()
-        assert wait_until(lambda: not sampler.host.servicer.jobs.running(), timeout=3)
+        assert wait_until(lambda: not sampler.host.servicer.jobs.running(), timeout=scaled(3))
         stopped = counter.calls
         time.sleep(0.3)
     assert counter.calls == stopped  # the experts receive no more calls
@@ -199,7 +222,7 @@ def test_a_client_that_disconnects_stops_the_job(loop: LoopThread) -> None:
     call = stub.Generate(_request([served.address], [1.0], settings={"num_steps": 200}))
     next(call)
     channel.close()
-    assert wait_until(lambda: not sampler.host.servicer.jobs.running(), timeout=5)
+    assert wait_until(lambda: not sampler.host.servicer.jobs.running(), timeout=scaled(5))
 
 
 @pytest.mark.parametrize(
@@ -241,6 +264,7 @@ def test_bad_requests_name_the_field(
 
 def test_an_expert_failing_mid_job_is_named(loop: LoopThread) -> None:
     slow = loop.serve(Gaussian(delay_s=0.5, name="slow"))
+    # the deadline is the subject (it expires on the 0.5 s call), not a limit: not scaled
     sampler = loop.sampler(SamplerServerConfig(expert_deadline_s=0.2, expert_retries=0))
     channel, stub = _stub(sampler)
     with channel:
@@ -286,7 +310,7 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         with channel:
             stub = sampler_pb2_grpc.SamplerServiceStub(channel)
             request = _request([f"127.0.0.1:{p.port}" for p in experts], [1.0, 2.0])
-            levels, result = _split(list(stub.Generate(request, timeout=30)))
+            levels, result = _split(list(stub.Generate(request, timeout=scaled(30))))
         local = sample(
             [Factor(GaussianMixture(**mix), weight=1.0),
              Factor(AnalyticLinearReward(**reward), weight=2.0)],
@@ -298,7 +322,7 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     finally:
         for p in processes:
             p.proc.send_signal(signal.SIGTERM)  # all at once: each drains in about a second
-        codes = [p.proc.wait(20) for p in processes]
+        codes = [p.proc.wait(scaled(20)) for p in processes]
     assert codes == [0, 0, 0]
 
 

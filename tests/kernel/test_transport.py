@@ -11,13 +11,21 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from helpers.server import REPO, rpc_error, run, running
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+from helpers import auth
+from helpers.server import REPO, run, running
 from helpers.server_experts import Gaussian
 
 from poegen.expert_servers.server import ServerConfig, interceptors
 from poegen.expert_servers.server import config as server_config
 from poegen.kernel import codec, transport
+from poegen.kernel.service import SamplerServerConfig, create_sampler_server
 from poegen.v1 import expert_pb2 as pb
+from poegen.v1 import sampler_pb2
+
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 
 def test_the_kernel_imports_nothing_from_expert_servers() -> None:
@@ -78,14 +86,43 @@ def test_generated_stubs_read_wire_messages() -> None:
 
 
 def test_the_token_guards_every_rpc_but_health() -> None:
+    """Both hosts share TokenInterceptor: every RPC of the expert host (ExpertService's 12) and
+    of the sampler host (SamplerService's Generate), read from the descriptors, and server
+    reflection on each, is refused UNAUTHENTICATED naming ``authorization`` for each bad
+    credential and reaches its handler with the token; health needs none (the probes')."""
+    expert_rpcs = auth.methods(pb.DESCRIPTOR.services_by_name["ExpertService"], REFLECTION)
+    sampler_rpcs = auth.methods(
+        sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"], REFLECTION
+    )
+    assert len(expert_rpcs) - 1 + len(sampler_rpcs) - 1 == 13
+    health_rpcs = [HEALTH.methods_by_name["Check"], HEALTH.methods_by_name["Watch"]]
+
+    async def check(channel: grpc.aio.Channel, rpcs: list) -> None:
+        for metadata in auth.bad_credentials("tok"):
+            refused = await auth.answers(channel, rpcs, metadata)
+            assert len(refused) == len(rpcs)
+            unauthenticated = (grpc.StatusCode.UNAUTHENTICATED, transport.AUTHORIZATION)
+            assert refused == dict.fromkeys(refused, unauthenticated), metadata
+        admitted = await auth.answers(channel, rpcs, transport.bearer_metadata("tok"))
+        refusals = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+        assert all(code not in refusals for code, _ in admitted.values()), admitted
+        for metadata in auth.bad_credentials("tok"):
+            health = await auth.answers(channel, health_rpcs, metadata)
+            assert set(health.values()) == {(grpc.StatusCode.OK, None)}
+
     async def body() -> None:
         async with running(ServerConfig(token="tok"), expert=Gaussian()) as server:
-            code, err = await rpc_error(server.stub.Describe(pb.DescribeRequest()))
-            assert code == grpc.StatusCode.UNAUTHENTICATED
-            assert err is not None and err.field == transport.AUTHORIZATION
+            await check(server.channel, expert_rpcs)
             metadata = transport.bearer_metadata("tok")
             reply = await server.stub.Describe(pb.DescribeRequest(), metadata=metadata)
             assert reply.name == "gaussian"
+        sampler, port = create_sampler_server(SamplerServerConfig(token="tok"))
+        await sampler.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await check(channel, sampler_rpcs)
+        finally:
+            await sampler.stop(0)
 
     run(body())
 

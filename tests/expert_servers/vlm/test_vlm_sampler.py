@@ -226,3 +226,76 @@ def test_generative_times_vlm_reward_through_the_sampler_service(
     particles = codec.decode(result.particles, field="particles")
     assert particles.shape == (6, *shape) and torch.isfinite(particles).all()
     assert [e.name for e in result.experts] == ["flow", "vqa"]
+
+
+# ------------------------------------------------------- a real AutoencoderKL × a real VLM
+
+
+class VAELatentGaussian(PixelGaussian):
+    """An exact Gaussian on (16, 4, 4) latents decoded by a tiny real diffusers
+    ``AutoencoderKL`` (``expert_servers.flow.tiny.flux_vae``: 16 latent channels, ×2 spatial,
+    the FLUX scaling and shift), pixels 3 × 8 × 8."""
+
+    def __init__(self) -> None:
+        from poegen.expert_servers.flow.tiny import flux_vae
+
+        super().__init__((16, 4, 4), mean=0.0, std=1.0, latent_space="tiny-flux-vae")
+        torch.manual_seed(0)
+        self.vae = flux_vae().eval().to(torch.float64)
+
+    def describe(self) -> ExpertInfo:
+        info = super().describe()
+        return ExpertInfo(
+            info.name, info.kind, frozenset({Capability.AUTOENCODER}), info.sample_shape,
+            latent_space=info.latent_space,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        latents = self.vae.encode(pixels.to(torch.float64)).latent_dist.mode()
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        z = latents.to(torch.float64) / self.vae.config.scaling_factor
+        return self.vae.decode(z + self.vae.config.shift_factor).sample.to(latents.dtype)
+
+
+# r spreads by ≈ 0.007 over prior samples: w·sd(r) ≈ 7 tilts hard. Measured at seed 7:
+# mean r −4.5476 (rewarded) vs −4.5611 (off), SE of the difference 8.6e-4 (16 SE apart).
+WEIGHT = 1000.0
+
+
+def test_a_vlm_reward_on_real_autoencoder_pixels_moves_the_samples(llava: Path) -> None:
+    """Latents of an exact Gaussian, decoded by a real AutoencoderKL, scored by the tiny LLaVA
+    VQAScore reward. With the reward (weight w) the final particles follow the tilted law
+    p·exp(w·r), whose mean reward exceeds the prior's whenever r varies; with the same seed
+    and the reward off they follow p. Asserted: the samples differ, and the rewarded run's
+    weighted mean reward beats the unrewarded one's by more than 4 standard errors of the
+    difference (the two runs' reward spreads over their Kish ESS), so it is no coincidence."""
+    from poegen.expert_servers.server import Condition
+
+    gauss = VAELatentGaussian()
+    served = VLMAdapter().load(ModelRef("llava", llava), {"max_batch": "64"}, lambda f, m: None)
+    reward = served.expert.prepare(Condition(text="a white digit"))
+    settings = SamplerSettings(num_particles=64, num_steps=4, mcmc_steps=0, ess_threshold=1.0)
+
+    def scored(factors: list[Factor]) -> tuple[Tensor, Tensor, Tensor]:
+        result = sample(
+            factors, (16, 4, 4), settings, generator=torch.Generator().manual_seed(7),
+            dtype=torch.float64,
+        )  # fmt: skip
+        pixels = ((gauss.decode(result.particles) + 1) / 2).clamp(0, 1)
+        return result.particles, reward.log_potential(pixels).to(torch.float64), result.weights
+
+    off, r_off, w_off = scored([Factor(gauss, name="flow")])
+    on, r_on, w_on = scored([Factor(gauss, name="flow"), Factor(reward, weight=WEIGHT, name="vqa")])
+    assert not torch.allclose(on, off)
+
+    def mean_and_var(r: Tensor, w: Tensor) -> tuple[float, float]:
+        mean = float(w @ r)
+        ess = float(1 / w.square().sum())
+        return mean, float(w @ (r - mean).square()) / ess
+
+    (m_on, v_on), (m_off, v_off) = mean_and_var(r_on, w_on), mean_and_var(r_off, w_off)
+    assert m_on - m_off > 4 * (v_on + v_off) ** 0.5
