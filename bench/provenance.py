@@ -14,24 +14,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# the kernel's math (the layer tests/kernel/test_layers.py keeps free of the wire): what the
+# in-process benchmarks run; the service, the transport and the codec decide none of their figures
+KERNEL_MATH = tuple(
+    f"kernel/{name}.py"
+    for name in (
+        "calls", "experts", "mcmc", "particles", "path", "potentials", "problem", "sampler",
+        "schedule", "spec", "target", "transition",
+    )
+)  # fmt: skip
+_SUITE = (*KERNEL_MATH, "expert_servers/analytic", "bench/baselines.py", "bench/metrics.py",
+          "bench/tasks.py")  # fmt: skip
+
 # the code each benchmark's figures depend on (not its printing or file handling)
 MEASURES: dict[str, tuple[str, ...]] = {
-    "accuracy": (
-        "kernel",
-        "expert_servers/analytic",
-        "bench/baselines.py",
-        "bench/metrics.py",
-        "bench/tasks.py",
-    ),
-    "kernel_figures": (
-        "kernel",
-        "expert_servers/analytic",
-        "bench/baselines.py",
-        "bench/metrics.py",
-        "bench/tasks.py",
-    ),
+    "accuracy": _SUITE,
+    "kernel_figures": _SUITE,
     "digits": (
-        "kernel",
+        *KERNEL_MATH,
         "expert_servers/digits",
         "expert_servers/flow",
         "expert_servers/classifier",

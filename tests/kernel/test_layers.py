@@ -71,6 +71,13 @@ def test_every_kernel_module_is_placed_in_a_layer():
     assert modules == set(MATH) | wire
 
 
+def test_the_benchmarks_provenance_names_the_same_math():
+    """bench/provenance.py stamps results with the math modules listed here."""
+    from poegen.bench import provenance
+
+    assert tuple(f"kernel/{m}.py" for m in MATH) == provenance.KERNEL_MATH
+
+
 def test_the_check_sees_an_import(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from grpc import StatusCode\n    from . import codec\n")
