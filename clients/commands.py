@@ -154,13 +154,22 @@ def run_generate(
     timeout: float | None,
 ) -> Any:
     """Run a spec with a live progress bar; write outputs to ``out``; the result."""
+    from poegen.clients.endpoints import ClientTLS
     from poegen.clients.outputs import write_outputs
     from poegen.clients.sdk import Client, GenerationResult
 
     total = spec.total_levels()
     resampled = 0
     result: GenerationResult | None = None
-    with Client(sampler, endpoints=endpoints) as client, _progress_bar() as bar:
+    client = Client(
+        sampler,
+        endpoints=endpoints,
+        token=os.environ.get("POEGEN_TOKEN") or None,
+        expert_token=os.environ.get("POEGEN_EXPERT_TOKEN") or None,
+        tls=ClientTLS.from_env(),
+        expert_tls=ClientTLS.from_env("POEGEN_EXPERT"),
+    )
+    with client, _progress_bar() as bar:
         task = bar.add_task("generate", total=total, sigma=1.0, ess=1.0, resampled=0, eta="?")
         for event in client.stream(spec, timeout=timeout):
             if isinstance(event, GenerationResult):
@@ -283,7 +292,7 @@ def swap_command(
 
     Example: [bold]poegen swap 127.0.0.1:50051 --model ring_wide.yaml[/bold]
     """
-    from poegen.clients.endpoints import swap
+    from poegen.clients.endpoints import ClientTLS, swap
 
     options = _parse_pairs(option or (), "--option")
     revision = ""
@@ -302,6 +311,7 @@ def swap_command(
             token=os.environ.get("POEGEN_TOKEN") or None,
             admin_token=os.environ.get("POEGEN_ADMIN_TOKEN") or None,
             timeout=timeout,
+            tls=ClientTLS.from_env(),
         ):
             revision = event.revision or revision
             bar.update(task, completed=event.progress, stage=event.stage, message=event.message)
@@ -320,9 +330,10 @@ def health_command(
 
     Example: [bold]poegen health 127.0.0.1:50051 127.0.0.1:50050[/bold]
     """
-    from poegen.clients.endpoints import health
+    from poegen.clients.endpoints import ClientTLS, health
 
-    statuses = [(address, health(address, timeout=timeout)) for address in endpoints]
+    tls = ClientTLS.from_env()
+    statuses = [(address, health(address, timeout=timeout, tls=tls)) for address in endpoints]
     for address, status in statuses:
         print(f"{address:<22} {status}")
     return 0 if all(s == "SERVING" for _, s in statuses) else 1
@@ -340,9 +351,11 @@ def describe_command(
     """
     import dataclasses
 
-    from poegen.clients.endpoints import describe
+    from poegen.clients.endpoints import ClientTLS, describe
 
-    info = describe(endpoint, token=os.environ.get("POEGEN_TOKEN") or None)
+    info = describe(
+        endpoint, token=os.environ.get("POEGEN_TOKEN") or None, tls=ClientTLS.from_env()
+    )
     fields = dataclasses.asdict(info)
     if as_json:
         print(json.dumps(fields, indent=1))

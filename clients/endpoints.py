@@ -16,8 +16,10 @@ refused call (a ``LoadModel`` of an id outside the model root: INVALID_ARGUMENT 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from poegen.clients.errors import ConnectionFailed, GenerationError
 from poegen.kernel.errors import from_rpc_error
 from poegen.kernel.remote import describe_to_info
-from poegen.kernel.transport import bearer_metadata
+from poegen.kernel.transport import bearer_metadata, channel_credentials
 from poegen.v1 import expert_pb2, expert_pb2_grpc
 
 ADMIN_METADATA = "x-poegen-admin-token"
@@ -82,9 +84,51 @@ def _details(e: grpc.RpcError) -> str:
     return (details or str(e)).splitlines()[0][:300]
 
 
-def health(address: str, *, service: str = "", timeout: float = 3.0) -> str:
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """TLS of a client's channels: trust ``ca_file`` (None: the system roots) and, for mTLS,
+    present ``cert_file`` with ``key_file``."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file: cert_file and key_file go together (mTLS)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a file")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
+
+    @classmethod
+    def from_env(cls, prefix: str = "POEGEN") -> ClientTLS | None:
+        """``<prefix>_CA_FILE``, ``<prefix>_CERT_FILE``, ``<prefix>_KEY_FILE``; None if unset."""
+        files = {
+            k: os.environ.get(f"{prefix}_{k.upper()}") for k in ("ca_file", "cert_file", "key_file")
+        }
+        if not any(files.values()):
+            return None
+        return cls(**{k: Path(v) if v else None for k, v in files.items()})
+
+
+def open_channel(
+    address: str, tls: ClientTLS | None = None, options: list | None = None
+) -> grpc.Channel:
+    """A blocking channel to ``address``: TLS with ``tls``, plaintext without."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.credentials(), options=options)
+
+
+def health(
+    address: str, *, service: str = "", timeout: float = 3.0, tls: ClientTLS | None = None
+) -> str:
     """``SERVING``, ``NOT_SERVING``, ``SERVICE_UNKNOWN`` or ``UNREACHABLE``."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -95,9 +139,15 @@ def health(address: str, *, service: str = "", timeout: float = 3.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def describe(address: str, *, token: str | None = None, timeout: float = 10.0) -> EndpointInfo:
+def describe(
+    address: str,
+    *,
+    token: str | None = None,
+    timeout: float = 10.0,
+    tls: ClientTLS | None = None,
+) -> EndpointInfo:
     """``Describe`` of the expert at ``address``."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         stub = expert_pb2_grpc.ExpertServiceStub(channel)
         try:
             reply = stub.Describe(
@@ -130,12 +180,13 @@ def swap(
     token: str | None = None,
     admin_token: str | None = None,
     timeout: float | None = None,
+    tls: ClientTLS | None = None,
 ) -> Iterator[SwapEvent]:
     """Stream the ``LoadModel`` of ``model_id`` at ``address`` (ends with stage ``ready``)."""
     metadata = list(bearer_metadata(token))
     if admin_token:
         metadata.append((ADMIN_METADATA, admin_token))
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         stub = expert_pb2_grpc.ExpertServiceStub(channel)
         request = expert_pb2.LoadModelRequest(model_id=model_id, options=dict(options or {}))
         call = stub.LoadModel(request, metadata=metadata, timeout=timeout)

@@ -29,11 +29,14 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from poegen.clients.endpoints import ClientTLS
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +63,23 @@ def to_uint8(pixels: Tensor) -> np.ndarray:
 
 
 def decode_result(
-    result: Any, spec: Any, addresses: Sequence[str], *, token: str | None = None
+    result: Any,
+    spec: Any,
+    addresses: Sequence[str],
+    *,
+    token: str | None = None,
+    tls: ClientTLS | None = None,
 ) -> Any:
     """``result`` with ``pixels``, ``image_indices`` and ``images`` or ``video`` filled in."""
     indices = top_indices(result.log_weights, spec.output.samples)
     chosen = result.particles[indices]
     pixels = None
-    decoder = _decoder_address(spec, addresses, token)
+    decoder = _decoder_address(spec, addresses, token, tls)
     if decoder is not None:
         from poegen.kernel.remote import RemoteExpert
 
-        with RemoteExpert.connect(decoder, token=token) as expert:
+        credentials = tls.credentials() if tls is not None else None
+        with RemoteExpert.connect(decoder, token=token, tls=credentials) as expert:
             pixels = expert.decode(chosen.float()).float()
     elif spec.output.pixel_space or (
         spec.output.pixel_space is None and is_pixel_shape(result.sample_shape)
@@ -89,13 +98,15 @@ def decode_result(
     return dataclasses.replace(result, pixels=pixels, image_indices=tuple(indices), images=images)
 
 
-def _decoder_address(spec: Any, addresses: Sequence[str], token: str | None) -> str | None:
+def _decoder_address(
+    spec: Any, addresses: Sequence[str], token: str | None, tls: ClientTLS | None
+) -> str | None:
     from poegen.clients.endpoints import describe
 
     for i, expert in enumerate(spec.experts):
         if spec.output.decoder is not None and expert.label != spec.output.decoder:
             continue
-        info = describe(addresses[i], token=token)
+        info = describe(addresses[i], token=token, tls=tls)
         if "autoencoder" in info.capabilities and (
             spec.output.decoder is not None or info.kind == "generative"
         ):

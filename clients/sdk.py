@@ -63,7 +63,7 @@ import grpc
 import torch
 from torch import Tensor
 
-from poegen.clients.endpoints import EndpointInfo, describe, rpc_failure
+from poegen.clients.endpoints import ClientTLS, EndpointInfo, describe, rpc_failure
 from poegen.clients.errors import GenerationError, GenerationTimeout, PoegenError
 from poegen.clients.spec import GenerationSpec, address_of, to_request
 from poegen.kernel import codec
@@ -214,6 +214,10 @@ class AsyncClient:
         endpoints: expert names → addresses, for specs that name experts by ``endpoint``.
         token: bearer token of the Sampler service.
         expert_token: bearer token of the experts (in-process runs and decoding).
+        tls: TLS to the Sampler (:class:`~poegen.clients.endpoints.ClientTLS`); plaintext
+            when None.
+        expert_tls: TLS to the experts this process calls (in-process runs, ``describe``,
+            decoding); plaintext when None.
         max_message_bytes: largest message sent and received.
     """
 
@@ -224,12 +228,16 @@ class AsyncClient:
         endpoints: Mapping[str, str] | None = None,
         token: str | None = None,
         expert_token: str | None = None,
+        tls: ClientTLS | None = None,
+        expert_tls: ClientTLS | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.sampler = sampler
         self.endpoints = dict(endpoints or {})
         self.token = token
         self.expert_token = expert_token
+        self.tls = tls
+        self.expert_tls = expert_tls
         self.max_message_bytes = max_message_bytes
         self._channel: grpc.aio.Channel | None = None
 
@@ -254,8 +262,11 @@ class AsyncClient:
     def _stub(self) -> sampler_pb2_grpc.SamplerServiceStub:
         if self._channel is None:
             assert self.sampler is not None
-            self._channel = grpc.aio.insecure_channel(
-                self.sampler, options=channel_options(self.max_message_bytes)
+            options = channel_options(self.max_message_bytes)
+            self._channel = (
+                grpc.aio.insecure_channel(self.sampler, options=options)
+                if self.tls is None
+                else grpc.aio.secure_channel(self.sampler, self.tls.credentials(), options=options)
             )
         return sampler_pb2_grpc.SamplerServiceStub(self._channel)
 
@@ -264,7 +275,9 @@ class AsyncClient:
     async def describe(self, endpoint: str) -> EndpointInfo:
         """``Describe`` of an expert (an address or an endpoint name)."""
         address = self.endpoints.get(endpoint, endpoint)
-        return await asyncio.to_thread(describe, address, token=self.expert_token)
+        return await asyncio.to_thread(
+            describe, address, token=self.expert_token, tls=self.expert_tls
+        )
 
     async def generate(
         self,
@@ -344,8 +357,16 @@ class AsyncClient:
         from poegen.kernel.errors import ExpertError
         from poegen.kernel.service import Job, SamplerServerConfig, job_error, parse_request
 
+        tls = self.expert_tls or ClientTLS()
+        allowed = _addresses(request)
         config = SamplerServerConfig(
-            expert_token=self.expert_token, max_message_bytes=self.max_message_bytes
+            expert_token=self.expert_token if allowed else None,  # no expert, no token
+            max_message_bytes=self.max_message_bytes,
+            # this process is the caller: it may call every expert its own request names
+            allowed_experts=allowed,
+            expert_ca_file=tls.ca_file,
+            expert_cert_file=tls.cert_file,
+            expert_key_file=tls.key_file,
         )
         try:
             plan = parse_request(request, config)
@@ -386,7 +407,7 @@ class AsyncClient:
     def _default_shape(self, spec: GenerationSpec) -> list[int]:
         for i, expert in enumerate(spec.experts):
             address = address_of(expert, self.endpoints, f"experts[{i}]")
-            info = describe(address, token=self.expert_token)
+            info = describe(address, token=self.expert_token, tls=self.expert_tls)
             if info.kind == "generative" and info.sample_shape:
                 return list(info.sample_shape)
             if i == len(spec.experts) - 1 and info.sample_shape:
@@ -406,7 +427,11 @@ class AsyncClient:
         from poegen.clients import outputs
 
         return outputs.decode_result(
-            result, spec, [f.address for f in request.factors], token=self.expert_token
+            result,
+            spec,
+            [f.address for f in request.factors],
+            token=self.expert_token,
+            tls=self.expert_tls,
         )
 
 
@@ -608,3 +633,9 @@ __all__ = [
     "GenerationResult",
     "ProgressEvent",
 ]
+
+
+def _addresses(request: sampler_pb2.GenerateRequest) -> tuple[str, ...]:
+    """The experts a request names (factors and condition sources)."""
+    named = [*(f.address for f in request.factors), *(s.address for s in request.sources)]
+    return tuple(a.strip() for a in named if a.strip())
