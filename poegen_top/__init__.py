@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AsyncClient": "poegen.clients.sdk",
+    "ClientTLS": "poegen.clients.endpoints",
     "Client": "poegen.clients.sdk",
     "GenerationResult": "poegen.clients.sdk",
     "ProgressEvent": "poegen.clients.sdk",
