@@ -31,7 +31,29 @@ logger = logging.getLogger(__name__)
 OUTCOMES = ("completed", "failed", "stopped")
 
 
-class SamplerMetrics:
+class MetricsEndpoint:
+    """``/metrics`` over HTTP for a host's own ``registry`` (the sampler's and the experts')."""
+
+    registry: CollectorRegistry
+    _http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start ``/metrics`` on ``host:port`` in a daemon thread; return the bound port."""
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http[0].server_port)
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._http = None
+
+
+class SamplerMetrics(MetricsEndpoint):
     """The metrics of one sampler host (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -60,7 +82,6 @@ class SamplerMetrics:
             ["expert"],
             registry=self.registry,
         )
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def track_jobs(self, running: Callable[[], int], queued: Callable[[], int]) -> None:
         self.jobs.labels(state="running").set_function(running)
@@ -74,18 +95,3 @@ class SamplerMetrics:
 
     def job_finished(self, outcome: str) -> None:
         self.finished.labels(outcome=outcome).inc()
-
-    def serve_http(self, host: str, port: int) -> int:
-        """Start ``/metrics`` on ``host:port`` in a daemon thread; return the bound port."""
-        self._http = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._http[0].server_port)
-        logger.info("sampler metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-            self._http = None

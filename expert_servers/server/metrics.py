@@ -17,10 +17,10 @@ bound port (``port=0`` picks a free one).
 from __future__ import annotations
 
 import logging
-import threading
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from poegen.kernel.service_metrics import MetricsEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
-class ServerMetrics:
+class ServerMetrics(MetricsEndpoint):
     """The metrics of one host (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -65,24 +65,8 @@ class ServerMetrics:
         self.handles = Gauge(
             "poegen_condition_handles", "Condition handles held", registry=self.registry
         )
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def model_swapped(self, model_id: str, revision: str) -> None:
         self.model_info.clear()
         self.model_info.labels(model_id=model_id, revision=revision).set(1)
         self.serving.set(1)
-
-    def serve_http(self, host: str, port: int) -> int:
-        """Start ``/metrics`` on ``host:port`` in a daemon thread; return the bound port."""
-        self._http = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._http[0].server_port)
-        logger.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-            self._http = None
