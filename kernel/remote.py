@@ -39,7 +39,8 @@ Failures, each raised as :class:`RemoteExpertError` (an
 * a status the server sent with a ``BadRequest`` keeps its code and field (``"x.shape"``,
   ``"sigma"``, ``"handle"``), read back with :func:`~poegen.kernel.errors.from_rpc_error`;
 * UNAVAILABLE (server not up yet, restarting, still loading its first model) is retried
-  ``retries`` times — or for ``outage_s`` seconds from the first failure, when given — with
+  ``retries`` times — or, once the expert has answered, for ``outage_s`` seconds from the
+  first failure, when given — with
   exponential backoff (``backoff_s·2^k``, capped at ``max_backoff_s``)
   and jitter drawn from the expert's own ``random.Random(jitter_seed)``; nothing else is
   retried, since other codes will not change by asking again;
@@ -165,10 +166,11 @@ class RetryPolicy:
         base = min(self.max_backoff_s, self.backoff_s * 2.0**attempt)
         return base * (0.5 + 0.5 * rng.random())
 
-    def again(self, attempt: int, down_s: float, delay: float) -> bool:
+    def again(self, attempt: int, down_s: float, delay: float, *, reached: bool = True) -> bool:
         """Whether to retry after ``attempt`` failed attempts, ``down_s`` seconds after the
-        first, waiting ``delay`` more."""
-        if self.outage_s is not None:
+        first, waiting ``delay`` more. The outage window holds only for an expert that has
+        answered before (``reached``): an address that never did fails after ``retries``."""
+        if self.outage_s is not None and reached:
             return down_s + delay < self.outage_s
         return attempt < self.retries
 
@@ -203,6 +205,7 @@ class RemoteExpert:
         self._condition = condition
         self._metadata = bearer_metadata(token)
         self._retry = retry
+        self._reached = False  # answered once: from then on an outage is waited out
         self._rng = random.Random(jitter_seed)
         self._lock = threading.Lock()
         self._prepare_lock = threading.Lock()
@@ -604,7 +607,9 @@ class RemoteExpert:
                     down_since = now if down_since is None else down_since
                     with self._lock:
                         delay = self._retry.delay(attempt, self._rng)
-                    retry = self._retry.again(attempt, now - down_since, delay)
+                    retry = self._retry.again(
+                        attempt, now - down_since, delay, reached=self._reached
+                    )
                 else:
                     retry = False
                 if retry:
@@ -622,6 +627,7 @@ class RemoteExpert:
                     reprepare = False
                     continue
                 raise err from None
+            self._reached = True
             self._record(getattr(reply, "revision", ""))
             return reply
 

@@ -182,8 +182,8 @@ class SamplerServerConfig(BaseModel):
     expert_outage_s: float | None = Field(
         60.0,
         gt=0,
-        description="how long a job keeps retrying an expert that is down (UNAVAILABLE), "
-        "from its first failed call; None: expert_retries retries",
+        description="how long a job keeps retrying an expert that answered before and is now "
+        "down (UNAVAILABLE), from its first failed call; None: expert_retries retries",
     )
     shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
     metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")

@@ -82,3 +82,20 @@ def test_past_the_outage_window_the_job_fails_naming_the_expert(loop: LoopThread
             assert from_rpc_error(e).field == "factors[0].address"
         else:
             raise AssertionError("the job finished without its expert")
+
+
+def test_an_address_that_never_answered_fails_after_the_retries(loop: LoopThread):
+    """The outage window is for experts that were up: a wrong address fails after
+    expert_retries, long before a 600 s window (the call's own deadline is 60 s)."""
+    sampler = loop.sampler(SamplerServerConfig(expert_outage_s=600.0))
+    with grpc.insecure_channel(sampler.address) as channel:
+        call = sampler_pb2_grpc.SamplerServiceStub(channel).Generate(
+            _request(f"127.0.0.1:{free_port()}"), timeout=scaled(60)
+        )
+        try:
+            list(call)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+            assert from_rpc_error(e).field == "factors[0].address"
+        else:
+            raise AssertionError("a job with no expert finished")
