@@ -159,6 +159,12 @@ class SamplerServerConfig(BaseModel):
     )
     max_elements: int = Field(1 << 26, ge=1, description="cap on num_particles × prod(S)")
     max_levels: int = Field(10_000, ge=1, description="cap on settings.num_steps")
+    max_evaluations: int = Field(
+        1_000_000,
+        ge=1,
+        description="cap on a job's evaluations per particle: "
+        "num_steps × (1 + mcmc_steps × leapfrog_steps)",
+    )
     max_job_bytes: int = Field(
         8 << 30, ge=1 << 20, description="cap on a job's estimated working set (job_bytes)"
     )
@@ -273,6 +279,14 @@ def parse_request(request: sampler_pb2.GenerateRequest, config: SamplerServerCon
     if settings.num_steps > config.max_levels:
         raise ExpertError.resource_exhausted(
             "settings.num_steps", f"{settings.num_steps} levels; the limit is {config.max_levels}"
+        )
+    leapfrog = settings.leapfrog_steps if settings.mcmc in ("hmc", "uhmc") else 1
+    evaluations = settings.num_steps * (1 + settings.mcmc_steps * leapfrog)
+    if evaluations > config.max_evaluations:
+        raise ExpertError.resource_exhausted(
+            "settings.mcmc_steps",
+            f"num_steps × (1 + mcmc_steps × leapfrog_steps) = {evaluations} evaluations per "
+            f"particle; the limit is {config.max_evaluations}",
         )
     estimate = job_bytes(elements, len(request.factors))
     if estimate > config.max_job_bytes:

@@ -66,9 +66,11 @@ def test_garbage_bytes_are_refused_on_request(hosts, service, method, kind):
 def test_a_string_field_with_bad_utf8_is_refused_on_request(hosts, name):
     method = EXPERT.methods_by_name[name]
     assert method.input_type.fields_by_number[1].type == method.input_type.fields[0].TYPE_STRING
-    with grpc.insecure_channel(hosts[EXPERT.full_name]) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            _call(channel, EXPERT, method, b"\x0a\x02\xc3\x28")  # field 1: "\xc3(" is no UTF-8
+    with (
+        grpc.insecure_channel(hosts[EXPERT.full_name]) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        _call(channel, EXPERT, method, b"\x0a\x02\xc3\x28")  # field 1: "\xc3(" is no UTF-8
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert from_rpc_error(caught.value).field == "request"
     assert "UTF-8" in caught.value.details()

@@ -97,6 +97,10 @@ def _works(stub: sampler_pb2_grpc.SamplerServiceStub, address: str) -> None:
         # 32 bytes that once asked for 4.5 GB (10**7 levels) or for 8e18 bytes (10**18)
         ({"num_steps": 10**7}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED, "settings.num_steps"),
         ({"num_steps": 10**18}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED, "settings.num_steps"),
+        # a job that would never end: 10^9 moves per level
+        ({"mcmc_steps": 10**9}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED, "settings.mcmc_steps"),
+        ({"mcmc": "hmc", "mcmc_steps": 2000, "leapfrog_steps": 1000}, [2],
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "settings.mcmc_steps"),
         # 2^27 particles: over max_elements
         ({"num_particles": 1 << 27}, [2], grpc.StatusCode.RESOURCE_EXHAUSTED,
          "settings.num_particles"),
