@@ -30,6 +30,8 @@ _SUITE = (*KERNEL_MATH, "expert_servers/analytic", "bench/baselines.py", "bench/
 MEASURES: dict[str, tuple[str, ...]] = {
     "accuracy": _SUITE,
     "kernel_figures": _SUITE,
+    # machine-bound figures (not checked by tests/bench/test_bench_results.py): the stack
+    "load": ("kernel", "expert_servers/server", "expert_servers/analytic", "clients"),
     "digits": (
         *KERNEL_MATH,
         "expert_servers/digits",
