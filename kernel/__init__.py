@@ -14,6 +14,7 @@ from poegen.kernel.experts import (
     Expert,
     ExpertInfo,
     ExpertKind,
+    KernelError,
     available_experts,
     create_expert,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ExpertRecord",
     "ExpertStats",
     "Factor",
+    "KernelError",
     "LevelTrace",
     "NonFiniteOutputError",
     "SampleResult",

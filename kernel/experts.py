@@ -55,6 +55,18 @@ from torch import Tensor
 ENTRY_POINT_GROUP = "poegen.experts"
 
 
+class KernelError(ValueError):
+    """A run the kernel refuses, naming what is to blame in its own terms: ``field`` (a setting
+    such as ``"mcmc"``, ``"sample_shape"``, ``"factors"``, ``"factors[2].region"``, a factor's
+    ``"weight"`` or ``"region"``) and ``reason``. ``str()`` is ``"<field>: <reason>"``, and the
+    Sampler service maps ``field`` to a request path without reading the message."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
 class ExpertKind(enum.StrEnum):
     """The role of an expert in the product."""
 
@@ -206,7 +218,7 @@ def create_expert(name: str, /, **config: Any) -> Expert:
     found = available_experts()
     if name not in found:
         known = ", ".join(sorted(found)) or "none installed"
-        raise ValueError(f"expert: unknown expert name {name!r} (known: {known})")
+        raise KernelError("expert", f"unknown expert name {name!r} (known: {known})")
     factory = found[name].load()
     expert = factory(**config)
     check_expert(expert)

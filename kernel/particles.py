@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from poegen.kernel.experts import KernelError
+
 Resampler = Callable[..., Tensor]
 
 
@@ -64,7 +66,7 @@ def log_increment(new: Tensor, old: Tensor) -> Tensor:
 def _weights(log_w: Tensor) -> Tensor:
     log_w = sanitize(log_w)
     if torch.isneginf(log_w).all():
-        raise ValueError("log_w: every particle has zero weight; nothing to resample")
+        raise KernelError("log_w", "every particle has zero weight; nothing to resample")
     return torch.softmax(log_w.to(torch.float64), 0)
 
 
@@ -155,5 +157,7 @@ RESAMPLERS: dict[str, Resampler] = {
 def resample(scheme: str, log_w: Tensor, n: int, *, generator: torch.Generator) -> Tensor:
     """Ancestor indices by scheme name; unknown names raise ``ValueError``."""
     if scheme not in RESAMPLERS:
-        raise ValueError(f"resampling: unknown scheme {scheme!r} (known: {', '.join(RESAMPLERS)})")
+        raise KernelError(
+            "resampling", f"unknown scheme {scheme!r} (known: {', '.join(RESAMPLERS)})"
+        )
     return RESAMPLERS[scheme](log_w, n, generator=generator)

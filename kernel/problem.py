@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from poegen.kernel.calls import BoundFactor
-from poegen.kernel.experts import Capability, ExpertKind, check_expert
+from poegen.kernel.experts import Capability, ExpertKind, KernelError, check_expert
 from poegen.kernel.schedule import checked_grid, sigmas_for
 from poegen.kernel.spec import Factor, SamplerSettings
 
@@ -48,7 +48,7 @@ class PixelSource:
 def check_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in sample_shape)
     if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"sample_shape: needs positive dimensions, got {tuple(sample_shape)}")
+        raise KernelError("sample_shape", f"needs positive dimensions, got {tuple(sample_shape)}")
     return shape
 
 
@@ -60,7 +60,7 @@ def noise_grid(settings: SamplerSettings, problem: Problem, shape: tuple[int, ..
         if b.info.supports(Capability.SCHEDULE):
             levels = b.factor.expert.schedule(settings.num_steps, shape)  # type: ignore[attr-defined]
             return checked_grid(levels, settings.num_steps, f"expert {b.name!r}")
-    raise ValueError("schedule: 'expert' needs a generative expert that answers schedule()")
+    raise KernelError("schedule", "'expert' needs a generative expert that answers schedule()")
 
 
 def build_problem(
@@ -75,34 +75,38 @@ def build_problem(
     names = [b.name for b in bound]
     if len(set(names)) != len(names):
         dup = sorted({x for x in names if names.count(x) > 1})
-        raise ValueError(f"factors: duplicate factor names {dup}; give each a distinct name=")
+        raise KernelError("factors", f"duplicate factor names {dup}; give each a distinct name=")
     generative = tuple(b for b in bound if b.info.kind == ExpertKind.GENERATIVE)
     if not generative:
-        raise ValueError("factors: at least one generative expert is needed")
+        raise KernelError("factors", "at least one generative expert is needed")
     spaces = {b.info.latent_space for b in generative if b.info.latent_space}
     if len(spaces) > 1:
-        raise ValueError(
-            f"factors: generative experts must share one latent space, got {sorted(spaces)}"
+        raise KernelError(
+            "factors", f"generative experts must share one latent space, got {sorted(spaces)}"
         )
     masks = tuple(_mask(b, shape, dtype, device) for b in generative)
     total = torch.stack(masks).sum(0)
     if (total <= 0).any():
-        raise ValueError(
-            "factors: every coordinate needs a positive total generative weight Σ w_i·m_i; "
-            f"{int((total <= 0).sum())} coordinates have none (check regions and weights)"
+        raise KernelError(
+            "factors",
+            "every coordinate needs a positive total generative weight Σ w_i·m_i; "
+            f"{int((total <= 0).sum())} coordinates have none (check regions and weights)",
         )
     needs_log_prob = settings.mcmc in ("mala", "hmc") and settings.mcmc_steps > 0
     for b in generative:
         if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
-            raise ValueError(
-                f"mcmc: {settings.mcmc!r} needs log_prob from every generative expert; "
-                f"{b.name!r} gives none (use 'ula' or 'uhmc')"
+            raise KernelError(
+                "mcmc",
+                f"{settings.mcmc!r} needs log_prob from every generative expert; "
+                f"{b.name!r} gives none (use 'ula' or 'uhmc')",
             )
         if needs_log_prob and b.factor.region is not None:
-            raise ValueError(f"mcmc: {settings.mcmc!r} cannot use the regional expert {b.name!r}")
+            raise KernelError(
+                "mcmc", f"{settings.mcmc!r} cannot use the regional expert {b.name!r}"
+            )
     for b in bound:
         if b.info.kind == ExpertKind.CONSTRAINT and b.factor.weight <= 0:
-            raise ValueError(f"weight: constraint {b.name!r} needs a positive weight")
+            raise KernelError("weight", f"constraint {b.name!r} needs a positive weight")
     ties = tuple(
         b
         for b in bound
@@ -110,14 +114,16 @@ def build_problem(
     )
     for b in ties:
         if settings.transition == "fk" and not b.info.supports(Capability.LOG_PROB):
-            raise ValueError(
-                f"transition: 'fk' weighs the scored constraint {b.name!r} by its log_prob, "
-                "which it does not give (use transition='euler')"
+            raise KernelError(
+                "transition",
+                f"'fk' weighs the scored constraint {b.name!r} by its log_prob, "
+                "which it does not give (use transition='euler')",
             )
         if needs_log_prob and not b.info.supports(Capability.LOG_PROB):
-            raise ValueError(
-                f"mcmc: {settings.mcmc!r} needs log_prob from the scored constraint {b.name!r}, "
-                "which gives none (use 'ula' or 'uhmc')"
+            raise KernelError(
+                "mcmc",
+                f"{settings.mcmc!r} needs log_prob from the scored constraint {b.name!r}, "
+                "which gives none (use 'ula' or 'uhmc')",
             )
     potentials = tuple(b for b in bound if b.info.kind != ExpertKind.GENERATIVE and b not in ties)
     proposers = tuple(
@@ -147,22 +153,25 @@ def _pixel_source(
         return None
     spaces = sorted({b.info.latent_space for b in generative})
     if len(spaces) > 1:
-        raise ValueError(
-            f"factors: pixel-input expert {readers[0]!r} needs one latent space to decode, but "
-            f"the generative experts have {spaces}"
+        raise KernelError(
+            "factors",
+            f"pixel-input expert {readers[0]!r} needs one latent space to decode, but "
+            f"the generative experts have {spaces}",
         )
     for b in generative:
         if b.info.supports(Capability.AUTOENCODER):
             return PixelSource(b)
     if spaces[0] and not spaces[0].startswith("pixels"):
-        raise ValueError(
-            f"factors: pixel-input expert {readers[0]!r} needs pixels, but no generative expert "
-            f"of latent space {spaces[0]!r} has an autoencoder to decode x̂_0"
+        raise KernelError(
+            "factors",
+            f"pixel-input expert {readers[0]!r} needs pixels, but no generative expert "
+            f"of latent space {spaces[0]!r} has an autoencoder to decode x̂_0",
         )
     if len(shape) not in (3, 4):
-        raise ValueError(
-            f"factors: pixel-input expert {readers[0]!r} needs pixels, but the samples {shape} "
-            "are neither (C, H, W) nor (C, F, H, W) and no generative expert decodes them"
+        raise KernelError(
+            "factors",
+            f"pixel-input expert {readers[0]!r} needs pixels, but the samples {shape} "
+            "are neither (C, H, W) nor (C, F, H, W) and no generative expert decodes them",
         )
     return PixelSource(None)
 
@@ -172,11 +181,11 @@ def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
         raise TypeError(f"factors[{index}]: expected Factor, got {type(factor).__name__}")
     info = check_expert(factor.expert)
     if info.sample_shape is not None and tuple(info.sample_shape) != shape:
-        raise ValueError(
-            f"sample_shape: {shape} does not match expert {info.name!r}'s {info.sample_shape}"
+        raise KernelError(
+            "sample_shape", f"{shape} does not match expert {info.name!r}'s {info.sample_shape}"
         )
     if factor.region is not None and info.kind != ExpertKind.GENERATIVE:
-        raise ValueError(f"factors[{index}].region: only generative experts take a region")
+        raise KernelError(f"factors[{index}].region", "only generative experts take a region")
     return BoundFactor(factor, info, factor.name or info.name)
 
 
@@ -187,7 +196,9 @@ def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) ->
         return torch.full(shape, b.factor.weight, dtype=dtype, device=device)
     region = torch.as_tensor(region, dtype=dtype, device=device)
     if tuple(region.shape) != shape:
-        raise ValueError(f"region: factor {b.name!r} has shape {tuple(region.shape)}, not {shape}")
+        raise KernelError(
+            "region", f"factor {b.name!r} has shape {tuple(region.shape)}, not {shape}"
+        )
     if not torch.isfinite(region).all() or (region < 0).any() or (region > 1).any():
-        raise ValueError(f"region: factor {b.name!r} needs values in [0, 1]")
+        raise KernelError("region", f"factor {b.name!r} needs values in [0, 1]")
     return b.factor.weight * region

@@ -82,7 +82,7 @@ from torch import Tensor
 
 from poegen.kernel import mcmc, particles, transition
 from poegen.kernel.calls import ExpertCalls, ExpertStats
-from poegen.kernel.experts import Capability
+from poegen.kernel.experts import Capability, KernelError
 from poegen.kernel.path import euler_step, x0_from_velocity
 from poegen.kernel.potentials import (
     Potential,
@@ -246,7 +246,7 @@ def _levels(sigmas: list[float]) -> list[tuple[float | None, float]]:
     """(σ_{k−1}, σ_k) per level; a one-step grid (1 → 0) is one level at σ = 1 with no
     transition: x̂_0 = x − v(x, 1) is its Euler step to 0 (distilled one-step models)."""
     if not sigmas:
-        raise ValueError("num_steps: the noise grid needs a level strictly between 0 and 1")
+        raise KernelError("num_steps", "the noise grid needs a level strictly between 0 and 1")
     if len(sigmas) == 1:
         return [(None, sigmas[0])]
     return list(itertools.pairwise(sigmas))

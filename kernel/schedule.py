@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from poegen.kernel.experts import KernelError
 from poegen.kernel.particles import ess_fraction
 from poegen.kernel.spec import SamplerSettings
 
@@ -51,7 +52,7 @@ def sigmas_for(settings: SamplerSettings) -> Tensor:
         return linear_sigmas(settings.num_steps)
     if settings.schedule == "shifted":
         return shifted_sigmas(settings.num_steps, settings.shift)
-    raise ValueError("schedule: 'expert' takes its grid from an expert (see checked_grid)")
+    raise KernelError("schedule", "'expert' takes its grid from an expert (see checked_grid)")
 
 
 def checked_grid(levels: Sequence[float], num_steps: int, source: str) -> Tensor:
@@ -59,14 +60,15 @@ def checked_grid(levels: Sequence[float], num_steps: int, source: str) -> Tensor
     decreasing strictly from 1 to a last level in [0, 1)."""
     grid = torch.as_tensor([float(s) for s in levels], dtype=torch.float64)
     if grid.numel() != num_steps + 1:
-        raise ValueError(
-            f"schedule: {source} gave {grid.numel()} levels for num_steps={num_steps}, "
-            f"expected {num_steps + 1}"
+        raise KernelError(
+            "schedule",
+            f"{source} gave {grid.numel()} levels for num_steps={num_steps}, "
+            f"expected {num_steps + 1}",
         )
     if not bool(torch.isfinite(grid).all()) or grid[0] != 1 or not 0 <= grid[-1] < 1:
-        raise ValueError(f"schedule: {source} gave a grid that does not run from 1 into [0, 1)")
+        raise KernelError("schedule", f"{source} gave a grid that does not run from 1 into [0, 1)")
     if bool((grid[1:] >= grid[:-1]).any()):
-        raise ValueError(f"schedule: {source} gave a grid that is not strictly decreasing")
+        raise KernelError("schedule", f"{source} gave a grid that is not strictly decreasing")
     return grid
 
 

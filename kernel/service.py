@@ -105,7 +105,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from poegen.kernel import codec
 from poegen.kernel.calls import NonFiniteOutputError
 from poegen.kernel.errors import ExpertError, maps_errors
-from poegen.kernel.experts import Capability
+from poegen.kernel.experts import Capability, KernelError
 from poegen.kernel.potentials import AllParticlesDiedError
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.kernel.sampler import LevelTrace, SampleResult, sample_iter
@@ -131,7 +131,6 @@ logger = logging.getLogger(__name__)
 _SERVICE = sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"]
 SERVICE_NAME = _SERVICE.full_name
 _SETTINGS_FIELDS = frozenset(SamplerSettings.model_fields)
-_FIELD = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+)*$")
 _HOST_PORT = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})"
 )
@@ -785,8 +784,10 @@ def job_error(error: BaseException, plan: JobPlan) -> BaseException:
         return _expert_error(index, error, connecting=False)
     if isinstance(error, AllParticlesDiedError):
         return ExpertError.failed_precondition("factors", str(error))
-    if isinstance(error, ValueError | TypeError):
-        return ExpertError.invalid(*_kernel_field(str(error)))
+    if isinstance(error, KernelError):
+        return ExpertError.invalid(*_request_field(error))
+    if isinstance(error, ValueError | TypeError):  # an expert that broke its contract
+        return ExpertError.invalid("factors", str(error))
     return error
 
 
@@ -822,16 +823,14 @@ def _expert_error(
     return ExpertError.failed_precondition(where, quoted)
 
 
-def _kernel_field(message: str) -> tuple[str, str]:
-    """(field, reason) of a kernel ``ValueError("<field>: <reason>")``, as a request path."""
-    head, sep, reason = message.partition(": ")
-    if not sep or not _FIELD.match(head):
-        return "factors", message
-    if head in _SETTINGS_FIELDS:
-        return f"settings.{head}", reason
-    if head in ("sample_shape", "factors") or head.startswith("factors["):
-        return head, reason
-    return "factors", message  # "weight: ...", "region: ..." name a factor by its name
+def _request_field(error: KernelError) -> tuple[str, str]:
+    """(request path, reason) of the kernel's ``field``: a setting is under ``settings.``."""
+    field = error.field
+    if field in _SETTINGS_FIELDS:
+        return f"settings.{field}", error.reason
+    if field in ("sample_shape", "factors") or field.startswith("factors["):
+        return field, error.reason
+    return "factors", str(error)  # "weight", "region": a factor named in the reason
 
 
 class JobSlots:

@@ -55,7 +55,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from poegen.kernel.experts import Expert
+from poegen.kernel.experts import Expert, KernelError
 
 MCMCKernel = Literal["ula", "mala", "hmc", "uhmc"]
 ResamplingScheme = Literal["systematic", "stratified", "residual", "multinomial", "ssp"]
@@ -83,7 +83,7 @@ class Factor:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.weight):
-            raise ValueError(f"weight: must be finite, got {self.weight}")
+            raise KernelError("weight", f"must be finite, got {self.weight}")
 
 
 class SamplerSettings(BaseModel):
@@ -174,4 +174,4 @@ class SamplerSettings(BaseModel):
             return cls(**overrides)
         if name == "paper":
             return cls.paper(**overrides)
-        raise ValueError(f"preset: unknown preset {name!r} (known: default, paper)")
+        raise KernelError("preset", f"unknown preset {name!r} (known: default, paper)")

@@ -328,3 +328,19 @@ def test_jobs_still_running_at_the_end_of_the_grace_are_stopped(loop: LoopThread
     time.sleep(0.3)
     assert counter.calls == calls  # the stopped job makes no more expert calls
     assert calls < 10_000
+
+
+@pytest.mark.parametrize(
+    ("field", "path"),
+    [("mcmc", "settings.mcmc"), ("num_steps", "settings.num_steps"),
+     ("sample_shape", "sample_shape"), ("factors[2].region", "factors[2].region"),
+     ("weight", "factors")],
+)  # fmt: skip
+def test_the_kernels_field_becomes_a_request_path_without_reading_the_message(field, path):
+    from poegen.kernel.experts import KernelError
+    from poegen.kernel.service import job_error
+
+    error = KernelError(field, "a reason: with a colon")
+    assert str(error) == f"{field}: a reason: with a colon"
+    mapped = job_error(error, None)  # type: ignore[arg-type]
+    assert mapped.code == grpc.StatusCode.INVALID_ARGUMENT and mapped.field == path
