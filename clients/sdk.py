@@ -67,6 +67,7 @@ from poegen.clients.endpoints import ClientTLS, EndpointInfo, describe, rpc_fail
 from poegen.clients.errors import GenerationError, GenerationTimeout, PoegenError
 from poegen.clients.spec import GenerationSpec, address_of, to_request
 from poegen.kernel import codec
+from poegen.kernel import tracing as traces
 from poegen.kernel.transport import DEFAULT_MAX_MESSAGE_BYTES, bearer_metadata, channel_options
 from poegen.v1 import sampler_pb2, sampler_pb2_grpc
 
@@ -219,6 +220,8 @@ class AsyncClient:
         expert_tls: TLS to the experts this process calls (in-process runs, ``describe``,
             decoding); plaintext when None.
         max_message_bytes: largest message sent and received.
+        tracing: OpenTelemetry client spans for its calls, whose context the Sampler and the
+            experts continue (:mod:`poegen.kernel.tracing`).
     """
 
     def __init__(
@@ -231,7 +234,10 @@ class AsyncClient:
         tls: ClientTLS | None = None,
         expert_tls: ClientTLS | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tracing: bool = False,
     ) -> None:
+        traces.check(tracing)
+        self.tracing = tracing
         self.sampler = sampler
         self.endpoints = dict(endpoints or {})
         self.token = token
@@ -263,10 +269,13 @@ class AsyncClient:
         if self._channel is None:
             assert self.sampler is not None
             options = channel_options(self.max_message_bytes)
+            interceptors = traces.aio_client_interceptors(self.tracing)
             self._channel = (
-                grpc.aio.insecure_channel(self.sampler, options=options)
+                grpc.aio.insecure_channel(self.sampler, options=options, interceptors=interceptors)
                 if self.tls is None
-                else grpc.aio.secure_channel(self.sampler, self.tls.credentials(), options=options)
+                else grpc.aio.secure_channel(
+                    self.sampler, self.tls.credentials(), options=options, interceptors=interceptors
+                )
             )
         return sampler_pb2_grpc.SamplerServiceStub(self._channel)
 
@@ -367,6 +376,7 @@ class AsyncClient:
             expert_ca_file=tls.ca_file,
             expert_cert_file=tls.cert_file,
             expert_key_file=tls.key_file,
+            tracing=self.tracing,
         )
         try:
             plan = parse_request(request, config)

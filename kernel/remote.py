@@ -94,6 +94,7 @@ import torch
 from torch import Tensor
 
 from poegen.kernel import codec
+from poegen.kernel import tracing as traces
 from poegen.kernel.errors import ExpertError, from_rpc_error
 from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind, LatentLayout
 from poegen.kernel.transport import (
@@ -206,6 +207,7 @@ class RemoteExpert:
         self._metadata = bearer_metadata(token)
         self._retry = retry
         self._reached = False  # answered once: from then on an outage is waited out
+        self._trace_context: Any | None = None  # see connect(trace_context=)
         self._rng = random.Random(jitter_seed)
         self._lock = threading.Lock()
         self._prepare_lock = threading.Lock()
@@ -238,6 +240,8 @@ class RemoteExpert:
         jitter_seed: int = 0,
         shared_memory: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tracing: bool = False,
+        trace_context: Any | None = None,
     ) -> RemoteExpert:
         """Open a channel to ``address`` (``host:port``), ``Describe`` and ``Prepare``.
 
@@ -252,6 +256,8 @@ class RemoteExpert:
             shared_memory: send large request tensors, and take large replies, through shared
                 memory when the server also opted in and is on this host.
             max_message_bytes: largest message sent and received (as the server's option).
+            tracing: every call a client span (:mod:`poegen.kernel.tracing`), in
+                ``trace_context`` (the request a job serves) when given.
 
         Raises :class:`RemoteExpertError` when the server cannot be reached or refuses.
         """
@@ -261,8 +267,10 @@ class RemoteExpert:
 
         def open_channel() -> grpc.Channel:
             if tls is not None:
-                return grpc.secure_channel(address, tls, options=options)
-            return grpc.insecure_channel(address, options=options)
+                channel = grpc.secure_channel(address, tls, options=options)
+            else:
+                channel = grpc.insecure_channel(address, options=options)
+            return traces.traced_channel(channel, tracing)
 
         expert = cls(
             open_channel,
@@ -275,6 +283,7 @@ class RemoteExpert:
             shared_memory=shared_memory,
             max_message_bytes=max_message_bytes,
         )
+        expert._trace_context = trace_context
         try:
             expert._start()
         except BaseException:
@@ -591,7 +600,8 @@ class RemoteExpert:
             if self._cancelled.is_set() or self._closed:
                 raise self._error(method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled")
             try:
-                reply = rpc(request, timeout=self.deadline_s, metadata=self._metadata)
+                with traces.attached(self._trace_context):
+                    reply = rpc(request, timeout=self.deadline_s, metadata=self._metadata)
             except (grpc.RpcError, ValueError) as e:  # ValueError: the channel is closed
                 if on_failure is not None:
                     on_failure()

@@ -102,7 +102,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from poegen.kernel import codec
+from poegen.kernel import codec, tracing
 from poegen.kernel.calls import NonFiniteOutputError
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import Capability, KernelError
@@ -193,9 +193,13 @@ class SamplerServerConfig(BaseModel):
     shared_memory: bool = Field(False, description="send tensors to co-located experts via shm")
     metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
+    tracing: bool = Field(
+        False, description="OpenTelemetry spans for every RPC and expert call (kernel.tracing)"
+    )
 
     @model_validator(mode="after")
     def _check_tokens(self) -> SamplerServerConfig:
+        tracing.check(self.tracing)
         for name in ("token", "expert_token"):
             secret = getattr(self, name)
             if secret is not None and not secret.get_secret_value().strip():
@@ -559,6 +563,8 @@ class Job:
         self.dropped_events = 0  # level events a slow reader did not get (see _emit_level)
         # the job thread computes with the service thread's torch thread count (calls.worker_pool)
         self._torch_threads = torch.get_num_threads()
+        # made in the Generate handler: its trace context is the request's (kernel.tracing)
+        self._trace_context = tracing.current(config.tracing)
         self._thread = threading.Thread(target=self._main, name=f"poegen-job-{number}", daemon=True)
 
     def start(self) -> None:
@@ -741,6 +747,8 @@ class Job:
                 jitter_seed=_jitter_seed(where),
                 shared_memory=config.shared_memory,
                 max_message_bytes=config.max_message_bytes,
+                tracing=config.tracing,
+                trace_context=self._trace_context,
             )
             with self._lock:
                 self._experts.append(expert)  # closed by _main whatever happens next
@@ -984,7 +992,7 @@ class SamplerHost:
         self.config = config
         self.servicer = SamplerServicer(config)
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        interceptors = tracing.server_interceptors(config.tracing)
         if config.token is not None:
             interceptors.append(TokenInterceptor(config.token.get_secret_value()))
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))

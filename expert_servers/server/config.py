@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from poegen.kernel import tracing
 from poegen.kernel.transport import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_GRPC_LIMIT,
@@ -74,6 +75,7 @@ class ServerConfig(BaseModel):
         False, description="accept shared-memory tensors; write replies into rooms offered"
     )
     workers: int = Field(4, ge=1, le=256, description="threads running model calls")
+    tracing: bool = Field(False, description="OpenTelemetry spans for every RPC (kernel.tracing)")
     max_inflight_calls: int = Field(
         64, ge=1, le=65536, description="calls in flight at once; beyond: RESOURCE_EXHAUSTED"
     )
@@ -98,6 +100,7 @@ class ServerConfig(BaseModel):
             and self.token.get_secret_value() == self.admin_token.get_secret_value()
         ):
             raise ValueError("admin_token: must differ from token")
+        tracing.check(self.tracing)
         if self.max_inflight_bytes is None:
             object.__setattr__(self, "max_inflight_bytes", 2 * self.max_message_bytes)
         elif self.max_inflight_bytes < self.max_message_bytes:

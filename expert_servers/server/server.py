@@ -39,6 +39,7 @@ from poegen.expert_servers.server.metrics import ServerMetrics
 from poegen.expert_servers.server.models import LoadedModel, ModelManager
 from poegen.expert_servers.server.service import ExpertServicer, WireLimits
 from poegen.expert_servers.server.serving import ExpertServing
+from poegen.kernel import tracing
 from poegen.kernel.calls import worker_pool
 from poegen.kernel.codec import SharedMemoryReader, parser
 from poegen.kernel.experts import Expert
@@ -104,7 +105,10 @@ class ExpertHost:
         serving = ExpertServing(
             self.handles, self._calls, self.metrics, max_message_bytes=config.max_message_bytes
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            *tracing.server_interceptors(config.tracing),
+            MetricsInterceptor(self.metrics),
+        ]
         if config.token is not None:
             interceptors.append(TokenInterceptor(config.token.get_secret_value()))
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
