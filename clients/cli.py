@@ -27,7 +27,9 @@ with ``register(app)``, listed in :data:`COMMANDS`.
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import json
 import logging
 import os
 import sys
@@ -55,6 +57,9 @@ def _root(
         str, typer.Option(help="log level on stderr: DEBUG, INFO, WARNING, ERROR")
     ] = "WARNING",
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="one JSON object per log line (for collectors)")
+    ] = False,
 ) -> None:
     """poegen: training-free product-of-experts sampling.
 
@@ -63,9 +68,29 @@ def _root(
     level = "DEBUG" if debug else log_level.upper()
     if level not in _LEVELS:
         raise typer.BadParameter(f"{log_level!r} is not one of {', '.join(_LEVELS)}")
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JSONFormatter() if log_json else logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    )  # fmt: skip
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+class JSONFormatter(logging.Formatter):
+    """A log record as one JSON object: time (ISO 8601, UTC), level, logger, message and,
+    when an exception is logged, its traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def build_app() -> typer.Typer:

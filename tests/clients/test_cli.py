@@ -317,3 +317,24 @@ def test_generate_with_its_own_stack_from_the_examples(tmp_path: Path) -> None:
     assert [e["name"] for e in trace["experts"]] == ["ring", "bar"]
     assert trace["num_particles"] == 64
     assert (out / "particles.png").stat().st_size > 1000
+
+
+def test_log_json_writes_one_json_object_per_line():
+    """``poegen --log-json``: every log line on stderr parses as JSON with its fields, a logged
+    exception included."""
+    program = (
+        "import logging\n"
+        "from poegen.clients.cli import main\n"
+        "main(['--log-json', '--log-level', 'INFO', 'health', '127.0.0.1:1', '--timeout', '0.5'])\n"
+        "logging.getLogger('poegen.test').info('hello %s', 'there')\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+        "    logging.getLogger('poegen.test').exception('failed')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=scaled(60)
+    )
+    entries = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    mine = [e for e in entries if e["logger"] == "poegen.test"]
+    assert [e["message"] for e in mine] == ["hello there", "failed"]
+    assert mine[0]["level"] == "INFO" and mine[0]["time"].endswith("+00:00")
+    assert "ZeroDivisionError" in mine[1]["exception"]
