@@ -177,9 +177,13 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
         fps=fps,
         codec="libx264",
         macro_block_size=1 if h % 2 == w % 2 == 0 else 16,
+        ffmpeg_log_level="error",  # ffmpeg's own errors reach stderr
     ) as writer:
         for frame in frames:
             writer.append_data(frame)
+    # the writer does not check ffmpeg's exit: a video it failed to write must not pass silently
+    if not path.is_file() or path.stat().st_size == 0:
+        raise RuntimeError(f"ffmpeg wrote no {path.name} (its errors, if any, are on stderr)")
 
 
 def trace_json(result: Any, spec: Any | None = None) -> dict[str, Any]:
