@@ -40,7 +40,8 @@ def _progress(fraction: float, message: str) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
-    """Tiny models run 20–40× slower with two OpenMP threads on a busy 2-core machine."""
+    """One torch thread for the tiny models, so they do not contend for the cores with the
+    servers' own threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
