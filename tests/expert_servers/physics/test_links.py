@@ -34,20 +34,11 @@ SHAPE = [16, 8, 8]  # FLUX latents of 16×16 pixels (the tiny VAE halves each si
 SIGMAS = (1.0, 0.7, 0.4, 0.15, 0.03, 0.004)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _progress(fraction: float, message: str) -> None:
     del fraction, message
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread for the tiny models, so they do not contend for the cores with the
-    servers' own threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ expert keeping the ball's fully covered latent cells on the encoded simulation."
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,20 +27,11 @@ fps: 24
 """
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _progress(fraction: float, message: str) -> None:
     del fraction, message
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread for the tiny models, so they do not contend for the cores with the
-    servers' own threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
