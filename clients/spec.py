@@ -18,6 +18,7 @@ their weights, conditions, regions and links, the sampler's settings and the out
         region:                       # generative only: where its score counts
           box: [[0, 16], [8, 24]]     # [start, stop) per trailing sample dimension ...
           # mask: mask.png            # ... or a mask file (PNG/JPEG or .safetensors)
+        # crop: [[0, 16], [8, 24]]    # the expert sees only this window of each sample
         condition:
           text: "a red cube"
           tensors:
@@ -171,6 +172,17 @@ class ConditionSpec(_Model):
         )
 
 
+def _check_spans(spans: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+    """A box's or crop's [start, stop) pairs: at least one, each 0 <= start < stop."""
+    if spans is not None:
+        if not spans:
+            raise ValueError("needs at least one [start, stop) pair")
+        for start, stop in spans:
+            if not 0 <= start < stop:
+                raise ValueError(f"needs 0 <= start < stop, got [{start}, {stop}]")
+    return spans
+
+
 class Region(_Model):
     """Where a generative expert's score counts: a box or a mask, in sample coordinates."""
 
@@ -184,13 +196,7 @@ class Region(_Model):
     @field_validator("box")
     @classmethod
     def _check_box(cls, box: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
-        if box is not None:
-            if not box:
-                raise ValueError("needs at least one [start, stop) pair")
-            for start, stop in box:
-                if not 0 <= start < stop:
-                    raise ValueError(f"needs 0 <= start < stop, got [{start}, {stop}]")
-        return box
+        return _check_spans(box)
 
     @model_validator(mode="after")
     def _one_of(self) -> Region:
@@ -281,7 +287,17 @@ class ExpertSpec(_Endpoint):
     weight: float = Field(1.0, description="exponent, reward scale or constraint scale")
     condition: ConditionSpec | None = None
     region: Region | None = None
+    crop: list[tuple[int, int]] | None = Field(
+        None,
+        description="[start, stop) per trailing sample dimension: the expert sees only this "
+        "window of each sample (a 16×16 prior at a box of a larger canvas)",
+    )
     links: list[Link] = Field(default_factory=list)
+
+    @field_validator("crop")
+    @classmethod
+    def _check_crop(cls, crop: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        return _check_spans(crop)
 
     @field_validator("weight")
     @classmethod
@@ -416,6 +432,7 @@ class SpecBuilder:
         scalars: Mapping[str, float] | None = None,
         region: Region | Mapping[str, Any] | None = None,
         links: Sequence[Mapping[str, str] | Link] = (),
+        crop: Sequence[tuple[int, int]] | None = None,
     ) -> SpecBuilder:
         entry: dict[str, Any] = {"address": address, "endpoint": endpoint, "weight": weight}
         if name is not None:
@@ -429,6 +446,8 @@ class SpecBuilder:
             }
         if region is not None:
             entry["region"] = region
+        if crop is not None:
+            entry["crop"] = [tuple(span) for span in crop]
         if links:
             entry["links"] = list(links)
         self._data["experts"].append(entry)
@@ -500,6 +519,8 @@ def to_request(
         if expert.region is not None:
             mask = _checked(lambda e=expert: e.region.to_tensor(sample_shape), f"{where}.region")
             factor.region.CopyFrom(codec.encode(mask))
+        for start, stop in expert.crop or ():
+            factor.crop.add(start=start, stop=stop)
         for link in expert.links:
             factor.links.add(tensor=link.tensor, source=link.source, output=link.output)
         factors.append(factor)

@@ -10,6 +10,7 @@ constraints ("ties") and how pixel-input potentials see x̂_0.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from poegen.kernel.calls import BoundFactor
+from poegen.kernel.crop import CroppedExpert, check_window, window_mask, window_shape
 from poegen.kernel.experts import Capability, ExpertKind, KernelError, check_expert
 from poegen.kernel.schedule import checked_grid, sigmas_for
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -133,6 +135,18 @@ def build_problem(
         and (b.info.supports(Capability.PROPOSE) or b.info.supports(Capability.PROJECT))
     )
     pixels = _pixel_source(generative, potentials, shape)
+    for b in potentials:
+        if (
+            pixels is not None
+            and pixels.decoder is not None
+            and b.info.pixel_input
+            and b.factor.crop
+        ):
+            raise KernelError(
+                "crop",
+                f"pixel-input expert {b.name!r} has a crop in sample coordinates, but the "
+                "samples are latents decoded to pixels of another size",
+            )
     needs_score = settings.mcmc_steps > 0  # the FK step forms its own score from V
     return Problem(
         generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels
@@ -177,12 +191,22 @@ def _pixel_source(
 
 
 def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
+    """The factor with its expert's info; a cropped factor's expert wrapped to see its window
+    (the factor keeps the crop, which its mask reads)."""
     if not isinstance(factor, Factor):
         raise TypeError(f"factors[{index}]: expected Factor, got {type(factor).__name__}")
     info = check_expert(factor.expert)
-    if info.sample_shape is not None and tuple(info.sample_shape) != shape:
+    seen = shape
+    if factor.crop is not None:
+        window = check_window(factor.crop, shape, f"factors[{index}].crop")
+        seen = window_shape(window, shape)
+        factor = dataclasses.replace(
+            factor, expert=CroppedExpert(factor.expert, window, shape), crop=window
+        )
+        info = factor.expert.describe()
+    if info.sample_shape is not None and tuple(info.sample_shape) != seen:
         raise KernelError(
-            "sample_shape", f"{shape} does not match expert {info.name!r}'s {info.sample_shape}"
+            "sample_shape", f"{seen} does not match expert {info.name!r}'s {info.sample_shape}"
         )
     if factor.region is not None and info.kind != ExpertKind.GENERATIVE:
         raise KernelError(f"factors[{index}].region", "only generative experts take a region")
@@ -190,10 +214,14 @@ def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
 
 
 def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
-    """w_i·m_i over the sample shape (m_i = 1 without a region)."""
+    """w_i·m_i over the sample shape (m_i = 1 without a region, times the crop's window)."""
     region = b.factor.region
+    window = None
+    if b.factor.crop is not None:
+        window = window_mask(b.factor.crop, shape, dtype=dtype, device=device)
     if region is None:
-        return torch.full(shape, b.factor.weight, dtype=dtype, device=device)
+        mask = torch.full(shape, b.factor.weight, dtype=dtype, device=device)
+        return mask if window is None else mask * window
     region = torch.as_tensor(region, dtype=dtype, device=device)
     if tuple(region.shape) != shape:
         raise KernelError(
@@ -201,4 +229,5 @@ def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) ->
         )
     if not torch.isfinite(region).all() or (region < 0).any() or (region > 1).any():
         raise KernelError("region", f"factor {b.name!r} needs values in [0, 1]")
-    return b.factor.weight * region
+    mask = b.factor.weight * region
+    return mask if window is None else mask * window

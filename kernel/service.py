@@ -104,6 +104,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from poegen.kernel import codec, tracing
 from poegen.kernel.calls import NonFiniteOutputError
+from poegen.kernel.crop import check_window
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import Capability, KernelError
 from poegen.kernel.potentials import AllParticlesDiedError
@@ -237,6 +238,7 @@ class FactorPlan:
     region: torch.Tensor | None
     name: str | None
     links: tuple[LinkPlan, ...] = ()
+    crop: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,9 +450,17 @@ def _parse_factor(
             raise ExpertError.invalid(f"{where}.region", "must be finite (no NaN or inf)")
     condition = spec.condition if spec.HasField("condition") else None
     _check_name(f"{where}.name", spec.name)
+    crop = None
+    if spec.crop:
+        spans = tuple((int(s.start), int(s.stop)) for s in spec.crop)
+        try:
+            crop = check_window(spans, shape, f"{where}.crop")
+        except KernelError as e:
+            raise ExpertError.invalid(e.field, e.reason) from None
     return FactorPlan(
-        address, float(weight), condition, region, spec.name or None, _parse_links(where, spec)
-    )
+        address, float(weight), condition, region, spec.name or None,
+        _parse_links(where, spec), crop,
+    )  # fmt: skip
 
 
 def settings_from_proto(msg: sampler_pb2.SamplerSettings) -> SamplerSettings:
@@ -631,7 +641,7 @@ class Job:
         experts = self._connect()
         plan = self.plan
         factors = [
-            Factor(expert, weight=f.weight, region=f.region, name=f.name)
+            Factor(expert, weight=f.weight, region=f.region, name=f.name, crop=f.crop)
             for f, expert in zip(plan.factors, experts, strict=True)
         ]
         generator = torch.Generator().manual_seed(plan.seed)

@@ -72,14 +72,19 @@ class Factor:
             log-potential, or scale of a soft constraint's log-potential (an indicator is
             unchanged by any positive scale).
         region: generative only: a mask of the sample shape with values in [0, 1]. The expert
-            sees the whole sample; its score counts only inside the mask (see ``sampler``).
+            sees the whole sample (or its ``crop``); its score counts only inside the mask
+            (see ``sampler``).
         name: name in traces; defaults to the expert's own name.
+        crop: [start, stop) per trailing sample dimension: the expert sees only this window
+            of each sample, and its factor is p(x_W) (or r(x̂_0[W])); see
+            ``poegen.kernel.crop``. ``None``: the whole sample.
     """
 
     expert: Expert
     weight: float = 1.0
     region: Tensor | None = None
     name: str | None = None
+    crop: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.weight):

@@ -30,7 +30,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-MODEL_NAMES = ("flow-all", "flow-0to4", "flow-even", "classifier-reward", "classifier-judge")
+MODEL_NAMES = (
+    "flow-all",
+    "flow-0to4",
+    "flow-even",
+    "flow-cond",
+    "classifier-reward",
+    "classifier-judge",
+)
 
 
 def weights_dir() -> Path:

@@ -64,7 +64,9 @@ FLOW_CLASSES: dict[str, tuple[int, ...] | None] = {
     "flow-all": None,
     "flow-0to4": (0, 1, 2, 3, 4),
     "flow-even": (0, 2, 4, 6, 8),
+    "flow-cond": None,
 }
+CONDITIONAL_FLOWS = ("flow-cond",)  # the label is the condition (``num_class_embeds`` = 10)
 CLASSIFIERS = ("classifier-reward", "classifier-judge")
 
 
@@ -85,11 +87,14 @@ class TrainConfig:
     threads: int = 2
 
 
-def build_flow_model(channels: tuple[int, ...]):
-    """A small pixel-space UNet2DModel: 1 channel, 16×16, attention only in the middle."""
+def build_flow_model(channels: tuple[int, ...], num_classes: int | None = None):
+    """A small pixel-space UNet2DModel: 1 channel, 16×16, attention only in the middle; with
+    ``num_classes``, a class embedding added to the timestep embedding (diffusers'
+    ``num_class_embeds``), so the label is an input: ``model(x, t, class_labels=y)``."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
+        num_class_embeds=num_classes,
         sample_size=IMAGE_SIZE,
         in_channels=1,
         out_channels=1,
@@ -102,22 +107,27 @@ def build_flow_model(channels: tuple[int, ...]):
     )
 
 
-def flow_loss(model, x0: Tensor, generator: torch.Generator) -> Tensor:
-    """‖v_θ(x_σ, 1000σ) − (ε − x0)‖² with σ ~ U(0, 1), x_σ = (1 − σ)·x0 + σ·ε."""
+def flow_loss(
+    model, x0: Tensor, generator: torch.Generator, labels: Tensor | None = None
+) -> Tensor:
+    """‖v_θ(x_σ, 1000σ[, y]) − (ε − x0)‖² with σ ~ U(0, 1), x_σ = (1 − σ)·x0 + σ·ε."""
     eps = torch.randn(x0.shape, generator=generator)
     sigma = torch.rand(x0.shape[0], generator=generator)
     s = sigma.view(-1, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * eps
-    return F.mse_loss(model(x_sigma, sigma * 1000).sample, eps - x0)
+    return F.mse_loss(model(x_sigma, sigma * 1000, class_labels=labels).sample, eps - x0)
 
 
-def train_flow(data: Digits, cfg: TrainConfig, seed: int) -> tuple[object, float]:
-    """Train one flow prior on ``data``; returns (model with EMA weights, last loss)."""
+def train_flow(
+    data: Digits, cfg: TrainConfig, seed: int, conditional: bool = False
+) -> tuple[object, float]:
+    """Train one flow prior on ``data`` (on its labels too when ``conditional``); returns
+    (model with EMA weights, last loss)."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(seed)
-    model = build_flow_model(cfg.flow_channels)
+    model = build_flow_model(cfg.flow_channels, len(LABEL_NAMES) if conditional else None)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.flow_lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, min(50, cfg.flow_steps // 10), cfg.flow_steps)
@@ -125,7 +135,8 @@ def train_flow(data: Digits, cfg: TrainConfig, seed: int) -> tuple[object, float
     loss_avg = float("nan")
     for step in range(cfg.flow_steps):
         batch = torch.randint(len(data.x0), (cfg.flow_batch,), generator=gen)
-        loss = flow_loss(model, data.x0[batch], gen)
+        labels = data.labels[batch] if conditional else None
+        loss = flow_loss(model, data.x0[batch], gen, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -263,10 +274,12 @@ def _train_all(out: Path, cfg: TrainConfig, only: tuple[str, ...] | None) -> dic
         start = time.perf_counter()
         data = subset(digits, train_idx, classes)
         logger.info("%s: %d training digits", name, len(data.labels))
-        model, loss = train_flow(data, cfg, cfg.seed + offset)
+        conditional = name in CONDITIONAL_FLOWS
+        model, loss = train_flow(data, cfg, cfg.seed + offset, conditional)
         model.save_pretrained(out / name)
         models[name] = dict(
-            kind="flow", classes=list(classes or range(10)), train_size=len(data.labels),
+            kind="flow", classes=list(classes or range(10)), conditional=conditional,
+            train_size=len(data.labels),
             final_loss=loss, bytes=folder_bytes(out / name),
             seconds=round(time.perf_counter() - start, 1), config=asdict(cfg),
         )  # fmt: skip

@@ -9,20 +9,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FactorSpec(_message.Message):
-    __slots__ = ("address", "weight", "condition", "region", "name", "links")
+    __slots__ = ("address", "weight", "condition", "region", "name", "links", "crop")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: float
     condition: _expert_pb2.Condition
     region: _tensor_pb2.Tensor
     name: str
     links: _containers.RepeatedCompositeFieldContainer[ConditionLink]
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[float] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ..., region: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., name: _Optional[str] = ..., links: _Optional[_Iterable[_Union[ConditionLink, _Mapping]]] = ...) -> None: ...
+    crop: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[float] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ..., region: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., name: _Optional[str] = ..., links: _Optional[_Iterable[_Union[ConditionLink, _Mapping]]] = ..., crop: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    stop: int
+    def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ConditionLink(_message.Message):
     __slots__ = ("tensor", "source", "output")
