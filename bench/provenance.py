@@ -32,6 +32,15 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "kernel_figures": _SUITE,
     # machine-bound figures (not checked by tests/bench/test_bench_results.py): the stack
     "load": ("kernel", "expert_servers/server", "expert_servers/analytic", "clients"),
+    "apps": (
+        *KERNEL_MATH,
+        "expert_servers/digits",
+        "expert_servers/flow",
+        "expert_servers/classifier",
+        "expert_servers/analytic",
+        "bench/apps.py",
+        "bench/baselines.py",
+    ),
     "digits": (
         *KERNEL_MATH,
         "expert_servers/digits",

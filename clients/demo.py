@@ -2,12 +2,14 @@
 
 ::
 
-    poegen demo [--analytic] [--out out/demo_t1.png] [--seeds 3] [--particles 1024]
-                [--steps N] [--reference 8192] [--in-process]
+    poegen demo [--app digits|layout ...] [--analytic] [--out PNG] [--seeds 3]
+                [--particles N] [--steps N] [--reference 8192] [--in-process]
     bash scripts/demo.sh            # the same, after installing what it needs
 
-**The digits demo** (the default): trained digit experts composed over a local stack, one
-contact sheet; see :mod:`poegen.clients.digits_demo`.
+**The applications** (the default, each through its own local stack, in turn; ``--app NAME``
+runs some of them): the digit compositions (:mod:`poegen.clients.digits_demo`, one contact
+sheet) and the layout application (:mod:`poegen.clients.layout_demo`, a figure and
+``out/demo_layout.json``).
 
 **The analytic demo** (``--analytic``): R3's ring × bar
 product (task T1 of :mod:`poegen.bench.tasks`) with exact ground truth. It brings up a
@@ -23,9 +25,8 @@ downloads; about a minute on 2 CPU cores, most of it starting the three processe
 ``--in-process`` runs the same jobs with the kernel in this process (the experts stay
 remote), skipping the Sampler service.
 
-Adding a demo: write ``run(options: DemoOptions) -> int`` in a module, add it to
-:data:`DEMOS` under its name (``poegen demo --NAME`` selects it; a flag per name) and, to make
-it the default, set :data:`DEFAULT_DEMO`.
+Adding an application: write ``run(options: DemoOptions) -> int`` in a module, add it to
+:data:`DEMOS` under its name and to :data:`APPS` (``poegen demo --app NAME`` selects it).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ logger = logging.getLogger(__name__)
 DEMOS: dict[str, str] = {
     "analytic": "poegen.clients.demo:run_analytic",
     "digits": "poegen.clients.digits_demo:run",
+    "layout": "poegen.clients.layout_demo:run",
 }
 """Demo name → ``module:function`` taking :class:`DemoOptions` and returning the status."""
-DEFAULT_DEMO = "digits"
+APPS = ("digits", "layout")
+"""What ``poegen demo`` runs by default, in order (``--app NAME`` picks some)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -268,16 +271,32 @@ def demo_command(
     in_process: Annotated[
         bool, typer.Option("--in-process", help="run the kernel here, not in the Sampler")
     ] = False,
+    app: Annotated[
+        list[str] | None,
+        typer.Option(help=f"run only these applications ({', '.join(APPS)}); repeatable"),
+    ] = None,
 ) -> int:
-    """Run the demo through a real local stack (expert servers + Sampler, CPU, no downloads).
+    """Run the demos through a real local stack (expert servers + Sampler, CPU, no downloads).
 
-    Default: trained digit experts composed, one contact sheet (out/demo_digits.png).
-    Example: [bold]poegen demo --analytic --out out/demo_t1.png[/bold]
+    Default: every application in turn, each its own stack, figure and table: the digit
+    compositions (out/demo_digits.png), the layout (out/demo_layout.png + .json).
+    Example: [bold]poegen demo --app layout[/bold]; [bold]poegen demo --analytic[/bold]
     """
-    chosen = [name for name, on in (("analytic", analytic),) if on] or [DEFAULT_DEMO]
+    unknown = sorted(set(app or ()) - set(APPS))
+    if unknown:
+        raise typer.BadParameter(f"unknown app {unknown[0]!r} (known: {', '.join(APPS)})")
+    if analytic and app:
+        raise typer.BadParameter("give either --analytic or --app")
+    if out is not None and not analytic and len(app or APPS) > 1:
+        raise typer.BadParameter("--out names one figure: add --app NAME")
+    chosen = ["analytic"] if analytic else [a for a in APPS if a in (app or APPS)]
     options = DemoOptions(out, particles, steps, seeds, reference, threads, in_process)
     try:
-        return demo_function(chosen[0])(options)
+        for name in chosen:
+            status = demo_function(name)(options)
+            if status:
+                return status
+        return 0
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 

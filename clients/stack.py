@@ -13,7 +13,7 @@ A *stack file* lists the expert servers to start and the Sampler's settings::
         params: {means: [[0, 0]], covariances: [[0.01, 0.33]], weights: [1]}
       - name: flux
         backend: flux                    # any backend of `poegen serve` (entry points)
-        model: /models/flux-tiny         # a folder or hub id; --model
+        model: /models/flux-tiny         # a folder (relative to this file) or hub id
         options: {dtype: float32}        # --option key=value
         startup_timeout_s: 600           # loading a large model takes a while
     sampler:                             # SamplerServerConfig fields; `sampler: null`: none
@@ -104,7 +104,9 @@ class ExpertProcess(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="analytic: its parameters")
     max_batch: int | None = Field(None, ge=1, description="analytic inline: largest batch")
     latent_space: str = Field("", description="analytic inline: latent space name")
-    model: str | None = Field(None, description="model folder or hub id (--model)")
+    model: str | None = Field(
+        None, description="model folder (relative to the stack file) or hub id (--model)"
+    )
     model_root: Path | None = Field(None, description="--model-root")
     options: dict[str, str] = Field(default_factory=dict, description="--option key=value")
     host: str = Field("127.0.0.1", description="bind address")
@@ -125,6 +127,16 @@ class ExpertProcess(BaseModel):
     @classmethod
     def _resolve(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         return None if path is None else resolve(path, info.context)
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_folder(cls, model: str | None, info: ValidationInfo) -> str | None:
+        """A relative path that exists from the stack file's folder becomes absolute;
+        anything else (a hub id, an absolute path) is passed unchanged."""
+        if model is None or Path(model).expanduser().is_absolute():
+            return model
+        folder = resolve(model, info.context)
+        return str(folder.resolve()) if folder.exists() else model
 
     @field_validator("options", mode="before")
     @classmethod
