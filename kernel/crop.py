@@ -69,6 +69,8 @@ class CroppedExpert:
         self.window = window
         self.sample_shape = sample_shape
         self._at = _index(window, len(sample_shape) + 1)
+        if hasattr(expert, "concurrent_chunks"):  # replicas: chunks in flight at once
+            self.concurrent_chunks = expert.concurrent_chunks
         info = expert.describe()
         self._info = dataclasses.replace(
             info, capabilities=info.capabilities - {Capability.AUTOENCODER}
