@@ -32,6 +32,7 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "kernel_figures": _SUITE,
     # machine-bound figures (not checked by tests/bench/test_bench_results.py): the stack
     "load": ("kernel", "expert_servers/server", "expert_servers/analytic", "clients"),
+    "scale": ("kernel", "expert_servers/server", "bench/slow_expert.py", "bench/scale.py"),
     "apps": (
         *KERNEL_MATH,
         "expert_servers/digits",

@@ -4,7 +4,9 @@ Every expert call of a run goes through :class:`ExpertCalls`, which
 
 * chunks each batch by the smaller of the run's ``max_batch`` and the expert's own limit,
 * calls different experts concurrently (a thread per expert, so remote experts overlap and
-  one level costs the slowest expert, not the sum); chunks of one expert run in order,
+  one level costs the slowest expert, not the sum); chunks of one expert run in order, unless
+  it serves several at once (:class:`ConcurrentExpert`, e.g. replicas: then up to
+  ``concurrent_chunks`` of them run together, the same chunks as in order),
 * checks the shapes of what comes back (an expert's bug is reported with its name),
 * counts calls and wall-clock seconds per expert, read and reset once per level.
 
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import inf
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -61,6 +64,15 @@ class Call:
     any_sample_shape: bool = False  # True: output (B, *any) (e.g. decode: latents → pixels)
 
 
+@runtime_checkable
+class ConcurrentExpert(Protocol):
+    """An expert that serves ``concurrent_chunks`` calls at once (a replicated remote expert:
+    one per replica, :mod:`poegen.kernel.replicas`). Chunks are cut as for any expert, so the
+    result is the same; only how many are in flight changes."""
+
+    concurrent_chunks: int
+
+
 def worker_pool(max_workers: int, prefix: str) -> ThreadPoolExecutor:
     """A thread pool whose threads use as many torch intra-op threads as the thread that made it.
 
@@ -89,9 +101,19 @@ class ExpertCalls:
         self._lock = threading.Lock()  # one expert may serve two calls of a batch at once
         workers = max(1, len(self._factors))
         self._executor: Executor = worker_pool(workers, "poegen-expert")
+        # separate pools: a chunk never waits for a thread held by the call it belongs to
+        self._chunk_pools: dict[int, Executor] = {}
+        for b in self._factors:
+            expert = b.factor.expert
+            parallel = isinstance(expert, ConcurrentExpert) and expert.concurrent_chunks > 1
+            if parallel and id(expert) not in self._chunk_pools:
+                pool = worker_pool(expert.concurrent_chunks, "poegen-chunk")
+                self._chunk_pools[id(expert)] = pool
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        for pool in self._chunk_pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> ExpertCalls:
         return self
@@ -120,13 +142,23 @@ class ExpertCalls:
         method: Callable[..., Tensor] = getattr(call.bound.factor.expert, call.method)
         n = call.batch.shape[0]
         size = max(1, self._chunk_size(call.bound.info, n))
-        outputs = []
-        start = time.perf_counter()
-        for lo in range(0, n, size):
-            hi = min(lo + size, n)
+        spans = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+        def chunk(lo: int, hi: int) -> Tensor:
             args = (call.batch[lo:hi], *(e[lo:hi] for e in call.extra))
-            out = method(*args, **call.kwargs)
-            outputs.append(self._checked(call, out, hi - lo))
+            return self._checked(call, method(*args, **call.kwargs), hi - lo)
+
+        start = time.perf_counter()
+        pool = self._chunk_pools.get(id(call.bound.factor.expert))
+        if pool is None or len(spans) == 1:
+            outputs = [chunk(lo, hi) for lo, hi in spans]
+        else:
+            futures = [pool.submit(chunk, lo, hi) for lo, hi in spans]
+            try:
+                outputs = [f.result() for f in futures]
+            finally:
+                for f in futures:  # after a failure: the chunks not started are not sent
+                    f.cancel()
         elapsed = time.perf_counter() - start
         chunks = (n + size - 1) // size
         with self._lock:

@@ -242,6 +242,7 @@ class RemoteExpert:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tracing: bool = False,
         trace_context: Any | None = None,
+        authority: str | None = None,
     ) -> RemoteExpert:
         """Open a channel to ``address`` (``host:port``), ``Describe`` and ``Prepare``.
 
@@ -258,12 +259,17 @@ class RemoteExpert:
             max_message_bytes: largest message sent and received (as the server's option).
             tracing: every call a client span (:mod:`poegen.kernel.tracing`), in
                 ``trace_context`` (the request a job serves) when given.
+            authority: the name the channel presents (``:authority``, and what a TLS
+                certificate is checked against) instead of ``address``: a replica resolved
+                from a DNS name (:mod:`poegen.kernel.replicas`) is still that name.
 
         Raises :class:`RemoteExpertError` when the server cannot be reached or refuses.
         """
         if isinstance(condition, str):
             condition = expert_pb2.Condition(text=condition)
-        options = channel_options(max_message_bytes)
+        options: list[tuple[str, Any]] = [*channel_options(max_message_bytes)]
+        if authority is not None:
+            options.append(("grpc.default_authority", authority))
 
         def open_channel() -> grpc.Channel:
             if tls is not None:

@@ -19,8 +19,9 @@ Request → kernel:
   (``"default"`` or ``"paper"``); ``max_batch = 0`` means no limit; a non-empty ``sigmas``
   overrides the schedule. Invalid values → INVALID_ARGUMENT naming ``settings.<field>``.
 * ``factors[i]``: ``address`` (``host:port``, in ``allowed_experts`` when that list is set,
-  else PERMISSION_DENIED), ``weight`` (1 when unset), ``condition`` (prepared once when
-  present), ``region`` (shape ``sample_shape``), ``name``.
+  else PERMISSION_DENIED; or several replicas, ``ipv4:h:p,h:p`` or ``dns:///name:port``, whose
+  chunks are spread across them: :mod:`poegen.kernel.replicas`), ``weight`` (1 when unset),
+  ``condition`` (prepared once when present), ``region`` (shape ``sample_shape``), ``name``.
 * ``factors[i].links`` and ``sources``: condition tensors rendered by other experts. A link
   ``{tensor, source, output}`` sets tensor ``tensor`` of factor i's condition to output
   ``output`` of the ``Render`` of ``source``: a named factor (its ``name``) or one of
@@ -108,7 +109,8 @@ from poegen.kernel.crop import check_window
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import Capability, KernelError
 from poegen.kernel.potentials import AllParticlesDiedError
-from poegen.kernel.remote import RemoteExpert, RemoteExpertError
+from poegen.kernel.remote import RemoteExpertError
+from poegen.kernel.replicas import ConnectedExpert, connect_expert, is_replica_target, parse_target
 from poegen.kernel.sampler import LevelTrace, SampleResult, sample_iter
 from poegen.kernel.service_metrics import SamplerMetrics
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -328,8 +330,12 @@ def _check_name(where: str, name: str) -> str:
 def _check_address(where: str, address: str, config: SamplerServerConfig) -> str:
     """``address`` if this sampler may call it: listed in ``allowed_experts``; with no list, a
     host:port on loopback; with ``'*'``, any host:port. Anything else (a ``unix:`` path, a
-    target with a scheme, a host the list does not name) is PERMISSION_DENIED, before dialling."""
+    target with a scheme, a host the list does not name) is PERMISSION_DENIED, before dialling.
+    A list of replicas (``ipv4:``/``ipv6:``) passes only when listed whole or when every replica
+    would pass alone; a ``dns:`` target only when listed (its addresses are not known yet)."""
     address = address.strip()
+    if is_replica_target(address):
+        return _check_replicas(where, address, config)
     if address in config.allowed_experts:
         return address
     host = _host_of(address)
@@ -344,6 +350,25 @@ def _check_address(where: str, address: str, config: SamplerServerConfig) -> str
         raise ExpertError.permission_denied(
             f"{where}.address", "not among the expert addresses this sampler may call"
         )
+    return address
+
+
+def _check_replicas(where: str, address: str, config: SamplerServerConfig) -> str:
+    try:
+        target = parse_target(address)
+    except ValueError as e:
+        raise ExpertError.invalid(f"{where}.address", str(e)) from None
+    if address in config.allowed_experts:
+        return address
+    if target.scheme == "dns":
+        raise ExpertError.permission_denied(
+            f"{where}.address", "a dns: target only when allowed_experts lists it"
+        )
+    for member in target.members:
+        try:
+            _check_address(where, member, config)
+        except ExpertError as e:
+            raise ExpertError(e.code, e.field, f"replica {member}: {e.reason}") from None
     return address
 
 
@@ -513,7 +538,7 @@ def level_event(trace: LevelTrace, *, preview: bool) -> sampler_pb2.GenerateResp
 
 
 def generate_result(
-    result: SampleResult, factors: Sequence[Factor], experts: Sequence[RemoteExpert]
+    result: SampleResult, factors: Sequence[Factor], experts: Sequence[ConnectedExpert]
 ) -> sampler_pb2.GenerateResponse:
     """The ``GenerateResult``; expert records in factor order with the revisions seen."""
     records = []
@@ -568,7 +593,7 @@ class Job:
         self._on_done = on_done
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._experts: list[RemoteExpert] = []
+        self._experts: list[ConnectedExpert] = []
         self.finished = threading.Event()
         self.dropped_events = 0  # level events a slow reader did not get (see _emit_level)
         # the job thread computes with the service thread's torch thread count (calls.worker_pool)
@@ -662,7 +687,7 @@ class Job:
             run.close()
         return None
 
-    def _connect(self) -> list[RemoteExpert]:
+    def _connect(self) -> list[ConnectedExpert]:
         """Connect the sources, then the factors wave by wave with their links resolved.
 
         Returns the factors' experts in factor order (sources are only closed at the end).
@@ -673,7 +698,7 @@ class Job:
             [(w, s.address, s.condition) for w, s in zip(where, plan.sources, strict=True)]
         )
         providers = {s.name: (w, e) for s, w, e in zip(plan.sources, where, sources, strict=True)}
-        experts: list[RemoteExpert | None] = [None] * len(plan.factors)
+        experts: list[ConnectedExpert | None] = [None] * len(plan.factors)
         renders: dict[tuple[str, str], torch.Tensor] = {}  # each (source, output) once per job
         for wave in plan.waves or (tuple(range(len(plan.factors))),):
             items = [
@@ -693,7 +718,7 @@ class Job:
     def _condition(
         self,
         i: int,
-        providers: dict[str, tuple[str, RemoteExpert]],
+        providers: dict[str, tuple[str, ConnectedExpert]],
         renders: dict[tuple[str, str], torch.Tensor],
     ) -> Any | None:
         """Factor i's condition with its linked tensors filled in from their Renders."""
@@ -713,7 +738,7 @@ class Job:
         return condition
 
     @staticmethod
-    def _render(where: str, link: LinkPlan, owner: str, expert: RemoteExpert) -> torch.Tensor:
+    def _render(where: str, link: LinkPlan, owner: str, expert: ConnectedExpert) -> torch.Tensor:
         if not expert.describe().supports(Capability.RENDER):
             raise ExpertError.invalid(f"{where}.source", f"{link.source!r} renders nothing")
         try:
@@ -723,7 +748,7 @@ class Job:
                 raise ExpertError.invalid(f"{where}.output", e.reason) from None
             raise _FactorError(None, e, where=owner) from None
 
-    def _connect_all(self, items: Sequence[tuple[str, str, Any | None]]) -> list[RemoteExpert]:
+    def _connect_all(self, items: Sequence[tuple[str, str, Any | None]]) -> list[ConnectedExpert]:
         """Connect ``(where, address, condition)`` experts concurrently; a failure raises
         ``_FactorError`` naming its ``where`` (those connected are closed by ``_main``)."""
         if not items:
@@ -740,13 +765,13 @@ class Job:
             else None
         )
 
-        def connect(where: str, address: str, condition: Any | None) -> RemoteExpert:
+        def connect(where: str, address: str, condition: Any | None) -> ConnectedExpert:
             if self._stop.is_set():
                 raise RemoteExpertError(
                     grpc.StatusCode.CANCELLED, "", "job stopped", method="Describe",
                     address=address,
                 )  # fmt: skip
-            expert = RemoteExpert.connect(
+            expert = connect_expert(  # a RemoteExpert, or a ReplicatedExpert for a replica list
                 address,
                 condition=condition,
                 token=token,

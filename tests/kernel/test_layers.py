@@ -18,13 +18,13 @@ import pytest
 
 KERNEL = Path(__file__).resolve().parents[2] / "kernel"
 MATH = (
-    "calls", "experts", "mcmc", "particles", "path", "potentials", "problem", "sampler",
+    "calls", "crop", "experts", "mcmc", "particles", "path", "potentials", "problem", "sampler",
     "schedule", "spec", "target", "transition",
 )  # fmt: skip
 WIRE = (
     "grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.protobuf", "google.rpc",
     "poegen.v1", "poegen.kernel.codec", "poegen.kernel.errors", "poegen.kernel.remote",
-    "poegen.kernel.service", "poegen.kernel.service_metrics", "poegen.kernel.tracing",
+    "poegen.kernel.replicas", "poegen.kernel.service", "poegen.kernel.service_metrics", "poegen.kernel.tracing",
     "poegen.kernel.transport",
 )  # fmt: skip
 OUTSIDE = ("poegen.expert_servers", "poegen.clients", "poegen.bench")
