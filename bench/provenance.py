@@ -32,7 +32,15 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "kernel_figures": _SUITE,
     # machine-bound figures (not checked by tests/bench/test_bench_results.py): the stack
     "load": ("kernel", "expert_servers/server", "expert_servers/analytic", "clients"),
-    "scale": ("kernel", "expert_servers/server", "bench/slow_expert.py", "bench/scale.py"),
+    "scale": (
+        "kernel",
+        "expert_servers/server",
+        "expert_servers/flow",
+        "bench/slow_expert.py",
+        "bench/batching.py",
+        "bench/scale.py",
+    ),
+    "batching": ("kernel", "expert_servers/server", "expert_servers/flow", "bench/batching.py"),
     "apps": (
         *KERNEL_MATH,
         "expert_servers/digits",

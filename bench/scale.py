@@ -46,7 +46,7 @@ from typing import Any
 import grpc
 import torch
 
-from poegen.bench import provenance
+from poegen.bench import batching, provenance
 from poegen.kernel.remote import RemoteExpert
 from poegen.kernel.replicas import connect_expert
 from poegen.kernel.service import SamplerServerConfig, create_sampler_server
@@ -319,8 +319,7 @@ def measure(quick: bool) -> dict[str, Any]:
     """Every figure of the benchmark (``quick``: tiny sizes)."""
     out: dict[str, Any] = {"provenance": provenance.stamp("scale")}
     out["replicas"] = measure_replicas(Sizes.quick() if quick else Sizes())
-    # the dynamic-batching half, bench/batching.py (its own change), is added here:
-    #     out["dynamic_batching"] = batching.measure(quick)
+    out["dynamic_batching"] = batching.measure(quick)
     return out
 
 
@@ -347,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = measure(args.quick)
     print_replicas(out["replicas"])
+    print(batching.table(out["dynamic_batching"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

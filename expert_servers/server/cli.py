@@ -3,7 +3,7 @@
 ::
 
     poegen serve analytic --config expert.yaml [--host H] [--port N] [--metrics-port N]
-                          [--model-root DIR] [--grace S]
+                          [--model-root DIR] [--grace S] [--batch-delay-ms MS]
     poegen serve flux --model /models/flux-tiny [--option dtype=float32 ...] [--model-root DIR]
     poegen serve BACKEND --model org/model-id --model-root /models   (an id the adapter resolves)
 
@@ -115,12 +115,13 @@ class ServeRequest:
     metrics_port: int | None = None
     model_root: Path | None = None
     grace_s: float | None = None
+    batch_delay_ms: float | None = None
 
 
 def server_settings(request: ServeRequest, data: dict[str, Any]) -> dict[str, Any]:
     """The ``server:`` section of ``data`` with the flags and token variables applied."""
     settings = dict(data.get("server") or {})
-    for key in ("host", "port", "metrics_port", "model_root", "grace_s"):
+    for key in ("host", "port", "metrics_port", "model_root", "grace_s", "batch_delay_ms"):
         value = getattr(request, key)
         if value is not None:
             settings[key] = value
@@ -319,6 +320,10 @@ def serve_command(
         Path | None, typer.Option(help="LoadModel ids are paths under it")
     ] = None,
     grace: Annotated[float | None, typer.Option(help="drain time on shutdown (s)")] = None,
+    batch_delay_ms: Annotated[
+        float | None,
+        typer.Option(help="merge concurrent calls; the most one waits for others (ms); 0: off"),
+    ] = None,
 ) -> int:
     """Serve an expert over gRPC until SIGTERM or Ctrl-C.
 
@@ -326,7 +331,16 @@ def serve_command(
     (or: poegen serve flux --model /models/flux-tiny --option dtype=float32)
     """
     request = ServeRequest(
-        backend, config, model, tuple(option or ()), host, port, metrics_port, model_root, grace
+        backend,
+        config,
+        model,
+        tuple(option or ()),
+        host,
+        port,
+        metrics_port,
+        model_root,
+        grace,
+        batch_delay_ms,
     )
     try:
         status = run_serve(request)

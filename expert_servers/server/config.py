@@ -15,6 +15,7 @@ A YAML file for ``poegen serve`` holds the host settings under ``server:``::
       handle_ttl_s: 3600         # ... and for how long after their last use
       shared_memory: false       # shared-memory tensors with co-located peers (both ways)
       metrics_port: 9464         # Prometheus /metrics over HTTP; absent: no endpoint
+      batch_delay_ms: 0          # > 0: merge concurrent calls (see server.batching); 0: off
 
 Tokens (``token``, the bearer token every RPC but health needs; ``admin_token``, which
 ``LoadModel`` needs in addition) are better given through the environment
@@ -87,6 +88,14 @@ class ServerConfig(BaseModel):
     )
     metrics_host: str = Field("127.0.0.1", min_length=1, description="bind address of /metrics")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
+    batch_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="dynamic batching: merge concurrent Velocity/LogProb/Score calls that can "
+        "share a forward pass; the longest a call waits for others once its key is idle "
+        "(server.batching); 0: off",
+    )
 
     @model_validator(mode="after")
     def _check_tokens(self) -> ServerConfig:

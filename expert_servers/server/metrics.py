@@ -8,7 +8,11 @@ tests do. Exposed names:
 * ``poegen_batch_size{method}``: histogram of batch sizes of model calls;
 * ``poegen_model_serving``: 1 once a model serves, 0 before (and after shutdown began);
 * ``poegen_model_info{model_id,revision}``: 1 for the served model (one series);
-* ``poegen_condition_handles``: condition handles held.
+* ``poegen_condition_handles``: condition handles held;
+* with dynamic batching on (``batching``): ``poegen_merged_batch_calls{method}`` and
+  ``poegen_merged_batch_rows{method}``, histograms of the calls and the rows each forward pass
+  served (its ``_count`` is the number of forward passes, the calls' ``_sum`` the calls they
+  answered), and ``poegen_batch_waiting_calls``, the calls waiting for their batch now.
 
 ``serve_http(host, port)`` starts the ``/metrics`` endpoint in a daemon thread and returns the
 bound port (``port=0`` picks a free one).
@@ -64,6 +68,25 @@ class ServerMetrics(MetricsEndpoint):
         )
         self.handles = Gauge(
             "poegen_condition_handles", "Condition handles held", registry=self.registry
+        )
+        self.merged_calls = Histogram(
+            "poegen_merged_batch_calls",
+            "Calls answered by one forward pass (dynamic batching)",
+            ["method"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.merged_rows = Histogram(
+            "poegen_merged_batch_rows",
+            "Rows of one forward pass of merged calls (dynamic batching)",
+            ["method"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_waiting = Gauge(
+            "poegen_batch_waiting_calls",
+            "Calls waiting to be merged into a batch",
+            registry=self.registry,
         )
 
     def model_swapped(self, model_id: str, revision: str) -> None:

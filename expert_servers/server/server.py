@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from poegen.expert_servers.server.adapter import ModelAdapter, ServedModel
+from poegen.expert_servers.server.batching import DynamicBatcher
 from poegen.expert_servers.server.config import ServerConfig
 from poegen.expert_servers.server.handles import HandleTable
 from poegen.expert_servers.server.interceptors import MetricsInterceptor
@@ -102,8 +103,17 @@ class ExpertHost:
             shared_memory=self._reader,
             admin_token=config.admin_token.get_secret_value() if config.admin_token else None,
         )
+        self.batcher = (
+            DynamicBatcher(config.batch_delay_ms / 1000, self._calls, self.metrics)
+            if config.batch_delay_ms > 0
+            else None
+        )
         serving = ExpertServing(
-            self.handles, self._calls, self.metrics, max_message_bytes=config.max_message_bytes
+            self.handles,
+            self._calls,
+            self.metrics,
+            max_message_bytes=config.max_message_bytes,
+            batcher=self.batcher,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = [
             *tracing.server_interceptors(config.tracing),
@@ -145,6 +155,8 @@ class ExpertHost:
         await self.health.enter_graceful_shutdown()
         self.metrics.serving.set(0)
         await self.server.stop(grace)
+        if self.batcher is not None:
+            await self.batcher.close()
         await self.models.close()
         self._shutdown_executors()
         self.metrics.close()

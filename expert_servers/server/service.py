@@ -10,6 +10,12 @@ is on); :func:`poegen.kernel.transport.add_service` registers the servicer with 
 that accepts them. The model a call uses is taken once, at its start (UNAVAILABLE before the
 first model), and the reply carries that model's revision. Errors are
 :class:`ExpertError`\\ s turned into statuses by :func:`maps_errors`.
+
+With dynamic batching on, Velocity, LogProb and Score are decoded and validated in the worker
+as always, then either answered there (the call is alone) or merged with concurrent calls that
+share their forward pass (:mod:`~poegen.expert_servers.server.batching`,
+:meth:`ExpertServing.call_batched`); each reply still carries its own rows and the revision of
+the model the merged batch ran on.
 """
 
 from __future__ import annotations
@@ -114,41 +120,54 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     async def Velocity(
         self, request: Received[pb.VelocityRequest], context: grpc.aio.ServicerContext
     ) -> Reply:
-        return await self._serving.call(self._velocity, self._models.require(), request)
+        return await self._serving.call_batched(self._velocity, self._models.require(), request)
 
-    def _velocity(self, model: LoadedModel, request: Received[pb.VelocityRequest]) -> Reply:
+    def _velocity(self, model: LoadedModel, request: Received[pb.VelocityRequest]) -> Any:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
         room = self._reply_room(request, x)
-        v = self._serving.velocity(model, x, sigma, request.handle)
-        reply = pb.VelocityResponse(revision=model.revision)
-        return self._serving.reply(reply, "velocity", v, room, self._limits.shared_memory)
+
+        def finish(v: Tensor) -> Reply:
+            reply = pb.VelocityResponse(revision=model.revision)
+            return self._serving.reply(reply, "velocity", v, room, self._limits.shared_memory)
+
+        item = self._serving.velocity_item(model, x, sigma, request.handle, finish)
+        return self._serving.run_or_defer(item)
 
     @maps_errors
     async def LogProb(
         self, request: Received[pb.LogProbRequest], context: grpc.aio.ServicerContext
     ) -> Reply:
-        return await self._serving.call(self._log_prob, self._models.require(), request)
+        return await self._serving.call_batched(self._log_prob, self._models.require(), request)
 
-    def _log_prob(self, model: LoadedModel, request: Received[pb.LogProbRequest]) -> Reply:
+    def _log_prob(self, model: LoadedModel, request: Received[pb.LogProbRequest]) -> Any:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma") if request.HasField("sigma") else None
-        out = self._serving.log_prob(model, x, sigma, request.handle)
-        return self._serving.reply(pb.LogProbResponse(revision=model.revision), "log_prob", out)
+
+        def finish(out: Tensor) -> Reply:
+            reply = pb.LogProbResponse(revision=model.revision)
+            return self._serving.reply(reply, "log_prob", out)
+
+        item = self._serving.log_prob_item(model, x, sigma, request.handle, finish)
+        return self._serving.run_or_defer(item)
 
     @maps_errors
     async def Score(
         self, request: Received[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> Reply:
-        return await self._serving.call(self._score, self._models.require(), request)
+        return await self._serving.call_batched(self._score, self._models.require(), request)
 
-    def _score(self, model: LoadedModel, request: Received[pb.ScoreRequest]) -> Reply:
+    def _score(self, model: LoadedModel, request: Received[pb.ScoreRequest]) -> Any:
         x = self._tensor(request, "x")
         sigma = self._tensor(request, "sigma")
         room = self._reply_room(request, x)
-        out = self._serving.score(model, x, sigma, request.handle)
-        reply = pb.ScoreResponse(revision=model.revision)
-        return self._serving.reply(reply, "score", out, room, self._limits.shared_memory)
+
+        def finish(out: Tensor) -> Reply:
+            reply = pb.ScoreResponse(revision=model.revision)
+            return self._serving.reply(reply, "score", out, room, self._limits.shared_memory)
+
+        item = self._serving.score_item(model, x, sigma, request.handle, finish)
+        return self._serving.run_or_defer(item)
 
     @maps_errors
     async def Propose(

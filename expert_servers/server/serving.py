@@ -22,6 +22,12 @@ Input checks, each an :class:`ExpertError` naming the field:
   without an autoencoder: FAILED_PRECONDITION.
 
 A result of the wrong shape, or with NaN, is the expert's bug: ``RuntimeError`` → INTERNAL.
+
+Dynamic batching (:mod:`~poegen.expert_servers.server.batching`, with a ``batcher``): Velocity,
+LogProb and Score are validated into a :class:`~poegen.expert_servers.server.batching.BatchItem`
+(``velocity_item`` etc.) in the worker thread; :meth:`ExpertServing.run_or_defer` runs it there
+at once (batching off, or the call is alone) or hands it back for
+:meth:`ExpertServing.call_batched` to merge with its companions.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 from torch import Tensor
 
 from poegen.expert_servers.server.adapter import Autoencoder, Condition, Conditionable
+from poegen.expert_servers.server.batching import BatchItem, BatchKey, DynamicBatcher
 from poegen.expert_servers.server.handles import HandleTable
 from poegen.expert_servers.server.metrics import ServerMetrics
 from poegen.expert_servers.server.models import LoadedModel
@@ -73,15 +80,38 @@ class ExpertServing:
         metrics: ServerMetrics,
         *,
         max_message_bytes: int,
+        batcher: DynamicBatcher | None = None,
     ) -> None:
         self._handles = handles
         self._executor = executor
         self._metrics = metrics
         self._max_bytes = max_message_bytes
+        self._batcher = batcher
 
     async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` in a worker thread: the synchronous body of one RPC."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def call_batched(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread, where it ends with :meth:`run_or_defer`; a call
+        deferred there waits for its merged batch here."""
+        out = await self.call(fn, *args)
+        if isinstance(out, BatchItem):
+            assert self._batcher is not None
+            return await self._batcher.submit(out)
+        return out
+
+    def run_or_defer(self, item: BatchItem) -> Any:
+        """In the worker thread: the reply of ``item`` computed now (batching off, or nobody
+        to merge with: see ``batching``), or ``item`` itself, to be merged."""
+        if self._batcher is None:
+            return item.run_alone()
+        if not self._batcher.claim_alone(item.key):
+            return item
+        try:
+            return item.run_alone()
+        finally:
+            self._batcher.release_alone(item)
 
     @staticmethod
     def reply(
@@ -135,6 +165,17 @@ class ExpertServing:
 
     def velocity(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
         """v(x_σ, σ) of shape ``x.shape``, dtype ``x.dtype``."""
+        return self.velocity_item(model, x, sigma, handle, _rows).run_alone()
+
+    def velocity_item(
+        self,
+        model: LoadedModel,
+        x: Tensor,
+        sigma: Tensor,
+        handle: str,
+        finish: Callable[[Tensor], Any],
+    ) -> BatchItem:
+        """The validated Velocity call; ``finish(v)`` makes its reply."""
         if model.info.kind != ExpertKind.GENERATIVE:
             raise ExpertError.failed_precondition(
                 "x", f"a {model.info.kind} expert has no velocity"
@@ -142,12 +183,29 @@ class ExpertServing:
         batch = self._check_batch(model, x, "x", "Velocity")
         validate_sigma(sigma, batch)
         target = self._target(model, handle)
-        v = _inference(target.velocity, validate_finite(x, "x"), sigma)
-        return _checked(v, tuple(x.shape), "velocity").to(x.dtype)
+        validate_finite(x, "x")
+        sample, dtype = tuple(x.shape[1:]), x.dtype
+
+        def compute(xs: Tensor, s: Tensor | None) -> Tensor:
+            v = _inference(target.velocity, xs, s)
+            return _checked(v, (int(xs.shape[0]), *sample), "velocity").to(dtype)
+
+        return self._item("Velocity", model, target, x, sigma, compute, finish)
 
     def log_prob(self, model: LoadedModel, x: Tensor, sigma: Tensor | None, handle: str) -> Tensor:
         """With σ: log q_σ(x_σ) (generative experts, and others announcing LOG_PROB). Without:
         the log-potential of x̂_0 (discriminative and constraint experts)."""
+        return self.log_prob_item(model, x, sigma, handle, _rows).run_alone()
+
+    def log_prob_item(
+        self,
+        model: LoadedModel,
+        x: Tensor,
+        sigma: Tensor | None,
+        handle: str,
+        finish: Callable[[Tensor], Any],
+    ) -> BatchItem:
+        """The validated LogProb call; ``finish(log_prob)`` makes its reply."""
         generative = model.info.kind == ExpertKind.GENERATIVE
         has_log_prob = model.info.supports(Capability.LOG_PROB)
         if generative and sigma is None:
@@ -162,25 +220,63 @@ class ExpertServing:
         target = self._target(model, handle)
         if sigma is not None:
             validate_sigma(sigma, batch)
-            out = _inference(target.log_prob, validate_finite(x, "x"), sigma)
-        else:
-            out = _inference(target.log_potential, validate_finite(x, "x"))
+        validate_finite(x, "x")
         # float32 on the wire (float64 for a float64 batch: no rounding the client did not ask for)
         wire = torch.float64 if x.dtype == torch.float64 else torch.float32
-        out = _checked(out, (batch,), "log_prob").to(wire)
-        if bool(torch.isnan(out).any()) or bool(torch.isposinf(out).any()):
-            raise RuntimeError(f"{model.info.name}: log_prob holds NaN or +inf")
-        return out
+        name = model.info.name
+
+        def compute(xs: Tensor, s: Tensor | None) -> Tensor:
+            if s is not None:
+                out = _inference(target.log_prob, xs, s)
+            else:
+                out = _inference(target.log_potential, xs)
+            out = _checked(out, (int(xs.shape[0]),), "log_prob").to(wire)
+            if bool(torch.isnan(out).any()) or bool(torch.isposinf(out).any()):
+                raise RuntimeError(f"{name}: log_prob holds NaN or +inf")
+            return out
+
+        return self._item("LogProb", model, target, x, sigma, compute, finish)
 
     def score(self, model: LoadedModel, x: Tensor, sigma: Tensor, handle: str) -> Tensor:
         """∇ log q_σ(x_σ) of shape ``x.shape``, dtype ``x.dtype`` (capability SCORE)."""
+        return self.score_item(model, x, sigma, handle, _rows).run_alone()
+
+    def score_item(
+        self,
+        model: LoadedModel,
+        x: Tensor,
+        sigma: Tensor,
+        handle: str,
+        finish: Callable[[Tensor], Any],
+    ) -> BatchItem:
+        """The validated Score call; ``finish(score)`` makes its reply."""
         if not model.info.supports(Capability.SCORE):
             raise ExpertError.failed_precondition("x", "this expert does not answer Score")
         batch = self._check_batch(model, x, "x", "Score")
         validate_sigma(sigma, batch)
         target = self._target(model, handle)
-        out = _inference(target.score, validate_finite(x, "x"), sigma)
-        return _checked(out, tuple(x.shape), "score").to(x.dtype)
+        validate_finite(x, "x")
+        sample, dtype = tuple(x.shape[1:]), x.dtype
+
+        def compute(xs: Tensor, s: Tensor | None) -> Tensor:
+            out = _inference(target.score, xs, s)
+            return _checked(out, (int(xs.shape[0]), *sample), "score").to(dtype)
+
+        return self._item("Score", model, target, x, sigma, compute, finish)
+
+    @staticmethod
+    def _item(
+        method: str,
+        model: LoadedModel,
+        target: object,
+        x: Tensor,
+        sigma: Tensor | None,
+        compute: Callable[[Tensor, Tensor | None], Tensor],
+        finish: Callable[[Tensor], Any],
+    ) -> BatchItem:
+        sigma_dtype = None if sigma is None else sigma.dtype
+        key = BatchKey(method, model.revision, id(target), tuple(x.shape[1:]), x.dtype, sigma_dtype)
+        return BatchItem(key, x, sigma, compute, finish, model.max_batch)
 
     def propose(
         self,
@@ -309,6 +405,10 @@ class ExpertServing:
             )
         self._metrics.batch_size.labels(method=method).observe(batch)
         return batch
+
+
+def _rows(out: Tensor) -> Tensor:
+    return out
 
 
 def _checked(out: object, shape: tuple[int, ...], what: str) -> Tensor:

@@ -12,7 +12,7 @@ import sys
 
 from helpers.timing import scaled
 
-from poegen.bench import scale
+from poegen.bench import provenance, scale
 
 
 def test_the_cost_model():
@@ -27,12 +27,12 @@ def test_a_quick_run_completes_every_job_identically(tmp_path):
     out = tmp_path / "scale.json"
     done = subprocess.run(
         [sys.executable, "bench/scale.py", "--quick", "--out", str(out)],
-        cwd=scale.REPO, capture_output=True, text=True, timeout=scaled(120),
+        cwd=scale.REPO, capture_output=True, text=True, timeout=scaled(300),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "replicas  jobs/s" in done.stdout and "0 of 2 jobs failed" in done.stdout
     data = json.loads(out.read_text())
-    assert data["provenance"]["measures"] == list(scale.MEASURES)
+    assert data["provenance"]["measures"] == list(provenance.MEASURES["scale"])
     figures = data["replicas"]
     sizes = scale.Sizes.quick()
     rows = figures["throughput"]
@@ -45,3 +45,6 @@ def test_a_quick_run_completes_every_job_identically(tmp_path):
     killed = figures["killed_mid_run"]
     assert killed["failed_jobs"] == 0 and killed["errors"] == []
     assert killed["identical_to_undisturbed"]
+    # the dynamic-batching half (bench/batching.py, tested in test_batching_bench.py)
+    merged = data["dynamic_batching"]
+    assert merged["throughput_ratio"] > 0 and merged["latency_ratio"] > 0
