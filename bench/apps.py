@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "reward": load(ClassifierAdapter(), "classifier-reward"),
         "judge": load(ClassifierAdapter(), "classifier-judge"),
     }
-    scale, seeds = (0.25, 1) if args.quick else (1.0, args.seeds)
+    scale, seeds = (0.125, 1) if args.quick else (1.0, args.seeds)
     results: dict[str, Any] = {
         "provenance": provenance.stamp("apps"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,

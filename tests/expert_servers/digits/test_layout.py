@@ -179,3 +179,21 @@ def test_the_demo_refuses_what_it_cannot_run(argv: list[str], message: str, caps
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_the_benchmark_command_writes_its_table_and_json(tmp_path: Path, capsys) -> None:
+    """``bench/apps.py --quick`` (README), in this process, to a temporary JSON."""
+    from poegen.bench import apps, provenance
+
+    out = tmp_path / "apps.json"
+    threads = torch.get_num_threads()
+    try:
+        apps.main(["--quick", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "layout       poegen" in printed and str(out) in printed
+    data = json.loads(out.read_text())
+    assert data["provenance"]["measures"] == list(provenance.MEASURES["apps"])
+    assert data["layout"]["metric"] == "judge share per box"
+    assert set(data["layout"]["baselines"]) == {"product without MCMC/SMC", "paste"}
