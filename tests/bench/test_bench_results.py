@@ -11,7 +11,7 @@ from poegen.bench import provenance
 RESULTS = provenance.REPO / "bench" / "results"
 
 
-@pytest.mark.parametrize("name", ["accuracy", "digits", "kernel_figures"])
+@pytest.mark.parametrize("name", ["accuracy", "digits", "kernel_figures", "apps"])
 def test_a_committed_result_is_not_older_than_the_code_it_measures(name):
     data = json.loads((RESULTS / f"{name}.json").read_text())
     origin = data.get("provenance")
