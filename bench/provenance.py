@@ -47,7 +47,9 @@ MEASURES: dict[str, tuple[str, ...]] = {
         "expert_servers/flow",
         "expert_servers/classifier",
         "expert_servers/analytic",
+        "expert_servers/graphics",
         "bench/apps.py",
+        "bench/editing.py",
         "bench/baselines.py",
     ),
     "digits": (

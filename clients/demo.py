@@ -50,9 +50,10 @@ DEMOS: dict[str, str] = {
     "analytic": "poegen.clients.demo:run_analytic",
     "digits": "poegen.clients.digits_demo:run",
     "layout": "poegen.clients.layout_demo:run",
+    "editing": "poegen.clients.editing_demo:run",
 }
 """Demo name → ``module:function`` taking :class:`DemoOptions` and returning the status."""
-APPS = ("digits", "layout")
+APPS = ("digits", "layout", "editing")
 """What ``poegen demo`` runs by default, in order (``--app NAME`` picks some)."""
 
 

@@ -17,7 +17,17 @@ the input image. The condition's ``text`` is YAML or JSON::
 
 Condition tensors: ``image`` (optional), the picture to insert into, pixels in [0, 1],
 ``(3, H, W)`` or ``(1, 3, H, W)``; its size sets the render size. Scalars ``fov`` or
-``focal_length`` (vertical, degrees or pixels) override the camera's, ``weight`` sets w.
+``focal_length`` (vertical, degrees or pixels) override the camera's, ``weight`` sets w,
+``margin`` (a whole number of pixels r ≥ 0) adds the one-frame masks of an edit by insertion
+(for links into single-image factors of sample shape ``(1, H, W)``), with ``opacity``
+α ∈ (0, 1] (default 1)::
+
+    silhouette = mask[0]                              # (1, H, W)
+    keep       = 1 − dilate_r(silhouette)             # 1 where the input is kept, (1, H, W)
+    insert     = α·silhouette                         # a soft mask: a proposal through it
+                                                      # moves x only a share α of the way
+
+(dilate_r: the max over the (2r + 1)² square around a pixel).
 
 ``render()`` gives what :class:`~poegen.expert_servers.physics.SceneView` gives for one frame
 (``rgb`` the render, ``foreground`` = rgb·mask, ``mask`` the mesh's silhouette, ``depth`` control depth,
@@ -60,11 +70,11 @@ from poegen.expert_servers.server.adapter import (
 )
 from poegen.kernel.errors import ExpertError
 
-__all__ = ["GraphicsAdapter", "GraphicsExpert", "Placement"]
+__all__ = ["GraphicsAdapter", "GraphicsExpert", "Placement", "keep_mask"]
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Unit = Annotated[float, Field(ge=0, le=1)]
-SCALARS = ("fov", "focal_length", "weight")
+SCALARS = ("fov", "focal_length", "weight", "margin", "opacity")
 
 
 class Placement(BaseModel):
@@ -138,7 +148,8 @@ def parse_placement(condition: Condition) -> tuple[Placement, Tensor | None]:
             else f"condition.tensors[{unknown_tensors[0]}]"
         )
         raise ExpertError.invalid(
-            field, "not understood (tensors: image; scalars: fov, focal_length, weight)"
+            field,
+            "not understood (tensors: image; scalars: fov, focal_length, weight, margin, opacity)",
         )
     data = load_document(condition.text) if condition.text.strip() else None
     if not isinstance(data, dict):
@@ -177,19 +188,58 @@ class GraphicsExpert(PhysicsExpert):
         weight = condition.scalars.get("weight", self.weight)
         if not (math.isfinite(weight) and weight > 0):
             raise ExpertError.invalid("condition.scalars[weight]", "must be positive and finite")
+        margin = _margin(condition, max(placement.width, placement.height))
+        opacity = condition.scalars.get("opacity", 1.0)
+        if not 0 < opacity <= 1:
+            raise ExpertError.invalid("condition.scalars[opacity]", "must lie in (0, 1]")
+        if "opacity" in condition.scalars and margin is None:
+            raise ExpertError.invalid("condition.scalars[opacity]", "needs scalar margin")
         rendering = self.simulate(Condition(text=placement.scene().model_dump_json()))
-        return InsertionView(self, rendering, weight, image)
+        return InsertionView(self, rendering, weight, image, margin, opacity)
+
+
+def _margin(condition: Condition, size: int) -> int | None:
+    """The scalar ``margin``: a whole number of pixels in [0, size] (beyond the image's size
+    every margin keeps nothing), or ``None``."""
+    if "margin" not in condition.scalars:
+        return None
+    margin = condition.scalars["margin"]
+    if not (math.isfinite(margin) and 0 <= margin <= size and margin == int(margin)):
+        raise ExpertError.invalid(
+            "condition.scalars[margin]", f"must be a whole number in [0, {size}]"
+        )
+    return int(margin)
+
+
+def keep_mask(silhouette: Tensor, margin: int) -> Tensor:
+    """1 − dilate_r(silhouette) for masks ``(1, H, W)``: 0 within ``margin`` pixels (a square
+    neighbourhood) of the silhouette, 1 elsewhere."""
+    if margin == 0:
+        return 1 - silhouette
+    grown = torch.nn.functional.max_pool2d(silhouette[None], 2 * margin + 1, 1, margin)[0]
+    return 1 - grown
 
 
 class InsertionView(SceneView):
     """A SceneView whose target is the render composited into the input image."""
 
     def __init__(
-        self, parent: GraphicsExpert, rendering: Rendering, weight: float, image: Tensor | None
+        self,
+        parent: GraphicsExpert,
+        rendering: Rendering,
+        weight: float,
+        image: Tensor | None,
+        margin: int | None = None,
+        opacity: float = 1.0,
     ) -> None:
         self.image = image
         super().__init__(parent, rendering, weight)
         self._outputs["foreground"] = self._outputs["rgb"] * self._outputs["mask"]
+        if margin is not None:
+            silhouette = self._outputs["mask"][0]  # the one frame, (1, H, W)
+            self._outputs["silhouette"] = silhouette
+            self._outputs["keep"] = keep_mask(silhouette, margin)
+            self._outputs["insert"] = opacity * silhouette
 
     def target_rgb(self) -> Tensor:
         """image·(1 − mask) + rgb·mask with an input image (also output ``composite``)."""
