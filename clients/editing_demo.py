@@ -112,10 +112,6 @@ def write_inputs(path: Path, count: int = INPUTS) -> Path:
     return path
 
 
-def evaluations(result: Any) -> int:
-    return sum(s for event in result.trace for (_, _, s) in event.timings.values())
-
-
 def jobs(input_file: Path, particles: int, steps: int, count: int) -> dict[str, dict[str, Any]]:
     """Every job's spec mapping by name: ``poegen-<k>`` and ``inpainting-<k>`` per input."""
     from poegen.bench import baselines
@@ -138,7 +134,7 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
     """The editing demo (see the module docstring)."""
     import tempfile
 
-    from poegen.clients.layout_demo import figure
+    from poegen.clients.layout_demo import evaluations, figure
     from poegen.clients.sdk import Client
     from poegen.clients.spec import GenerationSpec
     from poegen.clients.stack import LocalStack

@@ -12,7 +12,6 @@ import ast
 import copy
 import importlib.resources
 import json
-import re
 import shlex
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import jsonschema
 import pytest
 import typer
 import yaml
+from helpers.docs import docs_section
 from helpers.timing import scaled
 
 from poegen.clients.cli import build_app
@@ -53,19 +53,6 @@ def compose_schema() -> dict[str, Any]:
     """The compose specification's schema as check-jsonschema ships it (no network)."""
     vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
     return json.loads((vendor / "compose-spec.json").read_text())
-
-
-def docs_section(title: str) -> list[str]:
-    """The commands of the ``sh`` blocks under ``## title`` of docs/deploy.md."""
-    text = (REPO / "docs" / "deploy.md").read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"docs/deploy.md has no section {title!r}"
-    commands = []
-    for block in re.findall(r"```sh\n(.*?)```", match.group(1), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                commands.append(line.strip())
-    return commands
 
 
 def server_port() -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from helpers.docs import docs_section
 from helpers.timing import scaled
 
 from poegen.clients.cli import main as poegen_main
@@ -68,19 +69,6 @@ def final_stage(dockerfile: Path) -> list[tuple[str, str]]:
     steps = instructions(dockerfile)
     last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
     return steps[last_from:]
-
-
-def docs_section(title: str) -> list[str]:
-    """The commands of the ``sh`` blocks under ``## title`` of docs/deploy.md."""
-    text = (REPO / "docs" / "deploy.md").read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"docs/deploy.md has no section {title!r}"
-    commands = []
-    for block in re.findall(r"```sh\n(.*?)```", match.group(1), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                commands.append(line.strip())
-    return commands
 
 
 # --------------------------------------------------------------------------- lint

@@ -26,6 +26,7 @@ import grpc
 import kubernetes_validate
 import pytest
 import yaml
+from helpers.docs import docs_section
 from helpers.remote import LoopThread
 from helpers.server import velocity_request
 from helpers.timing import scaled
@@ -45,19 +46,6 @@ OVERLAYS = ("cpu", "gpu")
 TOKENS = ("expert-token", "admin-token", "sampler-token")
 KUBERNETES = "1.37"
 EXPERT_SERVICE = "poegen.v1.ExpertService"
-
-
-def docs_section(title: str) -> list[str]:
-    """The commands of the ``sh`` blocks under ``## title`` of docs/deploy.md."""
-    text = (REPO / "docs" / "deploy.md").read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"docs/deploy.md has no section {title!r}"
-    commands = []
-    for block in re.findall(r"```sh\n(.*?)```", match.group(1), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                commands.append(line.strip())
-    return commands
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
