@@ -3,7 +3,7 @@
 ::
 
     poegen sampler [--config FILE] [--host H] [--port N] [--max-jobs N] [--grace S]
-                   [--allow-expert HOST:PORT ...] [--shared-memory]
+                   [--allow-expert HOST:PORT ...] [--shared-memory] [--job-store DIR|memory]
 
 ``--config`` is a YAML file whose ``sampler:`` section holds
 :class:`poegen.kernel.service.SamplerServerConfig`::
@@ -16,11 +16,16 @@
       expert_deadline_s: 60
       expert_retries: 5
 
-Flags override the file. Tokens come from the environment: ``POEGEN_TOKEN`` (the bearer token
+Flags override the file. The job store (requests, per-level checkpoints, results; a Sampler
+restarted on it resumes its unfinished jobs, see :mod:`poegen.kernel.jobs`) is, in order:
+``--job-store``, the ``job_store`` of the file, ``POEGEN_JOB_STORE``, and else
+``$XDG_STATE_HOME/poegen/sampler-<port>`` (``~/.local/state/...``) for a fixed port; ``memory``
+(and port 0, whose address a restart cannot keep) keeps jobs in memory only.
+Tokens come from the environment: ``POEGEN_TOKEN`` (the bearer token
 clients of the sampler must present) and ``POEGEN_EXPERT_TOKEN`` (the one the sampler presents
 to the experts). Once listening it prints ``poegen: serving sampler on HOST:PORT`` on
 stdout (the line format of ``poegen serve``).
-Exit status: 0 after a clean shutdown, 2 for an invalid configuration.
+Exit status: 0 after a clean shutdown, 2 for an invalid configuration or a job store in use.
 
 Registered in the ``poegen`` CLI by :func:`register`; also runnable as
 ``python -m poegen.clients.sampler_cli [flags]``.
@@ -42,6 +47,7 @@ from pydantic import ValidationError
 
 from poegen.expert_servers.server.cli import exit_now, stop_with_parent
 from poegen.expert_servers.server.config import ConfigError, format_validation_error, read_yaml
+from poegen.kernel.jobs import JobStoreError
 from poegen.kernel.service import SamplerServerConfig, serve_sampler
 
 _ENV_TOKENS = {"token": "POEGEN_TOKEN", "expert_token": "POEGEN_EXPERT_TOKEN"}
@@ -62,6 +68,7 @@ class SamplerFlags:
     grace_s: float | None = None
     allowed_experts: tuple[str, ...] = ()
     shared_memory: bool = False
+    job_store: str | None = None
 
 
 def sampler_config(flags: SamplerFlags) -> SamplerServerConfig:
@@ -79,6 +86,11 @@ def sampler_config(flags: SamplerFlags) -> SamplerServerConfig:
     for key, variable in _ENV_TOKENS.items():
         if variable in os.environ:  # set but empty is refused by the config, not auth off
             settings[key] = os.environ[variable]
+    store = flags.job_store or settings.get("job_store") or os.environ.get("POEGEN_JOB_STORE")
+    if store is None and settings.get("port"):
+        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        store = str(state / "poegen" / f"sampler-{settings['port']}")
+    settings["job_store"] = None if store in (None, "memory") else store
     try:
         return SamplerServerConfig.model_validate(settings)
     except ValidationError as e:
@@ -92,7 +104,11 @@ def run(flags: SamplerFlags) -> int:
         print(f"poegen sampler: error: {e}", file=sys.stderr)
         return 2
     stop_with_parent()
-    return asyncio.run(serve_sampler(config, announce=_announce))
+    try:
+        return asyncio.run(serve_sampler(config, announce=_announce))
+    except JobStoreError as e:  # another Sampler holds the store
+        print(f"poegen sampler: error: {e}", file=sys.stderr)
+        return 2
 
 
 def sampler_command(
@@ -110,13 +126,20 @@ def sampler_command(
     shared_memory: Annotated[
         bool, typer.Option(help="shared-memory tensors to local experts")
     ] = False,
+    job_store: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR|memory",
+            help="folder of jobs and their checkpoints (a restart resumes them); 'memory': none",
+        ),
+    ] = None,
 ) -> int:
     """Run the sampling kernel as a gRPC SamplerService until SIGTERM or Ctrl-C.
 
     Example: [bold]poegen sampler --port 50050 --allow-expert 127.0.0.1:50051[/bold]
     """
     flags = SamplerFlags(
-        config, host, port, max_jobs, grace, tuple(allow_expert or ()), shared_memory
+        config, host, port, max_jobs, grace, tuple(allow_expert or ()), shared_memory, job_store
     )
     status = run(flags)
     if status == 2:

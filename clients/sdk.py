@@ -344,7 +344,7 @@ class AsyncClient:
             async for reply in call:
                 if reply.HasField("level"):
                     yield _progress(reply.level, pace)
-                else:
+                elif reply.HasField("result"):
                     yield reply.result
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
@@ -383,6 +383,7 @@ class AsyncClient:
         except ExpertError as e:
             raise GenerationError(e.code, e.field, e.reason, where="in-process") from None
         job = Job(plan, config, asyncio.get_running_loop(), lambda _: None, 0)
+        queue = job.subscribe()
         job.start()
         try:
             while True:
@@ -390,7 +391,7 @@ class AsyncClient:
                 try:
                     if timeout is not None and timeout <= 0:
                         raise TimeoutError
-                    item = await asyncio.wait_for(job.queue.get(), timeout)
+                    item = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
                     raise GenerationTimeout(
                         "the job ran past its timeout; it was stopped"

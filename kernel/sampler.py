@@ -116,6 +116,8 @@ class LevelTrace:
         seconds: wall-clock seconds of the level.
         best_index: the particle with the highest current potential.
         preview: that particle's clean estimate x̂_0, shape S.
+        checkpoint: the particle system after this level (resume a run from it).
+        levels: the number of levels of the run.
     """
 
     step: int
@@ -130,6 +132,38 @@ class LevelTrace:
     seconds: float
     best_index: int
     preview: Tensor
+    checkpoint: Checkpoint | None = None
+    levels: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The particle system after ``levels_done`` levels: all a run needs to go on as if it had
+    never stopped. ``sample_iter(..., resume=checkpoint)`` with the same factors, shape and
+    settings continues with level ``levels_done`` and returns the uninterrupted run's result
+    bit for bit (given experts that answer the same inputs the same way).
+
+    Attributes:
+        levels_done: levels finished; the index of the next level.
+        x: particles x_σ, shape ``(N, *S)``.
+        here: π_σ evaluated at ``x`` (reused by the next transition and the final x̂_0).
+        log_w: log-weights, ``(N,)`` float64.
+        potential: φ at each particle, ``(N,)`` float64.
+        log_z: running log-evidence estimate.
+        scale: the reward tempering scale of the last reweighting.
+        step_scale: the MCMC step-size scale of the next moves.
+        generator_state: the run's generator after the level (``Generator.get_state()``).
+    """
+
+    levels_done: int
+    x: Tensor
+    here: mcmc.TargetEval
+    log_w: Tensor
+    potential: Tensor
+    log_z: float
+    scale: float
+    step_scale: float
+    generator_state: Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +221,13 @@ def sample(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     callback: Callable[[LevelTrace], None] | None = None,
+    resume: Checkpoint | None = None,
 ) -> SampleResult:
     """Sample from the product of ``factors``; see :func:`sample_iter`."""
     run = sample_iter(
-        factors, sample_shape, settings, generator=generator, dtype=dtype, device=device
-    )
+        factors, sample_shape, settings, generator=generator, dtype=dtype, device=device,
+        resume=resume,
+    )  # fmt: skip
     while True:
         try:
             event = next(run)
@@ -209,11 +245,16 @@ def sample_iter(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    resume: Checkpoint | None = None,
 ) -> Generator[LevelTrace, None, SampleResult]:
     """Yield one :class:`LevelTrace` per level; return the :class:`SampleResult`.
 
     All randomness comes from ``generator`` (drawn on the CPU, moved to ``device``), so the
     same seed gives the same result. Closing the generator early stops the run.
+
+    ``resume``: a level's :class:`Checkpoint` (``LevelTrace.checkpoint``) of a run of the same
+    factors, shape and settings; the run goes on from there (``generator`` takes the saved
+    state) and the result's ``trace`` holds the levels run since.
     """
     settings = settings or SamplerSettings()
     shape = check_shape(sample_shape)
@@ -223,9 +264,13 @@ def sample_iter(
     experts = [*problem.generative, *problem.ties, *problem.potentials]
     with ExpertCalls(experts, settings.max_batch) as calls:
         run = _Run(settings, problem, calls, target_factory(problem, calls, settings), scales)
-        state = run.initial(settings.num_particles, shape, generator, dtype, device)
+        if resume is None:
+            state = run.initial(settings.num_particles, shape, generator, dtype, device)
+        else:
+            state = run.restore(resume, len(levels), shape, generator, dtype, device)
+        first = 0 if resume is None else resume.levels_done
         trace = []
-        for k, (sigma_prev, sigma) in enumerate(levels):
+        for k, (sigma_prev, sigma) in enumerate(levels[first:], start=first):
             started = time.perf_counter()
             state = run.transition(state, sigma_prev, sigma, generator)  # and proposals
             if not run.moves_see_potentials:  # path bookkeeping: move first, weigh after
@@ -234,7 +279,8 @@ def sample_iter(
             state = run.resample(state, generator)
             if run.moves_see_potentials:  # resample-move: the moves keep π_σ·exp(φ_k) invariant
                 state = run.move(state, k, sigma, generator, with_potential=True)
-            trace.append(run.summary(k, sigma, weighed, state, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            trace.append(run.summary(k, sigma, weighed, state, seconds, generator, len(levels)))
             yield trace[-1]
     log_w = particles.normalize(state.log_w)
     x0 = x0_from_velocity(state.x, levels[-1][1], state.here.velocity)
@@ -292,6 +338,10 @@ class _State:
             resampled=True,
         )
 
+    def checkpoint(self, levels_done: int, generator: torch.Generator) -> Checkpoint:
+        return Checkpoint(levels_done, self.x, self.here, self.log_w, self.potential, self.log_z,
+                          self.scale, self.step_scale, generator.get_state())  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class _Weighed:
@@ -339,6 +389,23 @@ class _Run:
             log_w = particles.sanitize(here.tie_log_prob)
         return _State(x, here, log_w, torch.zeros(n, dtype=torch.float64), log_z,
                       step_scale=self.settings.step_size)  # fmt: skip
+
+    def restore(self, saved: Checkpoint, levels: int, shape: tuple[int, ...],
+                generator: torch.Generator, dtype: torch.dtype, device) -> _State:  # fmt: skip
+        """The state a :class:`Checkpoint` saved; the generator takes its saved state."""
+        n = self.settings.num_particles
+        if not 0 < saved.levels_done <= levels:
+            raise KernelError("resume", f"levels_done {saved.levels_done} outside 1..{levels}")
+        if tuple(saved.x.shape) != (n, *shape) or saved.x.dtype != dtype:
+            raise KernelError(
+                "resume", f"particles {tuple(saved.x.shape)} {saved.x.dtype}, expected "
+                f"{(n, *shape)} {dtype}: a checkpoint of another run",
+            )  # fmt: skip
+        if saved.log_w.shape != (n,) or saved.potential.shape != (n,):
+            raise KernelError("resume", f"log-weights and potentials need shape ({n},)")
+        generator.set_state(saved.generator_state)
+        return _State(saved.x.to(device), saved.here, saved.log_w, saved.potential,
+                      saved.log_z, scale=saved.scale, step_scale=saved.step_scale)  # fmt: skip
 
     def transition(self, state: _State, sigma_prev: float | None, sigma: float,
                    generator: torch.Generator) -> _State:  # fmt: skip
@@ -433,12 +500,12 @@ class _Run:
                                              generator=generator))  # fmt: skip
 
     def summary(self, k: int, sigma: float, weighed: _Weighed, state: _State,
-                seconds: float) -> LevelTrace:  # fmt: skip
-        """The level's trace entry (and progress event)."""
+                seconds: float, generator: torch.Generator, levels: int) -> LevelTrace:  # fmt: skip
+        """The level's trace entry (and progress event), with the checkpoint after it."""
         return LevelTrace(
             k, sigma, weighed.ess, state.resampled, state.acceptance, weighed.spread,
             state.scale, state.log_z, self.calls.take_stats(), seconds, weighed.best,
-            weighed.preview,
+            weighed.preview, state.checkpoint(k + 1, generator), levels,
         )  # fmt: skip
 
 

@@ -84,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -91,6 +92,8 @@ import math
 import re
 import signal
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,10 +111,19 @@ from poegen.kernel.calls import NonFiniteOutputError
 from poegen.kernel.crop import check_window
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import Capability, KernelError
+from poegen.kernel.jobs import (
+    JOB_ID,
+    DirectoryJobStore,
+    JobStore,
+    JobStoreError,
+    MemoryJobStore,
+    decode_checkpoint,
+    encode_checkpoint,
+)
 from poegen.kernel.potentials import AllParticlesDiedError
 from poegen.kernel.remote import RemoteExpertError
 from poegen.kernel.replicas import ConnectedExpert, connect_expert, is_replica_target, parse_target
-from poegen.kernel.sampler import LevelTrace, SampleResult, sample_iter
+from poegen.kernel.sampler import Checkpoint, LevelTrace, SampleResult, sample_iter
 from poegen.kernel.service_metrics import SamplerMetrics
 from poegen.kernel.spec import Factor, SamplerSettings
 from poegen.kernel.transport import (
@@ -128,6 +140,7 @@ from poegen.kernel.transport import (
     tune_allocator,
 )
 from poegen.v1 import expert_pb2, sampler_pb2, sampler_pb2_grpc
+from poegen.v1.sampler_pb2 import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +154,8 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_NAME_CHARS = 256  # factor and source names (each level event repeats the factor names)
 MAX_PENDING_EVENTS = 64  # level events waiting for a slow reader; later ones are dropped
 _STOP_WAIT_S = 5.0  # after the grace: for stopped jobs to leave their expert call, streams to end
+_CANCEL_WAIT_S = 1.0  # CancelJob waits this long for the job to leave its expert call
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class SamplerServerConfig(BaseModel):
@@ -198,6 +213,17 @@ class SamplerServerConfig(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port; 0: free")
     tracing: bool = Field(
         False, description="OpenTelemetry spans for every RPC and expert call (kernel.tracing)"
+    )
+    job_store: Path | None = Field(
+        None,
+        description="folder of the job store (requests, per-level checkpoints, results): a "
+        "restarted Sampler resumes its jobs from it; None: jobs live in memory only",
+    )
+    job_retention_s: float = Field(
+        3600.0, gt=0, description="how long an ended job's status and result are kept"
+    )
+    max_kept_jobs: int = Field(
+        256, ge=1, le=1_000_000, description="ended jobs kept at most (oldest dropped first)"
     )
 
     @model_validator(mode="after")
@@ -538,13 +564,18 @@ def level_event(trace: LevelTrace, *, preview: bool) -> sampler_pb2.GenerateResp
 
 
 def generate_result(
-    result: SampleResult, factors: Sequence[Factor], experts: Sequence[ConnectedExpert]
+    result: SampleResult,
+    factors: Sequence[Factor],
+    experts: Sequence[ConnectedExpert],
+    before: Sequence[Sequence[str]] = (),
 ) -> sampler_pb2.GenerateResponse:
-    """The ``GenerateResult``; expert records in factor order with the revisions seen."""
+    """The ``GenerateResult``; expert records in factor order with the revisions seen (after
+    ``before``, those seen before a resume)."""
     records = []
-    for factor, expert in zip(factors, experts, strict=True):
+    for factor, expert, revisions in zip(factors, experts, _revisions(experts, before),
+                                         strict=True):  # fmt: skip
         info = expert.describe()
-        revisions = expert.revisions_seen or (info.revision,)
+        revisions = revisions or (info.revision,)
         records.append(
             sampler_pb2.ExpertRecord(
                 name=factor.name or info.name,
@@ -563,17 +594,46 @@ def generate_result(
     return sampler_pb2.GenerateResponse(result=out)
 
 
+def _revisions(
+    experts: Sequence[ConnectedExpert], before: Sequence[Sequence[str]]
+) -> list[tuple[str, ...]]:
+    """Each factor's distinct revisions, first seen first: those ``before`` a resume, then
+    those seen since."""
+    merged = []
+    for i, expert in enumerate(experts):
+        seen = list(before[i]) if i < len(before) else []
+        seen.extend(r for r in expert.revisions_seen if r not in seen)
+        merged.append(tuple(seen))
+    return merged
+
+
 # --------------------------------------------------------------------------- jobs
 
 
 _END = object()
+_ENDED = frozenset({JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED,
+                    JobState.JOB_STATE_CANCELLED})  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a job goes on after its Sampler stopped: a level's checkpoint (None: from the
+    start, the same seed gives the same run), the revisions seen before, resumes so far."""
+
+    checkpoint: Checkpoint | None
+    revisions: tuple[tuple[str, ...], ...]
+    resumes: int
 
 
 class Job:
-    """One ``Generate`` run in its own thread, feeding an asyncio queue.
+    """One ``Generate`` run in its own thread, feeding the asyncio queues of its subscribers.
 
-    The queue receives ``GenerateResponse`` messages, then either an exception or nothing,
-    then the end marker. :meth:`stop` (any thread) stops the run between two expert calls.
+    Each subscriber's queue receives ``GenerateResponse`` messages, then either an exception
+    (the job's error, mapped by :func:`job_error`) or nothing, then the end marker. After
+    every level the job writes its checkpoint to ``store`` (when the store is durable); at its
+    end, its status and result. :meth:`stop` (any thread) stops the run between two expert
+    calls: ``"cancelled"`` ends it CANCELLED, ``"shutdown"`` leaves it RUNNING in the store
+    with its checkpoint, for the next Sampler on the store to resume.
     """
 
     def __init__(
@@ -584,55 +644,112 @@ class Job:
         on_done: Callable[[Job], None],
         number: int,
         metrics: SamplerMetrics | None = None,
+        *,
+        job_id: str = "",
+        store: JobStore | None = None,
+        resume: Resume | None = None,
     ) -> None:
         self.plan = plan
+        self.job_id = job_id or f"local-{number}"
         self._metrics = metrics
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._store = store
+        self._resume = resume
+        self._subscribers: list[asyncio.Queue[Any]] = []
+        self.outcome: Any = None  # the result response or the error, once ended (on the loop)
+        self.delivered = False  # the end marker reached the subscribers (on the loop)
         self._config = config
         self._loop = loop
         self._on_done = on_done
         self._stop = threading.Event()
+        self._stop_reason = "cancelled"
         self._lock = threading.Lock()
         self._experts: list[ConnectedExpert] = []
+        self._started = False
         self.finished = threading.Event()
-        self.dropped_events = 0  # level events a slow reader did not get (see _emit_level)
+        self.dropped_events = 0  # level events slow readers did not get (see _emit_level)
+        self.status = sampler_pb2.JobStatus(
+            job_id=self.job_id, state=JobState.JOB_STATE_QUEUED, created_at=time.time(),
+            resumes=resume.resumes if resume else 0,
+            levels_done=resume.checkpoint.levels_done if resume and resume.checkpoint else 0,
+        )  # fmt: skip
         # the job thread computes with the service thread's torch thread count (calls.worker_pool)
         self._torch_threads = torch.get_num_threads()
         # made in the Generate handler: its trace context is the request's (kernel.tracing)
         self._trace_context = tracing.current(config.tracing)
         self._thread = threading.Thread(target=self._main, name=f"poegen-job-{number}", daemon=True)
 
+    # ------------------------------------------------------------------ subscribers (loop)
+
+    def subscribe(self) -> asyncio.Queue[Any]:
+        """A queue of this job's messages from now on (call on the job's loop)."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(queue)
+
+    def _fan_out(self, item: Any, *, droppable: bool) -> None:
+        if item is _END:
+            self.delivered = True  # from now on a subscriber would wait forever
+        elif not droppable:
+            self.outcome = item
+        for queue in self._subscribers:
+            if droppable and queue.qsize() >= MAX_PENDING_EVENTS:
+                self.dropped_events += 1
+            else:
+                queue.put_nowait(item)
+
+    def _emit(self, item: Any, *, droppable: bool = False) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            self._loop.call_soon_threadsafe(functools.partial(self._fan_out, item,
+                                                              droppable=droppable))  # fmt: skip
+
+    def _emit_level(self, event: sampler_pb2.GenerateResponse) -> None:
+        """A level event, dropped for a reader ``MAX_PENDING_EVENTS`` behind: a slow client
+        loses previews, the service never holds more of them (the result always comes)."""
+        self._emit(event, droppable=True)
+
+    # ------------------------------------------------------------------ life
+
     def start(self) -> None:
+        self._started = True
+        self.status.state = JobState.JOB_STATE_RUNNING
+        self.save_status()
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the run: cancel the experts' calls in flight, make no more."""
+    def stop(self, reason: str = "cancelled") -> None:
+        """Stop the run: cancel the experts' calls in flight, make no more. ``reason``:
+        ``"cancelled"`` (ends CANCELLED) or ``"shutdown"`` (stays resumable)."""
+        self._stop_reason = reason
         self._stop.set()
         with self._lock:
             experts = list(self._experts)
         for expert in experts:
             expert.cancel()
 
+    def drop_unstarted(self, reason: str, error: BaseException | None = None) -> None:
+        """End a job that never got a slot (cancelled in the queue, or the Sampler stops)."""
+        self._stop_reason = reason
+        self._stop.set()
+        if reason == "cancelled":
+            self._end(JobState.JOB_STATE_CANCELLED)
+            error = self.cancelled()
+        if error is not None:
+            self._emit(error)
+        self._emit(_END)
+        self.finished.set()
+
+    def cancelled(self) -> ExpertError:
+        """What the job's streams end with once it is cancelled."""
+        return ExpertError(grpc.StatusCode.CANCELLED, "job_id", f"job {self.job_id} was cancelled")
+
     def join(self, timeout: float | None = None) -> bool:
+        if not self._started:
+            return self.finished.is_set()
         self._thread.join(timeout)
         return not self._thread.is_alive()
-
-    def _emit(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _emit_level(self, event: sampler_pb2.GenerateResponse) -> None:
-        """A level event, dropped when the reader is ``MAX_PENDING_EVENTS`` behind: a slow
-        client loses previews, the service never holds more of them (the result always comes)."""
-
-        def put() -> None:
-            if self.queue.qsize() < MAX_PENDING_EVENTS:
-                self.queue.put_nowait(event)
-            else:
-                self.dropped_events += 1
-
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(put)
 
     def _main(self) -> None:
         torch.set_num_threads(self._torch_threads)
@@ -640,7 +757,7 @@ class Job:
         try:
             outcome = self._run()
         except BaseException as e:
-            outcome = e
+            outcome = job_error(e, self.plan)
         finally:
             with self._lock:
                 experts, self._experts = self._experts, []
@@ -648,6 +765,7 @@ class Job:
                 expert.close()  # releases its handle before the client hears the end
             if self._metrics is not None:
                 self._metrics.job_finished(self._outcome(outcome))
+            outcome = self._finish(outcome)
             self._on_done(self)
             if outcome is not None:
                 self._emit(outcome)
@@ -661,6 +779,42 @@ class Job:
             return "stopped"  # cancelled, the client left, or shutdown
         return "failed"
 
+    def _finish(self, outcome: Any) -> Any:
+        """Record the end in the store; the outcome the subscribers get."""
+        if isinstance(outcome, sampler_pb2.GenerateResponse):
+            self._put("result", outcome.result.SerializeToString())
+            self._end(JobState.JOB_STATE_SUCCEEDED)
+        elif self._stop.is_set() and self._stop_reason == "shutdown":
+            # left RUNNING with its checkpoint: the next Sampler on this store resumes it
+            return ExpertError.unavailable(
+                "request", f"the sampler is shutting down; job {self.job_id} goes on when it "
+                "restarts on the same job store (Attach to it then)",
+            )  # fmt: skip
+        elif self._stop.is_set() or outcome is None:
+            self._end(JobState.JOB_STATE_CANCELLED)
+            return self.cancelled()
+        else:
+            code = getattr(outcome, "code", grpc.StatusCode.INTERNAL)
+            self.status.error_code = code.value[0]
+            self.status.error_field = getattr(outcome, "field", "")
+            self.status.error_message = getattr(outcome, "reason", "internal error")
+            self._end(JobState.JOB_STATE_FAILED)
+        return outcome
+
+    def _end(self, state: int) -> None:
+        self.status.state = state
+        self.status.ended_at = time.time()
+        self.save_status()
+        if self._store is not None:
+            self._store.discard(self.job_id, "checkpoint")
+
+    def _put(self, record: str, data: bytes) -> None:
+        if self._store is not None:
+            self._store.put(self.job_id, record, data)
+
+    def save_status(self) -> None:
+        self._put("status", self.status.SerializeToString())
+
     def _run(self) -> sampler_pb2.GenerateResponse | None:
         """Run the sampler, emitting level events; the result, or None when stopped."""
         experts = self._connect()
@@ -670,16 +824,24 @@ class Job:
             for f, expert in zip(plan.factors, experts, strict=True)
         ]
         generator = torch.Generator().manual_seed(plan.seed)
-        run = sample_iter(factors, plan.sample_shape, plan.settings, generator=generator)
+        resume = self._resume.checkpoint if self._resume else None
+        before = self._resume.revisions if self._resume else ()
+        run = sample_iter(factors, plan.sample_shape, plan.settings, generator=generator,
+                          resume=resume)  # fmt: skip
+        checkpoints = self._store is not None and self._store.durable
         try:
             while not self._stop.is_set():
                 try:
                     trace = next(run)
                 except StopIteration as done:
-                    return generate_result(done.value, factors, experts)
+                    return generate_result(done.value, factors, experts, before)
                 except NonFiniteOutputError as e:
                     index = next(i for i, f in enumerate(factors) if f is e.factor)
                     raise ExpertError.failed_precondition(f"factors[{index}]", str(e)) from None
+                if checkpoints and trace.checkpoint is not None:
+                    seen = _revisions(experts, before)
+                    self._put("checkpoint", encode_checkpoint(trace.checkpoint, seen))
+                self.status.levels_done, self.status.levels = trace.step + 1, trace.levels
                 if self._metrics is not None:
                     self._metrics.level_done(trace.experts)
                 self._emit_level(level_event(trace, preview=plan.preview))
@@ -877,93 +1039,115 @@ def _request_field(error: KernelError) -> tuple[str, str]:
 
 
 class JobSlots:
-    """The jobs running now, at most ``max_jobs``, and up to ``max_queued`` calls waiting, in
-    order, for a slot (RESOURCE_EXHAUSTED beyond). A job's slot is handed to the next waiter
-    when its thread ends. ``admit`` runs on the service's event loop; ``running`` anywhere."""
+    """The jobs running now, at most ``max_jobs``, and up to ``max_queued`` jobs waiting, in
+    order, for a slot (RESOURCE_EXHAUSTED beyond). A job's slot goes to the next waiting job
+    the moment its thread ends. ``submit`` and ``cancel`` run on the service's event loop;
+    ``running`` and ``waiting`` anywhere."""
 
     def __init__(
-        self, max_jobs: int, max_queued: int = 0, metrics: SamplerMetrics | None = None
+        self,
+        max_jobs: int,
+        max_queued: int = 0,
+        metrics: SamplerMetrics | None = None,
+        on_end: Callable[[Job], None] | None = None,
     ) -> None:
         self.max_jobs = max_jobs
-        self._metrics = metrics
         self.max_queued = max_queued
-        self._jobs: set[Job] = set()
-        self._reserved = 0  # slots handed to a waiter that has not made its job yet
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._metrics = metrics
+        self._on_end = on_end  # on the loop, after a job's end, before its slot moves on
+        self._running: set[Job] = set()
+        self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()
         self._count = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    async def admit(self, plan: JobPlan, config: SamplerServerConfig) -> Job:
-        """A job holding a slot, after waiting for one if every slot is taken."""
+    def make(
+        self,
+        plan: JobPlan,
+        config: SamplerServerConfig,
+        *,
+        job_id: str = "",
+        store: JobStore | None = None,
+        resume: Resume | None = None,
+    ) -> Job:
+        """A job of this service, not submitted yet (call on the loop)."""
         loop = self._loop = asyncio.get_running_loop()
+        return Job(plan, config, loop, self._done, next(self._count), self._metrics,
+                   job_id=job_id, store=store, resume=resume)  # fmt: skip
+
+    def submit(self, job: Job, *, resumed: bool = False) -> None:
+        """Start ``job`` now if a slot is free, else queue it; a resumed job (accepted before
+        its Sampler stopped) is never refused for a full queue."""
         with self._lock:
             if self._closed:
                 raise _shutting_down()
-            free = len(self._jobs) + self._reserved < self.max_jobs and not self._waiters
-            if free:
-                self._reserved += 1
-            elif len(self._waiters) >= self.max_queued:
+            start = len(self._running) < self.max_jobs and not self._waiting
+            if start:
+                self._running.add(job)
+            elif len(self._waiting) >= self.max_queued and not resumed:
                 raise ExpertError.resource_exhausted(
                     "request",
-                    f"{self.max_jobs} jobs are running and {len(self._waiters)} waiting; "
+                    f"{self.max_jobs} jobs are running and {len(self._waiting)} waiting; "
                     "try again later",
                 )
             else:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._waiters.append(waiter)
-        if not free:
-            try:
-                await waiter  # resolved by _hand_over, with a slot reserved for this call
-            except BaseException:
-                with self._lock:
-                    handed = waiter.done() and not waiter.cancelled()
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                    if handed:  # the caller left as its slot came: pass the slot on
-                        self._reserved -= 1
-                self._hand_over()
-                raise
-        job = Job(plan, config, loop, self._done, next(self._count), self._metrics)
+                self._waiting.append(job)
+        if start:
+            job.start()
+        else:
+            job.save_status()  # queued: resumable as it is
+
+    def cancel(self, job: Job) -> None:
+        """Stop ``job``: out of the queue at once, or stopped between two expert calls."""
         with self._lock:
-            self._reserved -= 1
-            self._jobs.add(job)
-        return job
+            queued = job in self._waiting
+            if queued:
+                self._waiting.remove(job)
+        if queued:
+            job.drop_unstarted("cancelled")
+            if self._on_end is not None:
+                self._on_end(job)
+        else:
+            job.stop("cancelled")
 
     def _done(self, job: Job) -> None:
         # the job's thread, as it ends
         with self._lock:
-            self._jobs.discard(job)
+            self._running.discard(job)
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                self._loop.call_soon_threadsafe(self._hand_over)
+                self._loop.call_soon_threadsafe(self._ended, job)
+
+    def _ended(self, job: Job) -> None:
+        if self._on_end is not None:
+            self._on_end(job)
+        self._hand_over()
 
     def _hand_over(self) -> None:
-        """Give free slots to the longest waiting calls (on the event loop)."""
-        with self._lock:
-            while self._waiters and len(self._jobs) + self._reserved < self.max_jobs:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    self._reserved += 1
-                    waiter.set_result(None)
+        """Start the longest waiting jobs in the free slots (on the event loop)."""
+        while True:
+            with self._lock:
+                if self._closed or not self._waiting or len(self._running) >= self.max_jobs:
+                    return
+                job = self._waiting.popleft()
+                self._running.add(job)
+            job.start()
 
-    def close(self) -> None:
-        """Admit no more jobs; the calls waiting for a slot end UNAVAILABLE (on the loop)."""
+    def close(self) -> list[Job]:
+        """Admit no more jobs; the jobs still waiting are returned, unstarted (on the loop)."""
         with self._lock:
             self._closed = True
-            waiters, self._waiters = list(self._waiters), collections.deque()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_exception(_shutting_down())
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        return waiting
 
     def waiting(self) -> int:
         with self._lock:
-            return len(self._waiters)
+            return len(self._waiting)
 
     def running(self) -> list[Job]:
         with self._lock:
-            return list(self._jobs)
+            return list(self._running)
 
 
 def _shutting_down() -> ExpertError:
@@ -973,43 +1157,222 @@ def _shutting_down() -> ExpertError:
 # --------------------------------------------------------------------------- servicer
 
 
+def _job_store(config: SamplerServerConfig) -> JobStore:
+    if config.job_store is None:
+        return MemoryJobStore()
+    return DirectoryJobStore(config.job_store)
+
+
 class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
-    """``SamplerService``: parse → job thread → stream (see the module docstring)."""
+    """``SamplerService``: parse → job (queued, then its own thread) → streams; jobs by id
+    in the store (see the module docstring)."""
 
     def __init__(self, config: SamplerServerConfig) -> None:
         self.config = config
         self.metrics = SamplerMetrics()
-        self.jobs = JobSlots(config.max_jobs, config.max_queued, self.metrics)
+        self.jobs = JobSlots(config.max_jobs, config.max_queued, self.metrics, self.job_ended)
         self.metrics.track_jobs(lambda: len(self.jobs.running()), self.jobs.waiting)
+        self.store = _job_store(config)
+        self._live: dict[str, Job] = {}  # queued and running jobs by id (on the loop)
+        self._ended: dict[str, sampler_pb2.JobStatus] = {}  # kept ended jobs, oldest first
+
+    # ------------------------------------------------------------------ RPCs
 
     @maps_errors
     async def Generate(
         self, request: sampler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[sampler_pb2.GenerateResponse]:
         plan = parse_request(request, self.config)
-        job = await self.jobs.admit(plan, self.config)
-        job.start()
+        job_id = self._new_id(request.job_id)
+        job = self.jobs.make(plan, self.config, job_id=job_id, store=self.store)
+        queue = job.subscribe()
+        self.store.put(job_id, "request", request.SerializeToString())
         try:
-            while (item := await job.queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise job_error(item, plan)
+            self._live[job_id] = job
+            self.jobs.submit(job)
+        except BaseException:
+            self._live.pop(job_id, None)
+            self.store.delete(job_id)
+            raise
+        try:
+            yield sampler_pb2.GenerateResponse(job=job.status)
+            async for item in _stream(queue):
                 yield item
         finally:
-            job.stop()  # a no-op after a normal end; cancels the job when the client left
+            job.unsubscribe(queue)
+            if not request.detach and not job.finished.is_set():
+                self.jobs.cancel(job)  # the client left: cancel the job
+
+    @maps_errors
+    async def Attach(
+        self, request: sampler_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[sampler_pb2.AttachResponse]:
+        job_id = _job_id(request.job_id)
+        job = self._live.get(job_id)
+        if job is not None and not job.delivered:
+            queue = job.subscribe()
+            try:
+                yield sampler_pb2.AttachResponse(job=job.status)
+                async for item in _stream(queue):
+                    yield _attach_response(item)
+            finally:
+                job.unsubscribe(queue)
+            return
+        status = self._status(job_id)
+        yield sampler_pb2.AttachResponse(job=status)
+        if status.state == JobState.JOB_STATE_SUCCEEDED:
+            data = self.store.get(job_id, "result")
+            if data is None:
+                raise ExpertError.not_found("job_id", f"job {job_id}: its result is gone")
+            yield sampler_pb2.AttachResponse(result=sampler_pb2.GenerateResult.FromString(data))
+        elif status.state == JobState.JOB_STATE_FAILED:
+            code = _CODES.get(status.error_code, grpc.StatusCode.UNKNOWN)
+            raise ExpertError(code, status.error_field, status.error_message)
+        elif status.state == JobState.JOB_STATE_CANCELLED:
+            raise ExpertError(grpc.StatusCode.CANCELLED, "job_id", f"job {job_id} was cancelled")
+
+    @maps_errors
+    async def GetJob(
+        self, request: sampler_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> sampler_pb2.GetJobResponse:
+        return sampler_pb2.GetJobResponse(job=self._status(_job_id(request.job_id)))
+
+    @maps_errors
+    async def CancelJob(
+        self, request: sampler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> sampler_pb2.CancelJobResponse:
+        job_id = _job_id(request.job_id)
+        job = self._live.get(job_id)
+        if job is not None and job.status.state not in _ENDED:
+            self.jobs.cancel(job)
+            # the slot is free once the job leaves its expert call (cancelled in flight)
+            await asyncio.to_thread(job.finished.wait, _CANCEL_WAIT_S)
+        return sampler_pb2.CancelJobResponse(job=self._status(job_id))
+
+    @maps_errors
+    async def ListJobs(
+        self, request: sampler_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> sampler_pb2.ListJobsResponse:
+        live = sorted(self._live.values(), key=lambda j: j.status.created_at)
+        ended = [s for s in reversed(self._ended.values()) if s.job_id not in self._live]
+        return sampler_pb2.ListJobsResponse(jobs=[j.status for j in live] + ended)
+
+    # ------------------------------------------------------------------ jobs
+
+    def _new_id(self, requested: str) -> str:
+        if not requested:
+            return uuid.uuid4().hex
+        job_id = _job_id(requested)
+        if job_id in self._live or job_id in self._ended or self.store.get(job_id, "status"):
+            raise ExpertError(grpc.StatusCode.ALREADY_EXISTS, "job_id", f"{job_id!r} is in use")
+        return job_id
+
+    def _status(self, job_id: str) -> sampler_pb2.JobStatus:
+        job = self._live.get(job_id)
+        if job is not None:
+            return job.status
+        if job_id in self._ended:
+            return self._ended[job_id]
+        raise ExpertError.not_found("job_id", f"no job {job_id!r} (unknown, or no longer kept)")
+
+    def job_ended(self, job: Job) -> None:
+        """On the loop, after a job's end: keep its status, forget the oldest ended ones."""
+        if self._live.get(job.job_id) is job:
+            del self._live[job.job_id]
+        if job.status.state not in _ENDED:
+            return  # stopped by a shutdown: resumable, not ended
+        self._ended[job.job_id] = job.status
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        horizon = time.time() - self.config.job_retention_s
+        for job_id, status in list(self._ended.items()):
+            if len(self._ended) <= self.config.max_kept_jobs and status.ended_at >= horizon:
+                break
+            del self._ended[job_id]
+            self.store.delete(job_id)
+
+    def resume_stored(self) -> int:
+        """Load the store: keep ended jobs' statuses, resubmit the unfinished ones from their
+        last checkpoint (call on the loop, before serving). Returns how many resumed."""
+        resumed = 0
+        statuses = []
+        for job_id in self.store.job_ids():
+            data = self.store.get(job_id, "status")
+            if data is None:
+                self.store.delete(job_id)  # killed between its request and its status
+                continue
+            statuses.append(sampler_pb2.JobStatus.FromString(data))
+        for status in sorted(statuses, key=lambda s: s.created_at):
+            if status.state in _ENDED:
+                self._ended[status.job_id] = status
+            else:
+                resumed += self._resume(status)
+        self._forget_old()
+        return resumed
+
+    def _resume(self, status: sampler_pb2.JobStatus) -> int:
+        job_id = status.job_id
+        request = sampler_pb2.GenerateRequest.FromString(self.store.get(job_id, "request") or b"")
+        checkpoint, revisions = None, []
+        data = self.store.get(job_id, "checkpoint")
+        if data is not None:
+            try:
+                checkpoint, revisions = decode_checkpoint(data)
+            except JobStoreError as e:  # the same seed gives the same run: start over
+                logger.warning("job %s: %s; it starts over", job_id, e)
+        try:
+            plan = parse_request(request, self.config)
+        except ExpertError as e:  # refused by this Sampler's configuration
+            status.state = JobState.JOB_STATE_FAILED
+            status.error_code, status.error_field = e.code.value[0], e.field
+            status.error_message, status.ended_at = e.reason, time.time()
+            self.store.put(job_id, "status", status.SerializeToString())
+            self._ended[job_id] = status
+            return 0
+        resume = Resume(checkpoint, tuple(tuple(r) for r in revisions), status.resumes + 1)
+        job = self.jobs.make(plan, self.config, job_id=job_id, store=self.store, resume=resume)
+        job.status.created_at = status.created_at
+        self._live[job_id] = job
+        self.jobs.submit(job, resumed=True)
+        logger.info("job %s resumed after level %d", job_id, job.status.levels_done)
+        return 1
 
     async def stop_all(self, grace: float) -> None:
         """Drain: admit no more jobs, let the running ones finish for up to ``grace`` seconds,
-        then stop those still running (they end between two expert calls)."""
-        self.jobs.close()
+        then stop those still running (they end between two expert calls, resumable from
+        their last checkpoint by the next Sampler on a durable store)."""
+        for job in self.jobs.close():  # never started: resumable as they are
+            job.drop_unstarted("shutdown", _shutting_down())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         jobs = self.jobs.running()
         for job in jobs:
             await asyncio.to_thread(job.finished.wait, max(0.0, deadline - loop.time()))
         for job in jobs:
-            job.stop()
+            job.stop("shutdown")
         for job in jobs:
             await asyncio.to_thread(job.join, _STOP_WAIT_S)
+
+
+async def _stream(queue: asyncio.Queue[Any]) -> AsyncIterator[sampler_pb2.GenerateResponse]:
+    """A subscriber's messages until the job's end; its error raised."""
+    while (item := await queue.get()) is not _END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _attach_response(item: sampler_pb2.GenerateResponse) -> sampler_pb2.AttachResponse:
+    if item.HasField("level"):
+        return sampler_pb2.AttachResponse(level=item.level)
+    return sampler_pb2.AttachResponse(result=item.result)
+
+
+def _job_id(value: str) -> str:
+    if not JOB_ID.fullmatch(value):
+        raise ExpertError.invalid("job_id", "1 to 64 of [A-Za-z0-9._-]")
+    return value
 
 
 # --------------------------------------------------------------------------- server
@@ -1047,6 +1410,9 @@ class SamplerHost:
         return bind(self.server, self.config.host, self.config.port, self.config.tls)
 
     async def start(self) -> None:
+        resumed = self.servicer.resume_stored()  # before serving: their ids answer at once
+        if resumed:
+            logger.info("resumed %d jobs from the job store", resumed)
         await self.server.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.servicer.metrics.serve_http(
@@ -1065,6 +1431,7 @@ class SamplerHost:
         # every job has ended: what remains are streams sending their last replies
         await self.server.stop(_STOP_WAIT_S)
         self.servicer.metrics.close()
+        self.servicer.store.close()
 
 
 def create_sampler_server(

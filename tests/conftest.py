@@ -11,10 +11,15 @@ import their helpers as ``from helpers.server import ...``).
 
 Time limits scale with ``POEGEN_TEST_TIME_SCALE`` (:mod:`helpers.timing`), pytest-timeout's
 per-test limit included (:func:`pytest_configure`).
+
+``POEGEN_JOB_STORE=memory`` (unless set): a ``poegen sampler`` on a fixed port that a test
+starts keeps its jobs in memory instead of resuming another test's jobs from the user's state
+folder; the tests of the job store name their folders.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +29,8 @@ import pytest
 if TYPE_CHECKING:
     from helpers.flow_models import FlowModels
     from helpers.remote import LoopThread
+
+os.environ.setdefault("POEGEN_JOB_STORE", "memory")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-timeout's own pytest_configure reads it

@@ -24,7 +24,7 @@ MATH = (
 WIRE = (
     "grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.protobuf", "google.rpc",
     "poegen.v1", "poegen.kernel.codec", "poegen.kernel.errors", "poegen.kernel.remote",
-    "poegen.kernel.replicas", "poegen.kernel.service", "poegen.kernel.service_metrics", "poegen.kernel.tracing",
+    "poegen.kernel.jobs", "poegen.kernel.replicas", "poegen.kernel.service", "poegen.kernel.service_metrics", "poegen.kernel.tracing",
     "poegen.kernel.transport",
 )  # fmt: skip
 OUTSIDE = ("poegen.expert_servers", "poegen.clients", "poegen.bench")

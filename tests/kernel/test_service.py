@@ -50,8 +50,10 @@ def _request(
 
 
 def _split(replies: list[sampler_pb2.GenerateResponse]) -> tuple[list, sampler_pb2.GenerateResult]:
+    """(level events, result) of a Generate stream: the job's status, levels, the result."""
+    assert replies[0].HasField("job") and replies[0].job.job_id
     levels = [r.level for r in replies if r.HasField("level")]
-    assert replies[-1].HasField("result") and len(levels) == len(replies) - 1
+    assert replies[-1].HasField("result") and len(levels) == len(replies) - 2
     return levels, replies[-1].result
 
 
@@ -181,7 +183,7 @@ def test_jobs_beyond_the_limit_wait_in_a_bounded_queue(loop: LoopThread) -> None
         assert _failure(stub.Generate(short)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "request")
         running.cancel()
         replies = list(waiting)  # it got the slot: levels, then the result
-        assert replies[-1].HasField("result") and replies[0].HasField("level")
+        assert replies[-1].HasField("result") and replies[1].HasField("level")
         # a waiting call that is cancelled leaves the queue
         running = stub.Generate(request)
         next(running)
@@ -203,7 +205,7 @@ def test_cancelling_the_stream_stops_the_job(loop: LoopThread) -> None:
     request.factors[0].condition.CopyFrom(expert_pb2.Condition(scalars={"shift": 0.5}))
     with channel:
         call = stub.Generate(request)
-        next(call)
+        assert next(call).HasField("job") and next(call).HasField("level")
         assert len(served.host.handles) == 1
         call.cancel()
         assert wait_until(lambda: not sampler.host.servicer.jobs.running(), timeout=scaled(3))

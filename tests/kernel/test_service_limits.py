@@ -30,6 +30,7 @@ from poegen.kernel.errors import from_rpc_error
 from poegen.kernel.service import (
     MAX_NAME_CHARS,
     MAX_PENDING_EVENTS,
+    Job,
     JobSlots,
     SamplerServerConfig,
     job_bytes,
@@ -172,13 +173,20 @@ def test_a_reader_that_never_reads_holds_a_bounded_number_of_events(loop: LoopTh
     levels = sum(r.HasField("level") for r in read)  # what a reader that reads everything gets
     assert levels > MAX_PENDING_EVENTS
     plan = parse_request(request, config)
-    job = loop.run(JobSlots(1).admit(plan, config))
-    job.start()
+
+    async def submit() -> tuple[Job, asyncio.Queue]:
+        slots = JobSlots(1)
+        job = slots.make(plan, config)
+        queue = job.subscribe()
+        slots.submit(job)
+        return job, queue
+
+    job, queue = loop.run(submit())
     assert job.join(scaled(120))
 
     async def drain() -> list[object]:
         # runs after every callback the job scheduled (call_soon_threadsafe is FIFO)
-        return [job.queue.get_nowait() for _ in range(job.queue.qsize())]
+        return [queue.get_nowait() for _ in range(queue.qsize())]
 
     items = loop.run(drain())
     responses = [i for i in items if isinstance(i, sampler_pb2.GenerateResponse)]
@@ -298,8 +306,8 @@ def test_a_stopping_sampler_lets_running_jobs_finish_and_refuses_new_ones(loop: 
         stub = sampler_pb2_grpc.SamplerServiceStub(channel)
         whole = list(stub.Generate(request, timeout=scaled(120)))  # the same job, undisturbed
         call = stub.Generate(request, timeout=scaled(120))
-        first = next(call)
-        assert first.HasField("level")
+        accepted, first = next(call), next(call)
+        assert accepted.HasField("job") and first.HasField("level")
         stopping = _stop_in_background(loop, sampler.host, scaled(60))
         assert wait_until(lambda: slots._closed, timeout=scaled(10))
         assert _refusal(stub, _request([expert.address])) == (
@@ -307,7 +315,7 @@ def test_a_stopping_sampler_lets_running_jobs_finish_and_refuses_new_ones(loop: 
             "request",
         )
         rest = list(call)  # the running job finishes: every level, then its result
-        assert len([first, *rest]) == len(whole)  # every level, then the result
+        assert len([accepted, first, *rest]) == len(whole)  # every level, then the result
         assert rest[-1].result == whole[-1].result  # the same result, bit for bit
     stopping.result(scaled(60))
 

@@ -60,7 +60,7 @@ def test_metrics_count_what_the_jobs_did(loop: LoopThread):
             list(stub.Generate(_request(broken.address, 6), timeout=scaled(60)))
         before = _scrape(port)
         cancelled = stub.Generate(_request(slow.address, 10_000), timeout=scaled(60))
-        next(cancelled)
+        next(cancelled), next(cancelled)  # the job's status, its first level
         assert _scrape(port)[("poegen_sampler_jobs", (("state", "running"),))] == 1
         cancelled.cancel()
         assert wait_until(lambda: not sampler.host.servicer.jobs.running(), scaled(10))

@@ -1,12 +1,28 @@
 from poegen.v1 import expert_pb2 as _expert_pb2
 from poegen.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
 
 class FactorSpec(_message.Message):
     __slots__ = ("address", "weight", "condition", "region", "name", "links", "crop")
@@ -107,20 +123,98 @@ class SamplerSettings(_message.Message):
     def __init__(self, num_particles: _Optional[int] = ..., num_steps: _Optional[int] = ..., mcmc_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., shift: _Optional[float] = ..., sigmas: _Optional[_Iterable[float]] = ..., mcmc: _Optional[str] = ..., step_size: _Optional[float] = ..., step_rule: _Optional[str] = ..., leapfrog_steps: _Optional[int] = ..., damping: _Optional[float] = ..., ess_threshold: _Optional[float] = ..., resampling: _Optional[str] = ..., tempering: _Optional[str] = ..., tempering_rate: _Optional[float] = ..., tempering_ess: _Optional[float] = ..., weighting: _Optional[str] = ..., max_batch: _Optional[int] = ..., preset: _Optional[str] = ..., constraint_penalty: _Optional[float] = ..., mcmc_rewards: _Optional[bool] = ..., transition: _Optional[str] = ..., sde_noise: _Optional[float] = ..., adapt_step_size: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("factors", "sample_shape", "settings", "seed", "preview", "sources")
+    __slots__ = ("factors", "sample_shape", "settings", "seed", "preview", "sources", "job_id", "detach")
     FACTORS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DETACH_FIELD_NUMBER: _ClassVar[int]
     factors: _containers.RepeatedCompositeFieldContainer[FactorSpec]
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
     settings: SamplerSettings
     seed: int
     preview: bool
     sources: _containers.RepeatedCompositeFieldContainer[ConditionSource]
-    def __init__(self, factors: _Optional[_Iterable[_Union[FactorSpec, _Mapping]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[SamplerSettings, _Mapping]] = ..., seed: _Optional[int] = ..., preview: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[ConditionSource, _Mapping]]] = ...) -> None: ...
+    job_id: str
+    detach: bool
+    def __init__(self, factors: _Optional[_Iterable[_Union[FactorSpec, _Mapping]]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[SamplerSettings, _Mapping]] = ..., seed: _Optional[int] = ..., preview: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[ConditionSource, _Mapping]]] = ..., job_id: _Optional[str] = ..., detach: _Optional[bool] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "state", "levels_done", "levels", "error_code", "error_message", "resumes", "error_field", "created_at", "ended_at")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_DONE_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    levels_done: int
+    levels: int
+    error_code: int
+    error_message: str
+    resumes: int
+    error_field: str
+    created_at: float
+    ended_at: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., levels_done: _Optional[int] = ..., levels: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., resumes: _Optional[int] = ..., error_field: _Optional[str] = ..., created_at: _Optional[float] = ..., ended_at: _Optional[float] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("level", "result", "job")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    level: LevelEvent
+    result: GenerateResult
+    job: JobStatus
+    def __init__(self, level: _Optional[_Union[LevelEvent, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., job: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: JobStatus
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: JobStatus
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
 
 class ExpertTiming(_message.Message):
     __slots__ = ("name", "calls", "seconds", "samples")
@@ -185,9 +279,11 @@ class GenerateResult(_message.Message):
     def __init__(self, particles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_evidence: _Optional[float] = ..., best_index: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRecord, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("level", "result")
+    __slots__ = ("level", "result", "job")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     level: LevelEvent
     result: GenerateResult
-    def __init__(self, level: _Optional[_Union[LevelEvent, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
+    job: JobStatus
+    def __init__(self, level: _Optional[_Union[LevelEvent, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., job: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...

@@ -40,6 +40,26 @@ class SamplerServiceStub:
                 request_serializer=poegen_dot_v1_dot_sampler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=poegen_dot_v1_dot_sampler__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/poegen.v1.SamplerService/Attach',
+                request_serializer=poegen_dot_v1_dot_sampler__pb2.AttachRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_sampler__pb2.AttachResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/poegen.v1.SamplerService/GetJob',
+                request_serializer=poegen_dot_v1_dot_sampler__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_sampler__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/poegen.v1.SamplerService/CancelJob',
+                request_serializer=poegen_dot_v1_dot_sampler__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_sampler__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/poegen.v1.SamplerService/ListJobs',
+                request_serializer=poegen_dot_v1_dot_sampler__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_sampler__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class SamplerServiceServicer:
@@ -47,8 +67,39 @@ class SamplerServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Runs one job: streams one event per noise level, then the result. Cancelling the stream
-        cancels the job and releases its condition handles.
+        """Runs one job: streams the job's status (its id) first, then one event per noise level,
+        then the result. Cancelling the stream cancels the job and releases its condition
+        handles, unless the request detaches it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """Streams a job's status, then its events from now on and its result (or its error):
+        after a client's disconnect or the Sampler's restart. Ending the stream leaves the job
+        running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """The status of a job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops a job (queued or running); its slot goes to the next job at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The jobs the Sampler knows: running, queued and those kept after their end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +112,26 @@ def add_SamplerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=poegen_dot_v1_dot_sampler__pb2.GenerateRequest.FromString,
                     response_serializer=poegen_dot_v1_dot_sampler__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=poegen_dot_v1_dot_sampler__pb2.AttachRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_sampler__pb2.AttachResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=poegen_dot_v1_dot_sampler__pb2.GetJobRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_sampler__pb2.GetJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=poegen_dot_v1_dot_sampler__pb2.CancelJobRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_sampler__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=poegen_dot_v1_dot_sampler__pb2.ListJobsRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_sampler__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +162,114 @@ class SamplerService:
             '/poegen.v1.SamplerService/Generate',
             poegen_dot_v1_dot_sampler__pb2.GenerateRequest.SerializeToString,
             poegen_dot_v1_dot_sampler__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/poegen.v1.SamplerService/Attach',
+            poegen_dot_v1_dot_sampler__pb2.AttachRequest.SerializeToString,
+            poegen_dot_v1_dot_sampler__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poegen.v1.SamplerService/GetJob',
+            poegen_dot_v1_dot_sampler__pb2.GetJobRequest.SerializeToString,
+            poegen_dot_v1_dot_sampler__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poegen.v1.SamplerService/CancelJob',
+            poegen_dot_v1_dot_sampler__pb2.CancelJobRequest.SerializeToString,
+            poegen_dot_v1_dot_sampler__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poegen.v1.SamplerService/ListJobs',
+            poegen_dot_v1_dot_sampler__pb2.ListJobsRequest.SerializeToString,
+            poegen_dot_v1_dot_sampler__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
