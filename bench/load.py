@@ -13,6 +13,10 @@ each its own process, through :class:`~poegen.clients.stack.LocalStack`), then:
    memory of every stack process sampled every ``--soak-every`` seconds. Reports the curve and
    the growth from the first tenth of the run to the last tenth, per process.
 
+The Sampler checkpoints every job after each level to a job store in a temporary folder, as
+``poegen sampler`` on a fixed port does by default (``--job-store memory``: none), and the
+soak also samples that folder's size (ended jobs are kept up to ``max_kept_jobs``).
+
 The JSON goes to ``bench/results/load.json`` (with the commit it measured).
 """
 
@@ -42,13 +46,16 @@ MIX = {"means": [[-1.0, 0.0], [1.0, 0.0]], "covariances": [[0.2, 0.2], [0.2, 0.2
 REWARD = {"direction": [1.0, 0.0], "name": "right"}
 
 
-def _stack(max_jobs: int, max_queued: int) -> dict[str, Any]:
+def _stack(max_jobs: int, max_queued: int, job_store: Path | None) -> dict[str, Any]:
+    sampler: dict[str, Any] = {"max_jobs": max_jobs, "max_queued": max_queued}
+    if job_store is not None:
+        sampler["job_store"] = str(job_store)
     return {
         "experts": [
             {"name": "mix", "expert": "gaussian_mixture", "params": MIX},
             {"name": "right", "expert": "linear_reward", "params": REWARD},
         ],
-        "sampler": {"max_jobs": max_jobs, "max_queued": max_queued},
+        "sampler": sampler,
         "env": {"OMP_NUM_THREADS": "1"},
     }
 
@@ -121,7 +128,15 @@ def _processes(stack: LocalStack) -> dict[str, psutil.Process]:
     return {p.name: psutil.Process(p.proc.pid) for p in stack.processes}
 
 
-def soak(stack: LocalStack, minutes: float, every_s: float) -> dict[str, Any]:
+def _folder_mib(folder: Path | None) -> float:
+    if folder is None:
+        return 0.0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def soak(
+    stack: LocalStack, minutes: float, every_s: float, job_store: Path | None = None
+) -> dict[str, Any]:
     processes = _processes(stack)
     curve: list[dict[str, float]] = []
     done = threading.Event()
@@ -136,6 +151,7 @@ def soak(stack: LocalStack, minutes: float, every_s: float) -> dict[str, Any]:
     while not done.wait(every_s):
         point = {"t_s": time.monotonic() - start}
         point.update({name: p.memory_info().rss / 2**20 for name, p in processes.items()})
+        point["job_store_mib"] = _folder_mib(job_store)
         curve.append(point)
         print(f"  soak t={point['t_s']:.0f}s " + " ".join(
             f"{n}={point[n]:.0f}MiB" for n in processes), flush=True)  # fmt: skip
@@ -157,17 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-jobs", type=int, default=4)
     parser.add_argument("--max-queued", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--job-store", choices=("directory", "memory"), default="directory",
+        help="the Sampler's job store: a temporary folder (checkpoints) or memory",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     levels = (1, 4, 16) if args.quick else (1, 4, 16, 64)
     seconds = 3.0 if args.quick else args.seconds
     out: dict[str, Any] = {
         "provenance": provenance.stamp("load"),
         "config": {"max_jobs": args.max_jobs, "max_queued": args.max_queued,
-                   "seconds": seconds, "job": "16 particles, 8 levels, 1 ULA move"},
+                   "seconds": seconds, "job": "16 particles, 8 levels, 1 ULA move",
+                   "job_store": args.job_store},
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stack.yaml"
-        path.write_text(yaml.safe_dump(_stack(args.max_jobs, args.max_queued)))
+        store = Path(tmp) / "jobs" if args.job_store == "directory" else None
+        path.write_text(yaml.safe_dump(_stack(args.max_jobs, args.max_queued, store)))
         with LocalStack.from_yaml(path) as stack:
             drive(stack, 1, 1.0)  # warm-up: imports, first connections
             out["concurrency"] = []
@@ -179,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{row['jobs_per_s']:7.1f} {row['p50_s'] or 0:7.3f} "
                       f"{row['p95_s'] or 0:7.3f} {row['p99_s'] or 0:7.3f}", flush=True)  # fmt: skip
             if args.soak_minutes > 0:
-                out["soak"] = soak(stack, args.soak_minutes, args.soak_every)
+                out["soak"] = soak(stack, args.soak_minutes, args.soak_every, store)
                 print("soak growth (MiB, last tenth - first tenth):", out["soak"]["growth_mib"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

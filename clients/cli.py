@@ -46,6 +46,7 @@ COMMANDS: tuple[str, ...] = (
     "poegen.expert_servers.server.cli",
     "poegen.clients.sampler_cli",
     "poegen.clients.commands",
+    "poegen.clients.job_cli",
     "poegen.clients.demo",
 )
 

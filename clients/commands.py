@@ -152,6 +152,9 @@ def run_generate(
     sampler: str | None,
     endpoints: dict[str, str],
     timeout: float | None,
+    job_id: str | None = None,
+    detach: bool = False,
+    reattach_s: float = 0.0,
 ) -> Any:
     """Run a spec with a live progress bar; write outputs to ``out``; the result."""
     from poegen.clients.endpoints import ClientTLS
@@ -168,10 +171,11 @@ def run_generate(
         expert_token=os.environ.get("POEGEN_EXPERT_TOKEN") or None,
         tls=ClientTLS.from_env(),
         expert_tls=ClientTLS.from_env("POEGEN_EXPERT"),
+        reattach_s=reattach_s,
     )
     with client, _progress_bar() as bar:
         task = bar.add_task("generate", total=total, sigma=1.0, ess=1.0, resampled=0, eta="?")
-        for event in client.stream(spec, timeout=timeout):
+        for event in client.stream(spec, timeout=timeout, job_id=job_id, detach=detach):
             if isinstance(event, GenerationResult):
                 result = event
                 break
@@ -216,6 +220,15 @@ def generate_command(
     particles: Annotated[int | None, typer.Option(help="override settings.num_particles")] = None,
     steps: Annotated[int | None, typer.Option(help="override settings.num_steps")] = None,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+    job_id: Annotated[
+        str | None, typer.Option(help="the job's id on the Sampler (see poegen job)")
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option(help="the job keeps running if this command is interrupted")
+    ] = False,
+    reattach: Annotated[
+        float, typer.Option(help="re-attach for this many seconds if the Sampler restarts")
+    ] = 0.0,
 ) -> int:
     """Run a generation spec and write PNGs/MP4s, a contact sheet and the trace to a folder.
 
@@ -248,7 +261,10 @@ def generate_command(
                 param_hint="--sampler",
             )
         with _naming(spec_file):
-            run_generate(spec, out, sampler=sampler, endpoints=endpoints, timeout=timeout)
+            run_generate(
+                spec, out, sampler=sampler, endpoints=endpoints, timeout=timeout,
+                job_id=job_id, detach=detach, reattach_s=reattach,
+            )  # fmt: skip
         return 0
     local = LocalStack.from_yaml(stack)
     with _terminate_as_interrupt():

@@ -33,6 +33,20 @@ decoded by ``Decode`` of the generative expert with capability ``AUTOENCODER`` (
 ``(C, F, H, W)`` with C = 1 or 3) map from [-1, 1] to pixels directly. ``output.decode:
 none`` skips this.
 
+Jobs by id (against a Sampler service): every job has an id (``GenerationResult.job_id``;
+``job_id=`` chooses it, and a retried call with the same id never starts the job twice).
+``detach=True`` keeps the job running when the client leaves; ``attach(job_id)`` follows a
+running job (or gets an ended job's result), ``job(job_id)`` / ``jobs()`` report
+:class:`JobInfo`, ``cancel(job_id)`` stops it. ``reattach_s=`` (client option, 0 by default)
+re-attaches a stream broken by a Sampler restart for up to that many seconds: a Sampler
+with a durable job store resumes the job from its last level, so the result is the one the
+uninterrupted job would have given (the events of the levels run while disconnected are
+missing from ``trace``)::
+
+    with Client("127.0.0.1:50050", reattach_s=60) as client:
+        result = client.generate(spec, job_id="cats-42", detach=True)
+        client.job("cats-42").state                                   # "succeeded"
+
 Cancellation and timeouts: ``timeout=`` (seconds, whole job) raises
 :class:`~poegen.clients.errors.GenerationTimeout` (a ``TimeoutError``) and cancels the
 server-side job; cancelling the task running ``generate``/``stream`` (or leaving a ``stream``
@@ -139,6 +153,54 @@ class ExpertRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class JobInfo:
+    """Where a job stands on the Sampler (mirrors ``JobStatus``).
+
+    Attributes:
+        job_id: its id.
+        state: ``"queued"``, ``"running"``, ``"succeeded"``, ``"failed"`` or ``"cancelled"``.
+        levels_done: noise levels finished (and checkpointed).
+        levels: levels of the whole job (0 until the first has finished).
+        resumes: how many times it went on from a checkpoint after a Sampler restart.
+        error: a failed job's error (code, field, reason), else None.
+        created_at: when it was accepted (Unix seconds).
+        ended_at: when it ended (Unix seconds), None while it has not.
+    """
+
+    job_id: str
+    state: str
+    levels_done: int
+    levels: int
+    resumes: int
+    error: GenerationError | None
+    created_at: float
+    ended_at: float | None
+
+    @classmethod
+    def from_proto(cls, status: sampler_pb2.JobStatus) -> JobInfo:
+        name = sampler_pb2.JobState.Name(status.state).removeprefix("JOB_STATE_").lower()
+        error = None
+        if status.error_code:
+            code = _CODES.get(status.error_code, grpc.StatusCode.UNKNOWN)
+            error = GenerationError(code, status.error_field, status.error_message)
+        return cls(
+            status.job_id, name, int(status.levels_done), int(status.levels),
+            int(status.resumes), error, float(status.created_at), status.ended_at or None,
+        )  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        out = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        if self.error is not None:
+            out["error"] = {"code": self.error.code.name, "field": self.error.field,
+                            "reason": self.error.reason}  # fmt: skip
+        return out
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationResult:
     """The weighted particle set of a job, with decoded samples (see the module docstring).
 
@@ -155,6 +217,7 @@ class GenerationResult:
         image_indices: the particle index of each decoded sample (highest weight first).
         images: PIL images of image samples.
         video: ``(K, F, H, W, 3)`` uint8 frames of video samples, or None.
+        job_id: the job's id on the Sampler service ("" in-process).
     """
 
     particles: Tensor
@@ -169,6 +232,7 @@ class GenerationResult:
     image_indices: tuple[int, ...] = ()
     images: tuple[Any, ...] = ()
     video: Any = None
+    job_id: str = ""
 
     @property
     def weights(self) -> Tensor:
@@ -194,6 +258,7 @@ class _Pace:
     def __init__(self, total: int | None) -> None:
         self.total = total
         self.started = time.perf_counter()
+        self.job_id = ""  # the Sampler's id of the job, once accepted
 
     def event(self, **values: Any) -> ProgressEvent:
         elapsed = time.perf_counter() - self.started
@@ -222,6 +287,8 @@ class AsyncClient:
         max_message_bytes: largest message sent and received.
         tracing: OpenTelemetry client spans for its calls, whose context the Sampler and the
             experts continue (:mod:`poegen.kernel.tracing`).
+        reattach_s: how long a job's stream broken by the Sampler's restart (UNAVAILABLE) is
+            re-attached for; 0: not at all (the call fails at once).
     """
 
     def __init__(
@@ -235,8 +302,12 @@ class AsyncClient:
         expert_tls: ClientTLS | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tracing: bool = False,
+        reattach_s: float = 0.0,
     ) -> None:
         traces.check(tracing)
+        if not (reattach_s >= 0 and math.isfinite(reattach_s)):
+            raise ValueError(f"reattach_s: a finite number of seconds >= 0, got {reattach_s}")
+        self.reattach_s = reattach_s
         self.tracing = tracing
         self.sampler = sampler
         self.endpoints = dict(endpoints or {})
@@ -294,10 +365,13 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None,
+        job_id: str | None = None,
+        detach: bool = False,
     ) -> GenerationResult:
-        """Run ``spec`` to the end; the result with decoded samples."""
+        """Run ``spec`` to the end; the result with decoded samples (``job_id``, ``detach``:
+        see the module docstring)."""
         result = None
-        async for event in self.stream(spec, timeout=timeout):
+        async for event in self.stream(spec, timeout=timeout, job_id=job_id, detach=detach):
             if isinstance(event, GenerationResult):
                 result = event
             elif on_progress is not None:
@@ -306,12 +380,21 @@ class AsyncClient:
         return result
 
     async def stream(
-        self, spec: GenerationSpec, *, timeout: float | None = None
+        self,
+        spec: GenerationSpec,
+        *,
+        timeout: float | None = None,
+        job_id: str | None = None,
+        detach: bool = False,
     ) -> AsyncIterator[Event]:
         """Yield a :class:`ProgressEvent` per level, then the :class:`GenerationResult`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         shape = spec.sample_shape or await asyncio.to_thread(self._default_shape, spec)
         request = to_request(spec, shape, self.endpoints)
+        if job_id is not None or detach:
+            if not self.sampler:
+                raise PoegenError("job_id and detach need a Sampler service (in-process: none)")
+            request.job_id, request.detach = job_id or "", detach
         pace = _Pace(spec.total_levels())
         source = (
             self._remote(request, pace, deadline)
@@ -330,8 +413,69 @@ class AsyncClient:
         finally:
             await source.aclose()
         assert raw is not None
-        result = _result(raw, tuple(trace), time.perf_counter() - pace.started, tuple(shape))
+        result = _result(raw, tuple(trace), time.perf_counter() - pace.started, tuple(shape),
+                         pace.job_id)  # fmt: skip
         yield await asyncio.to_thread(self._decoded, spec, request, result)
+
+    async def attach(
+        self, job_id: str, *, spec: GenerationSpec | None = None, timeout: float | None = None
+    ) -> AsyncIterator[Event]:
+        """Follow a job by id: a :class:`ProgressEvent` per level from now on, then the
+        :class:`GenerationResult` (its samples decoded as ``spec`` says, when given; an
+        ended job: its result at once). Leaving early leaves the job running."""
+        status = await self.job(job_id)
+        pace = _Pace(status.levels or None)
+        pace.job_id = job_id
+        trace: list[ProgressEvent] = []
+        raw = None
+        call = self._stub().Attach(
+            sampler_pb2.AttachRequest(job_id=job_id), metadata=bearer_metadata(self.token),
+            timeout=timeout,
+        )  # fmt: skip
+        try:
+            async for reply in call:
+                if reply.HasField("level"):
+                    trace.append(_progress(reply.level, pace))
+                    yield trace[-1]
+                elif reply.HasField("result"):
+                    raw = reply.result
+        except grpc.aio.AioRpcError as e:
+            raise rpc_failure(e, self.sampler or "", "sampler") from None
+        finally:
+            if not call.done():
+                call.cancel()
+        assert raw is not None
+        particles = codec.decode(raw.particles, field="particles")
+        shape = tuple(particles.shape[1:])
+        result = _result(raw, tuple(trace), time.perf_counter() - pace.started, shape, job_id)
+        if spec is not None:
+            request = to_request(spec, list(shape), self.endpoints)
+            result = await asyncio.to_thread(self._decoded, spec, request, result)
+        yield result
+
+    async def job(self, job_id: str) -> JobInfo:
+        """The status of a job."""
+        reply = await self._unary("GetJob", sampler_pb2.GetJobRequest(job_id=job_id))
+        return JobInfo.from_proto(reply.job)
+
+    async def cancel(self, job_id: str) -> JobInfo:
+        """Stop a job (queued or running); its status after (an ended job's is unchanged)."""
+        reply = await self._unary("CancelJob", sampler_pb2.CancelJobRequest(job_id=job_id))
+        return JobInfo.from_proto(reply.job)
+
+    async def jobs(self) -> list[JobInfo]:
+        """The Sampler's jobs: running and queued first, then ended ones, newest first."""
+        reply = await self._unary("ListJobs", sampler_pb2.ListJobsRequest())
+        return [JobInfo.from_proto(status) for status in reply.jobs]
+
+    async def _unary(self, method: str, request: Any) -> Any:
+        if not self.sampler:
+            raise PoegenError(f"{method} needs a Sampler service (in-process: no jobs by id)")
+        rpc = getattr(self._stub(), method)
+        try:
+            return await rpc(request, metadata=bearer_metadata(self.token), timeout=30.0)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_failure(e, self.sampler, "sampler") from None
 
     # ----------------------------------------------------------------------- service
 
@@ -339,22 +483,51 @@ class AsyncClient:
         self, request: sampler_pb2.GenerateRequest, pace: _Pace, deadline: float | None
     ) -> AsyncIterator[Any]:
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-        call = self._stub().Generate(request, metadata=bearer_metadata(self.token), timeout=timeout)
+        metadata = bearer_metadata(self.token)
+        call: Any = self._stub().Generate(request, metadata=metadata, timeout=timeout)
+        broken_at = None  # when the stream broke, while re-attaching
+        finished = attached = False
         try:
-            async for reply in call:
-                if reply.HasField("level"):
-                    yield _progress(reply.level, pace)
-                elif reply.HasField("result"):
-                    yield reply.result
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
-                raise GenerationTimeout(
-                    f"the job ran past its timeout of {timeout:.3g} s; it was cancelled"
-                ) from None
-            raise rpc_failure(e, self.sampler or "", "sampler") from None
+            while True:
+                try:
+                    async for reply in call:
+                        if reply.HasField("job"):
+                            pace.job_id, broken_at = reply.job.job_id, None
+                        elif reply.HasField("level"):
+                            yield _progress(reply.level, pace)
+                        else:
+                            finished = True
+                            yield reply.result
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                        raise GenerationTimeout(
+                            f"the job ran past its timeout of {timeout:.3g} s; it was cancelled"
+                        ) from None
+                    broken_at = broken_at or time.monotonic()
+                    if not self._reattach(e, pace.job_id, broken_at):
+                        raise rpc_failure(e, self.sampler or "", "sampler") from None
+                await asyncio.sleep(_REATTACH_PAUSE_S)
+                timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+                attach = sampler_pb2.AttachRequest(job_id=pace.job_id)
+                call = self._stub().Attach(attach, metadata=metadata, timeout=timeout)
+                attached = True
         finally:
             if not call.done():
                 call.cancel()  # leaving early (break, task cancelled): cancel the job
+            if not finished and not request.detach and attached:
+                # an Attach stream never cancels its job: cancel it as Generate's would
+                with contextlib.suppress(Exception):
+                    await self.cancel(pace.job_id)
+
+    def _reattach(self, error: grpc.aio.AioRpcError, job_id: str, broken_at: float) -> bool:
+        """Whether a broken stream of job ``job_id`` is worth re-attaching: the Sampler is
+        away (restarting), and not for longer than ``reattach_s``."""
+        if not job_id or self.reattach_s <= 0:
+            return False
+        if time.monotonic() - broken_at > self.reattach_s:
+            return False
+        return error.code() == grpc.StatusCode.UNAVAILABLE
 
     # ----------------------------------------------------------------------- in-process
 
@@ -468,6 +641,7 @@ def _result(
     trace: tuple[ProgressEvent, ...],
     seconds: float,
     shape: tuple[int, ...],
+    job_id: str = "",
 ) -> GenerationResult:
     records = tuple(
         ExpertRecord(r.name, r.model_id, r.revision, tuple(r.revisions) or (r.revision,))
@@ -482,11 +656,13 @@ def _result(
         trace,
         seconds,
         shape,
+        job_id=job_id,
     )
 
 
 # --------------------------------------------------------------------------- sync client
 
+_REATTACH_PAUSE_S = 0.25  # between two tries to re-attach a broken stream
 _POLL_S = 0.05  # how often a blocked call of the sync client looks for a pending Ctrl-C
 _CANCEL_WAIT_S = 10.0  # how long an interrupted call waits for its job to stop
 
@@ -617,14 +793,49 @@ class Client:
         *,
         timeout: float | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None,
+        job_id: str | None = None,
+        detach: bool = False,
     ) -> GenerationResult:
         """Run ``spec`` to the end (see :meth:`AsyncClient.generate`)."""
-        return self._call(self._async.generate(spec, timeout=timeout, on_progress=on_progress))
+        return self._call(
+            self._async.generate(
+                spec, timeout=timeout, on_progress=on_progress, job_id=job_id, detach=detach
+            )
+        )
 
-    def stream(self, spec: GenerationSpec, *, timeout: float | None = None) -> Iterator[Event]:
+    def stream(
+        self,
+        spec: GenerationSpec,
+        *,
+        timeout: float | None = None,
+        job_id: str | None = None,
+        detach: bool = False,
+    ) -> Iterator[Event]:
         """Yield a :class:`ProgressEvent` per level, then the :class:`GenerationResult`;
-        leaving the loop early cancels the job."""
-        events = self._async.stream(spec, timeout=timeout)
+        leaving the loop early cancels the job (unless ``detach``)."""
+        return self._iterate(
+            self._async.stream(spec, timeout=timeout, job_id=job_id, detach=detach)
+        )
+
+    def attach(
+        self, job_id: str, *, spec: GenerationSpec | None = None, timeout: float | None = None
+    ) -> Iterator[Event]:
+        """Follow a job by id (see :meth:`AsyncClient.attach`)."""
+        return self._iterate(self._async.attach(job_id, spec=spec, timeout=timeout))
+
+    def job(self, job_id: str) -> JobInfo:
+        """The status of a job."""
+        return self._call(self._async.job(job_id))
+
+    def cancel(self, job_id: str) -> JobInfo:
+        """Stop a job; its status after."""
+        return self._call(self._async.cancel(job_id))
+
+    def jobs(self) -> list[JobInfo]:
+        """The Sampler's jobs (see :meth:`AsyncClient.jobs`)."""
+        return self._call(self._async.jobs())
+
+    def _iterate(self, events: AsyncIterator[Event]) -> Iterator[Event]:
         try:
             while True:
                 try:
@@ -642,6 +853,7 @@ __all__ = [
     "Event",
     "ExpertRecord",
     "GenerationResult",
+    "JobInfo",
     "ProgressEvent",
 ]
 

@@ -49,11 +49,25 @@ Before anything is allocated, ``num_particles × prod(sample_shape)`` is capped 
 ``max_elements`` and the job's estimated working set (:func:`job_bytes`) by ``max_job_bytes``
 (RESOURCE_EXHAUSTED on ``settings.num_particles``), ``num_steps`` by ``max_levels``
 (on ``settings.num_steps``), factor and source names by ``MAX_NAME_CHARS``. Cancelling the
-stream (the client cancels or disconnects) stops the job: the experts' calls in flight are
-cancelled, no further call is made, the sampler's generator is closed and every condition
-handle is released. At most ``MAX_PENDING_EVENTS`` level events wait for a slow reader; later
-ones are dropped (a slow client loses previews, the service no memory); the result always
-comes.
+stream (the client cancels or disconnects) stops the job (unless the request set ``detach``):
+the experts' calls in flight are cancelled, no further call is made, the sampler's
+generator is closed and every condition handle is released. At most ``MAX_PENDING_EVENTS``
+level events wait for each slow reader; later ones are dropped (a slow client loses previews,
+the service no memory); the result always comes.
+
+Jobs by id. The first message of a ``Generate`` stream is the job's ``JobStatus`` with its id
+(``request.job_id``, or a random UUID; an id in use is ALREADY_EXISTS on ``job_id``).
+``Attach`` subscribes to a running job's messages (its end never cancels the job) or returns
+an ended job's result or error; ``GetJob``, ``ListJobs``; ``CancelJob`` takes a queued job
+out of the queue or stops a running one and waits up to a second for it to leave its expert
+call, so its slot is free when it answers; the streams of a cancelled job end CANCELLED on
+``job_id``. Every job's request, status, result and, after each level, its
+:class:`~poegen.kernel.sampler.Checkpoint` go to the job store (``job_store``: a folder,
+:class:`~poegen.kernel.jobs.DirectoryJobStore`; None: memory, no checkpoints). A host started
+on a store resumes each job it finds unfinished from its last checkpoint before it serves
+(``resumes`` counts it; the result equals the uninterrupted run's bit for bit); a shutdown
+stops running jobs after the grace with their checkpoints kept and ends their streams
+UNAVAILABLE. Ended jobs are kept ``job_retention_s``, at most ``max_kept_jobs`` of them.
 
 Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.errors`):
 
@@ -1200,8 +1214,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
                 yield item
         finally:
             job.unsubscribe(queue)
-            if not request.detach and not job.finished.is_set():
-                self.jobs.cancel(job)  # the client left: cancel the job
+            if not request.detach and not job.delivered:
+                self.jobs.cancel(job)  # the client left before the end: cancel the job
 
     @maps_errors
     async def Attach(

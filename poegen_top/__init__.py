@@ -25,6 +25,7 @@ _EXPORTS = {
     "ClientTLS": "poegen.clients.endpoints",
     "Client": "poegen.clients.sdk",
     "GenerationResult": "poegen.clients.sdk",
+    "JobInfo": "poegen.clients.sdk",
     "ProgressEvent": "poegen.clients.sdk",
     "GenerationSpec": "poegen.clients.spec",
     "SpecBuilder": "poegen.clients.spec",

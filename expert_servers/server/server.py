@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -78,6 +78,7 @@ class ExpertHost:
         adapter: ModelAdapter | None = None,
         expert: Expert | ServedModel | None = None,
         model_id: str = "analytic",
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.config = config
         self.metrics = ServerMetrics()
@@ -115,13 +116,15 @@ class ExpertHost:
             max_message_bytes=config.max_message_bytes,
             batcher=self.batcher,
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = [
+        chain: list[grpc.aio.ServerInterceptor] = [
             *tracing.server_interceptors(config.tracing),
             MetricsInterceptor(self.metrics),
         ]
         if config.token is not None:
-            interceptors.append(TokenInterceptor(config.token.get_secret_value()))
-        self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+            chain.append(TokenInterceptor(config.token.get_secret_value()))
+        # the caller's run innermost, after metrics and the token check (tests inject faults)
+        chain.extend(interceptors)
+        self.server = grpc.aio.server(interceptors=chain, options=grpc_options(config))
         servicer = ExpertServicer(self.models, serving, limits)
         inflight_bytes = config.max_inflight_bytes or 2 * config.max_message_bytes
         self.inflight = InflightLimit(config.max_inflight_calls, inflight_bytes)
@@ -190,6 +193,7 @@ def create_server(
     adapter: ModelAdapter | None = None,
     expert: Expert | ServedModel | None = None,
     model_id: str = "analytic",
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[ExpertHost, int]:
     """Build and bind a host; return it (not started) and its port.
 
@@ -205,8 +209,12 @@ def create_server(
         expert: an Expert (or ServedModel) to serve from the start; ``None``: every model
             RPC answers UNAVAILABLE until a ``LoadModel`` succeeds.
         model_id: the id Describe reports for ``expert``.
+        interceptors: more server interceptors, run after the built-in ones (metrics, token):
+            the tests inject faults this way (``tests/helpers/faults.py``).
     """
-    host = ExpertHost(config, adapter=adapter, expert=expert, model_id=model_id)
+    host = ExpertHost(
+        config, adapter=adapter, expert=expert, model_id=model_id, interceptors=interceptors
+    )
     return host, host.port
 
 

@@ -161,3 +161,17 @@ class Jitter:
     def propose(self, x: Tensor, sigma: Tensor, seed: int) -> Tensor:
         g = torch.Generator().manual_seed(seed)
         return x + 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+def stream_failure(call: Any) -> tuple[Any, str | None]:
+    """(status code, field) a gRPC stream (or call) ended with; fails if it succeeded."""
+    import grpc
+
+    from poegen.kernel.errors import from_rpc_error
+
+    try:
+        list(call)
+    except grpc.RpcError as e:
+        err = from_rpc_error(e)
+        return e.code(), None if err is None else err.field
+    raise AssertionError("the call succeeded")

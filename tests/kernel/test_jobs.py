@@ -15,7 +15,7 @@ import time
 import grpc
 import pytest
 import torch
-from helpers.remote import LoopThread, free_port, wait_until
+from helpers.remote import LoopThread, free_port, stream_failure, wait_until
 from helpers.server import start_process
 from helpers.server_experts import Gaussian
 from helpers.timing import scaled
@@ -49,15 +49,6 @@ def _request(address: str, steps: int = 12, **kw) -> sampler_pb2.GenerateRequest
 def _stub(address: str) -> tuple[grpc.Channel, sampler_pb2_grpc.SamplerServiceStub]:
     channel = grpc.insecure_channel(address)
     return channel, sampler_pb2_grpc.SamplerServiceStub(channel)
-
-
-def _refusal(call) -> tuple[grpc.StatusCode, str | None]:
-    try:
-        list(call)
-    except grpc.RpcError as e:
-        err = from_rpc_error(e)
-        return e.code(), None if err is None else err.field
-    raise AssertionError("no error")
 
 
 def _result(replies) -> sampler_pb2.GenerateResult:
@@ -95,10 +86,10 @@ def test_a_chosen_id_is_used_once_and_bad_or_unknown_ids_are_refused(loop: LoopT
         replies = list(stub.Generate(_request(expert.address, job_id="run-1.a"), timeout=60))
         assert replies[0].job.job_id == "run-1.a"
         retried = stub.Generate(_request(expert.address, job_id="run-1.a"))
-        assert _refusal(retried) == (grpc.StatusCode.ALREADY_EXISTS, "job_id")
+        assert stream_failure(retried) == (grpc.StatusCode.ALREADY_EXISTS, "job_id")
         for bad in ("a/b", "x" * 65, "../etc"):
             refused = stub.Generate(_request(expert.address, job_id=bad))
-            assert _refusal(refused) == (grpc.StatusCode.INVALID_ARGUMENT, "job_id")
+            assert stream_failure(refused) == (grpc.StatusCode.INVALID_ARGUMENT, "job_id")
         for rpc in (stub.GetJob, stub.CancelJob):
             request = {stub.GetJob: sampler_pb2.GetJobRequest,
                        stub.CancelJob: sampler_pb2.CancelJobRequest}[rpc]  # fmt: skip
@@ -107,7 +98,7 @@ def test_a_chosen_id_is_used_once_and_bad_or_unknown_ids_are_refused(loop: LoopT
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
             assert from_rpc_error(caught.value).field == "job_id"
         missing = stub.Attach(sampler_pb2.AttachRequest(job_id="nope"))
-        assert _refusal(missing) == (grpc.StatusCode.NOT_FOUND, "job_id")
+        assert stream_failure(missing) == (grpc.StatusCode.NOT_FOUND, "job_id")
 
 
 def test_a_detached_job_outlives_its_stream_and_attach_gets_the_rest(loop: LoopThread):
@@ -147,7 +138,7 @@ def test_cancel_frees_the_slot_at_once_and_a_queued_job_leaves_the_queue(loop: L
         assert next(waiting).job.state == S.JOB_STATE_QUEUED
         gone = stub.CancelJob(sampler_pb2.CancelJobRequest(job_id="queued")).job
         assert gone.state == S.JOB_STATE_CANCELLED and gone.levels_done == 0
-        assert _refusal(queued) == (grpc.StatusCode.CANCELLED, "job_id")
+        assert stream_failure(queued) == (grpc.StatusCode.CANCELLED, "job_id")
         started = time.monotonic()
         stopped = stub.CancelJob(sampler_pb2.CancelJobRequest(job_id="long")).job
         assert stopped.state == S.JOB_STATE_CANCELLED
@@ -157,7 +148,7 @@ def test_cancel_frees_the_slot_at_once_and_a_queued_job_leaves_the_queue(loop: L
         again = stub.CancelJob(sampler_pb2.CancelJobRequest(job_id="short")).job
         assert again.state == S.JOB_STATE_SUCCEEDED  # an ended job keeps its state
         attach_cancelled = stub.Attach(sampler_pb2.AttachRequest(job_id="long"))
-        assert _refusal(attach_cancelled) == (grpc.StatusCode.CANCELLED, "job_id")
+        assert stream_failure(attach_cancelled) == (grpc.StatusCode.CANCELLED, "job_id")
         listed = [j.job_id for j in stub.ListJobs(sampler_pb2.ListJobsRequest()).jobs]
         assert listed == ["short", "long", "queued"]  # ended ones, newest first
 
@@ -167,14 +158,14 @@ def test_a_failed_job_keeps_its_error_for_status_and_attach(loop: LoopThread):
     channel, stub = _stub(sampler.address)
     with channel:
         dead = f"127.0.0.1:{free_port()}"
-        code, field = _refusal(stub.Generate(_request(dead, job_id="dead")))
+        code, field = stream_failure(stub.Generate(_request(dead, job_id="dead")))
         assert (code, field) == (grpc.StatusCode.UNAVAILABLE, "factors[0].address")
         status = stub.GetJob(sampler_pb2.GetJobRequest(job_id="dead")).job
         assert status.state == S.JOB_STATE_FAILED
         assert status.error_code == grpc.StatusCode.UNAVAILABLE.value[0]
         assert status.error_field == "factors[0].address"
         attached = stub.Attach(sampler_pb2.AttachRequest(job_id="dead"))
-        assert _refusal(attached) == (code, field)
+        assert stream_failure(attached) == (code, field)
 
 
 def test_ended_jobs_are_kept_up_to_max_kept_jobs(loop: LoopThread):
@@ -291,7 +282,7 @@ def test_a_sampler_stopped_past_its_grace_resumes_the_job_on_restart(loop: LoopT
         call = stub.Generate(request, timeout=scaled(60))
         head = [next(call) for _ in range(4)]  # the status, three levels
         loop.stop(first.host)  # grace 0: the running job stops, resumable
-        code, field = _refusal(call)
+        code, field = stream_failure(call)
         assert (code, field) == (grpc.StatusCode.UNAVAILABLE, "request")
     assert head[-1].level.step == 2
     second = loop.sampler(config)

@@ -14,7 +14,15 @@ import grpc
 import pytest
 import torch
 import yaml
-from helpers.remote import Counter, CountingGaussian, LoopThread, Served, free_port, wait_until
+from helpers.remote import (
+    Counter,
+    CountingGaussian,
+    LoopThread,
+    Served,
+    free_port,
+    stream_failure,
+    wait_until,
+)
 from helpers.server import start_process
 from helpers.server_experts import Gaussian, HalfSpace, LinearReward
 from helpers.timing import scaled
@@ -22,7 +30,6 @@ from helpers.timing import scaled
 from poegen.expert_servers.analytic import GaussianMixture
 from poegen.expert_servers.analytic import LinearReward as AnalyticLinearReward
 from poegen.kernel import codec
-from poegen.kernel.errors import from_rpc_error
 from poegen.kernel.experts import ExpertInfo, ExpertKind
 from poegen.kernel.sampler import sample
 from poegen.kernel.service import SamplerServerConfig
@@ -55,15 +62,6 @@ def _split(replies: list[sampler_pb2.GenerateResponse]) -> tuple[list, sampler_p
     levels = [r.level for r in replies if r.HasField("level")]
     assert replies[-1].HasField("result") and len(levels) == len(replies) - 2
     return levels, replies[-1].result
-
-
-def _failure(call: object) -> tuple[grpc.StatusCode, str | None]:
-    try:
-        list(call)  # type: ignore[call-overload]
-    except grpc.RpcError as e:
-        err = from_rpc_error(e)
-        return e.code(), None if err is None else err.field
-    raise AssertionError("the call succeeded")
 
 
 def _experts() -> list[tuple[object, float]]:
@@ -180,7 +178,10 @@ def test_jobs_beyond_the_limit_wait_in_a_bounded_queue(loop: LoopThread) -> None
         next(running)
         waiting = stub.Generate(short)
         assert wait_until(lambda: slots.waiting() == 1, timeout=scaled(10))
-        assert _failure(stub.Generate(short)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "request")
+        assert stream_failure(stub.Generate(short)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "request",
+        )
         running.cancel()
         replies = list(waiting)  # it got the slot: levels, then the result
         assert replies[-1].HasField("result") and replies[1].HasField("level")
@@ -260,7 +261,7 @@ def test_bad_requests_name_the_field(
     request = _request(addresses, [0.5, 0.5])
     change(request)  # type: ignore[operator]
     with channel:
-        assert _failure(stub.Generate(request)) == (grpc.StatusCode[code], field)
+        assert stream_failure(stub.Generate(request)) == (grpc.StatusCode[code], field)
     assert all(len(s.host.handles) == 0 for s in served)
 
 
@@ -270,7 +271,7 @@ def test_an_expert_failing_mid_job_is_named(loop: LoopThread) -> None:
     sampler = loop.sampler(SamplerServerConfig(expert_deadline_s=0.2, expert_retries=0))
     channel, stub = _stub(sampler)
     with channel:
-        code, field = _failure(stub.Generate(_request([slow.address], [1.0])))
+        code, field = stream_failure(stub.Generate(_request([slow.address], [1.0])))
     assert (code, field) == (grpc.StatusCode.UNAVAILABLE, "factors[0].address")
 
 
@@ -280,7 +281,7 @@ def test_a_token_guards_the_sampler(loop: LoopThread) -> None:
     channel, stub = _stub(sampler)
     request = _request([served.address], [1.0], settings={"num_steps": 2})
     with channel:
-        assert _failure(stub.Generate(request))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert stream_failure(stub.Generate(request))[0] == grpc.StatusCode.UNAUTHENTICATED
         replies = list(stub.Generate(request, metadata=[("authorization", "Bearer t0ken")]))
     assert replies[-1].HasField("result")
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 import yaml
 from helpers.remote import LoopThread, free_port
 from helpers.server import start_process
@@ -35,7 +36,11 @@ def _request(address: str) -> sampler_pb2.GenerateRequest:
                                        seed=7)  # fmt: skip
 
 
-def test_a_job_survives_its_expert_killed_and_restarted(loop: LoopThread, tmp_path: Path):
+# down 1 s, or the 10 s of the "done when": the job waits in its retries meanwhile
+@pytest.mark.parametrize("down_s", [1.0, 10.0], ids=["1s", "10s"])
+def test_a_job_survives_its_expert_killed_and_restarted(
+    loop: LoopThread, tmp_path: Path, down_s: float
+):
     config = tmp_path / "mix.yaml"
     config.write_text(yaml.safe_dump({"expert": "gaussian_mixture", "params": MIX}))
     port = free_port()
@@ -49,7 +54,7 @@ def test_a_job_survives_its_expert_killed_and_restarted(loop: LoopThread, tmp_pa
             call = stub.Generate(_request(address), timeout=scaled(120))
             head = [next(call) for _ in range(5)]
             expert.stop(signal.SIGKILL)  # mid-job: no drain, connections reset
-            time.sleep(1.0)  # down for a while (the job retries meanwhile)
+            time.sleep(down_s)  # down for a while (the job retries meanwhile)
             expert = _serve(config, port)
             rest = list(call)
         assert len(head) + len(rest) == len(whole)
