@@ -91,24 +91,28 @@ def cost_per_particle(
 ) -> int:
     """Evaluations per particle of one kernel run.
 
-    The target is evaluated E = 1 + L + K·M times (once at σ = 1, after each of the L
-    transitions, after each of the M moves at each of the K levels; K = L, or 1 for a one-step
-    grid). Each generative expert answers every evaluation; each scored constraint (tie) gives
-    its score at every evaluation when there are moves and its log-density at every evaluation
-    under FK; each other potential is called once per level and once per move when the moves
-    see it (``mcmc_rewards``)::
+    The target is evaluated E = 1 + L + K·M·ℓ times (once at σ = 1, after each of the L
+    transitions, after each of the ℓ leapfrog steps of each of the M moves at each of the K
+    levels; K = L, or 1 for a one-step grid; ℓ = 1 but for HMC and UHMC). Each generative
+    expert answers every evaluation with its velocity, and with its log-density too under an
+    MH kernel (MALA, HMC: h = 1); each scored constraint (tie) gives its score at every
+    evaluation when there are moves and its log-density at every evaluation under FK or an MH
+    kernel; each other potential is called once per level and once per move when the moves see
+    it (``mcmc_rewards``)::
 
-        G·E + T·E·([M > 0] + [FK]) + P·K·(1 + M')
+        G·E·(1 + h) + T·E·([M > 0] + [FK or h]) + P·K·(1 + M')
     """
     transitions = num_transitions(settings)
     levels = max(transitions, 1)
     moves = settings.mcmc_steps
-    evaluations = 1 + transitions + levels * moves
+    leapfrog = settings.leapfrog_steps if settings.mcmc in ("hmc", "uhmc") else 1
+    evaluations = 1 + transitions + levels * moves * leapfrog
+    metropolis = settings.mcmc in ("mala", "hmc") and moves > 0  # reads log-densities
     moves_see_potentials = settings.mcmc_rewards and potentials > 0 and moves > 0
     potential_calls = 1 + (moves if moves_see_potentials else 0)
-    tie_reads = (moves > 0) + (settings.transition == "fk")
+    tie_reads = (moves > 0) + (settings.transition == "fk" or metropolis)
     return (
-        generative * evaluations
+        generative * evaluations * (1 + metropolis)
         + ties * evaluations * tie_reads
         + potentials * levels * potential_calls
     )

@@ -320,3 +320,26 @@ def test_demo_writes_a_non_trivial_png(tmp_path, capsys):
     assert pixels.shape[0] > 200 and pixels.shape[1] > 600
     assert pixels[..., :3].std() > 0.05  # not blank
     assert "poegen / summation energy distance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "update",
+    [dict(mcmc="ula"), dict(mcmc="mala"), dict(mcmc="hmc", leapfrog_steps=3),
+     dict(mcmc="uhmc", leapfrog_steps=2), dict(mcmc="mala", transition="fk"),
+     dict(mcmc="hmc", mcmc_rewards=False), dict(mcmc="ula", transition="fk", mcmc_steps=0)],
+    ids=lambda u: "-".join(f"{v}" for v in u.values()),
+)  # fmt: skip
+def test_the_budget_formula_counts_every_kernels_calls(update):
+    """cost_per_particle (what equal-evaluation baselines are given) equals the evaluations the
+    kernel's trace counts, for every MCMC kernel (MH kernels also read log-densities, HMC's
+    leapfrog steps are evaluations), both transitions, with a reward and a scored tie."""
+    from poegen.expert_servers.masked import MaskedTarget
+
+    task = tasks.t3()
+    tie = MaskedTarget([0.5, 0.0], [1.0, 0.0], 2.0, name="tie", propose=False, score=True)
+    task = dataclasses.replace(task, factors=(*task.factors, Factor(tie)))
+    settings = task.settings.model_copy(update={"num_particles": 8, "num_steps": 6, **update})
+    run = baselines.run_poegen(task, 0, settings)  # raises when the counts disagree
+    generative, potentials, ties = baselines.factor_counts(task)
+    assert (generative, potentials, ties) == (1, 1, 1)
+    assert sum(run.evaluations.values()) == 8 * baselines.cost_per_particle(settings, 1, 1, 1)
