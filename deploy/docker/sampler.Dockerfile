@@ -26,13 +26,16 @@ COPY deploy/ray/ deploy/ray/
 RUN pip install -c constraints.txt "."
 
 FROM ${PYTHON_IMAGE}
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin poegen
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin poegen \
+    && install -d -o 10001 -g 10001 /var/lib/poegen/jobs
 COPY --from=build /opt/poegen /opt/poegen
 COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/poegen-entrypoint
 COPY deploy/docker/sampler.yaml /etc/poegen/sampler.yaml
 ENV PATH=/opt/poegen/bin:${PATH} PYTHONUNBUFFERED=1 \
     XDG_CACHE_HOME=/tmp/.cache
 USER 10001:10001
+# the job store (sampler.yaml's job_store): mount a volume so jobs outlive the container
+VOLUME ["/var/lib/poegen/jobs"]
 WORKDIR /home/poegen
 EXPOSE 50050 9465
 ENTRYPOINT ["poegen-entrypoint"]
