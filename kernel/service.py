@@ -1349,6 +1349,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         job.status.created_at = status.created_at
         self._live[job_id] = job
         self.jobs.submit(job, resumed=True)
+        self.metrics.resumed.inc()
         logger.info("job %s resumed after level %d", job_id, job.status.levels_done)
         return 1
 

@@ -6,6 +6,7 @@ tests do. Exposed names:
 * ``poegen_sampler_jobs{state}``: jobs ``running`` now and ``queued`` for a slot;
 * ``poegen_sampler_jobs_finished_total{outcome}``: jobs that ended ``completed``, ``failed``
   or ``stopped`` (cancelled, the client left, or stopped at shutdown);
+* ``poegen_sampler_jobs_resumed_total``: jobs resumed from the job store at start-up;
 * ``poegen_sampler_levels_total``: noise levels done, over all jobs (``rate()`` is levels/s);
 * ``poegen_sampler_expert_calls_total{expert}`` and ``poegen_sampler_expert_seconds_total{expert}``:
   expert calls the jobs made and their wall time, by the expert's name in the job
@@ -67,6 +68,11 @@ class SamplerMetrics(MetricsEndpoint):
         )
         for outcome in OUTCOMES:
             self.finished.labels(outcome=outcome)  # every series exists from the start
+        self.resumed = Counter(
+            "poegen_sampler_jobs_resumed",
+            "Jobs resumed from the job store at start-up",
+            registry=self.registry,
+        )
         self.levels = Counter(
             "poegen_sampler_levels", "Noise levels done over all jobs", registry=self.registry
         )

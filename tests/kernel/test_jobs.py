@@ -292,6 +292,8 @@ def test_a_sampler_stopped_past_its_grace_resumes_the_job_on_restart(loop: LoopT
         status = stub.GetJob(sampler_pb2.GetJobRequest(job_id="survivor")).job
     assert attached[-1].result == whole
     assert status.state == S.JOB_STATE_SUCCEEDED and status.resumes == 1
+    metrics = second.host.servicer.metrics.registry
+    assert metrics.get_sample_value("poegen_sampler_jobs_resumed_total") == 1
     assert attached[0].job.levels_done >= 3  # went on from its checkpoint, not from the start
 
 
