@@ -1,12 +1,13 @@
 """Flow experts on diffusers: FLUX, SD3, Wan, and any flow-velocity diffusers model.
 
-Adapters (entry points of the group ``poegen.backends``: ``flux``, ``sd3``, ``wan``, ``flow``;
-each a :class:`~poegen.expert_servers.server.adapter.ModelAdapter` with a zero-argument
-constructor)::
+Adapters (entry points of the group ``poegen.backends``: ``flux``, ``flux_fill``, ``sd3``,
+``wan``, ``flow``; each a :class:`~poegen.expert_servers.server.adapter.ModelAdapter` with a
+zero-argument constructor)::
 
     poegen serve flux --model-root /models --model FLUX.1-dev --option guidance_scale=3.5
 
 * :class:`FluxAdapter` (``flux``): FLUX.1 text-to-image and FLUX depth/canny control;
+* :class:`FluxFillAdapter` (``flux_fill``): FLUX.1 Fill (inpainting an image under a mask);
 * :class:`SD3Adapter` (``sd3``): Stable Diffusion 3 / 3.5;
 * :class:`WanAdapter` (``wan``): Wan 2.1 text-to-video and image-to-video;
 * :class:`FlowAdapter` (``flow``): any diffusers model predicting a flow velocity (a
@@ -32,6 +33,8 @@ _MODULES = {
     "LatentLayout": "family",
     "FluxAdapter": "flux",
     "FluxExpert": "flux",
+    "FluxFillAdapter": "fill",
+    "FluxFillExpert": "fill",
     "FlowAdapter": "generic",
     "FlowModelExpert": "generic",
     "SD3Adapter": "sd3",

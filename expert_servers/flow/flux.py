@@ -33,7 +33,7 @@ to [-1, 1]. Options: the common ones plus ``guidance_scale``, ``true_cfg_scale``
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,20 +71,42 @@ OPTIONS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "max_sequence_
 
 
 class FluxAdapter:
-    """Loads FLUX folders (see the module docstring)."""
+    """Loads FLUX folders (see the module docstring); subclasses serve other FLUX pipelines."""
+
+    pipelines: ClassVar[Mapping[str, type]] = PIPELINES
+    options: ClassVar[tuple[str, ...]] = OPTIONS
+    family: ClassVar[str] = "FLUX"
 
     def load(self, ref: ModelRef, options: Mapping[str, str], progress: Progress) -> ServedModel:
-        opts = parse_options(options, OPTIONS)
+        opts = parse_options(options, self.options)
         opts.number("guidance_scale", 3.5)
         opts.integer("max_sequence_length", 512)
         folder = model_folder(ref)
-        name = pipeline_class_name(folder, ref, PIPELINES, "FLUX")
+        name = pipeline_class_name(folder, ref, self.pipelines, self.family)
         progress(0.1, f"loading {name}")
-        pipe = load_pipeline(PIPELINES[name], folder, ref, opts)
-        expert = FluxExpert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
+        pipe = load_pipeline(self.pipelines[name], folder, ref, opts)
+        expert = self.expert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
         return ServedModel(
             expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
         )
+
+    def expert(self, pipe: Any, opts: Any, **kw: Any) -> FluxExpert:
+        """The expert over a loaded pipeline (``FamilyExpert``'s keyword arguments)."""
+        return FluxExpert(pipe, opts, **kw)
+
+
+def condition_pixels(t: Tensor, field: str, channels: tuple[int, ...], low: float) -> Tensor:
+    """A condition image ``(C, H, W)`` or ``(1, C, H, W)``, finite, in [low, 1]: (1, C, H, W)."""
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    if t.ndim != 4 or t.shape[0] != 1 or t.shape[1] not in channels:
+        allowed = " or ".join(str(c) for c in channels)
+        raise ExpertError.invalid(field, f"shape {list(t.shape)}, expected (C, H, W), C {allowed}")
+    if not t.is_floating_point() or not torch.isfinite(t).all():
+        raise ExpertError.invalid(field, "expected finite floating-point pixels")
+    if t.min() < low or t.max() > 1:
+        raise ExpertError.invalid(field, f"values must lie in [{low:g}, 1]")
+    return t
 
 
 def _control_pixels(condition: Condition) -> Tensor | None:
@@ -93,16 +115,8 @@ def _control_pixels(condition: Condition) -> Tensor | None:
         t = condition.tensors.get(name)
         if t is None:
             continue
-        field = f"condition.tensors[{name}]"
-        if t.ndim == 3:
-            t = t.unsqueeze(0)
-        if t.ndim != 4 or t.shape[0] != 1 or t.shape[1] not in (1, 3):
-            raise ExpertError.invalid(field, f"shape {list(t.shape)}, expected (C, H, W), C 1 or 3")
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise ExpertError.invalid(field, "expected finite floating-point pixels")
         low = 0.0 if to_signed else -1.0
-        if t.min() < low or t.max() > 1:
-            raise ExpertError.invalid(field, f"values must lie in [{low:g}, 1]")
+        t = condition_pixels(t, f"condition.tensors[{name}]", (1, 3), low)
         t = 2 * t - 1 if to_signed else t
         return t.expand(1, 3, *t.shape[2:]) if t.shape[1] == 1 else t
     return None
@@ -112,11 +126,12 @@ class FluxExpert(FamilyExpert):
     """A FLUX transformer behind poegen's generative-expert protocol."""
 
     family = "flux"
+    default_guidance = 3.5  # FluxPipeline's default
 
     def __init__(self, pipe: Any, opts: Any, **kw: Any) -> None:
         self.control = isinstance(pipe, FluxControlPipeline)
         super().__init__(pipe, opts, **kw)
-        self.guidance_scale = opts.number("guidance_scale", 3.5)
+        self.guidance_scale = opts.number("guidance_scale", self.default_guidance)
         self.true_cfg_scale = opts.number("true_cfg_scale", 1.0)
         self.negative_prompt = opts.get("negative_prompt", "")
         self.max_sequence_length = opts.integer("max_sequence_length", 512)
@@ -225,7 +240,12 @@ def _grid(sample_shape: tuple[int, ...], channels: int) -> tuple[int, int, int]:
 
 
 class FluxView(FamilyView):
-    """One prepared FLUX condition: prompt embeddings, guidance, optional control tokens."""
+    """One prepared FLUX condition: prompt embeddings, guidance, optional image tokens.
+
+    ``control``: tokens concatenated with the latent tokens along channels at every call, and
+    their latent grid (h, w): a control image's latents (FLUX control), or the masked image's
+    latents ‖ the mask (FLUX Fill, :mod:`~.fill`).
+    """
 
     def __init__(
         self,
@@ -255,7 +275,7 @@ class FluxView(FamilyView):
             if grid != (h, w):
                 raise ExpertError.invalid(
                     "x.shape",
-                    f"latent grid {[h, w]} does not match the control image's {list(grid)}",
+                    f"latent grid {[h, w]} does not match the condition image's {list(grid)}",
                 )
             tokens = torch.cat([tokens, control.expand(b, -1, -1)], dim=2)
         image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)

@@ -52,7 +52,8 @@ from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind, LatentLayout
 
 _MODEL_DIRS = ("", "transformer", "unet")
-FAMILY_ADAPTERS = {"Flux": "flux", "StableDiffusion3": "sd3", "Wan": "wan"}
+# pipeline class prefix → adapter, most specific first (FluxFillPipeline before Flux*)
+FAMILY_ADAPTERS = {"FluxFill": "flux_fill", "Flux": "flux", "StableDiffusion3": "sd3", "Wan": "wan"}
 
 
 def _model_dir(folder: Path) -> Path | None:
