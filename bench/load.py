@@ -23,7 +23,9 @@ The JSON goes to ``bench/results/load.json`` (with the commit it measured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -129,9 +131,15 @@ def _processes(stack: LocalStack) -> dict[str, psutil.Process]:
 
 
 def _folder_mib(folder: Path | None) -> float:
+    """The size of the files under ``folder`` (jobs come and go while it is read)."""
     if folder is None:
         return 0.0
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+    total = 0
+    for parent, _, files in os.walk(folder):  # a folder removed meanwhile is skipped
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(parent, name)).st_size
+    return total / 2**20
 
 
 def soak(
