@@ -52,6 +52,18 @@ MEASURES: dict[str, tuple[str, ...]] = {
         "bench/editing.py",
         "bench/baselines.py",
     ),
+    "video": (
+        *KERNEL_MATH,
+        "expert_servers/digits",
+        "expert_servers/flow",
+        "expert_servers/classifier",
+        "expert_servers/analytic",
+        "expert_servers/physics",
+        "clients/autoregressive.py",
+        "clients/video_demo.py",
+        "bench/video.py",
+        "bench/baselines.py",
+    ),
     "digits": (
         *KERNEL_MATH,
         "expert_servers/digits",

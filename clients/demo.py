@@ -2,14 +2,15 @@
 
 ::
 
-    poegen demo [--app digits|layout ...] [--analytic] [--out PNG] [--seeds 3]
+    poegen demo [--app digits|layout|editing|video ...] [--analytic] [--out PNG] [--seeds 3]
                 [--particles N] [--steps N] [--reference 8192] [--in-process]
     bash scripts/demo.sh            # the same, after installing what it needs
 
 **The applications** (the default, each through its own local stack, in turn; ``--app NAME``
 runs some of them): the digit compositions (:mod:`poegen.clients.digits_demo`, one contact
-sheet) and the layout application (:mod:`poegen.clients.layout_demo`, a figure and
-``out/demo_layout.json``).
+sheet), the layout application (:mod:`poegen.clients.layout_demo`, a figure and
+``out/demo_layout.json``), editing (:mod:`poegen.clients.editing_demo`) and the physics-driven
+video (:mod:`poegen.clients.video_demo`, a contact sheet, an MP4 and ``out/demo_video.json``).
 
 **The analytic demo** (``--analytic``): R3's ring × bar
 product (task T1 of :mod:`poegen.bench.tasks`) with exact ground truth. It brings up a
@@ -51,9 +52,10 @@ DEMOS: dict[str, str] = {
     "digits": "poegen.clients.digits_demo:run",
     "layout": "poegen.clients.layout_demo:run",
     "editing": "poegen.clients.editing_demo:run",
+    "video": "poegen.clients.video_demo:run",
 }
 """Demo name → ``module:function`` taking :class:`DemoOptions` and returning the status."""
-APPS = ("digits", "layout", "editing")
+APPS = ("digits", "layout", "editing", "video")
 """What ``poegen demo`` runs by default, in order (``--app NAME`` picks some)."""
 
 
@@ -280,7 +282,7 @@ def demo_command(
     """Run the demos through a real local stack (expert servers + Sampler, CPU, no downloads).
 
     Default: every application in turn, each its own stack, figure and table: the digit
-    compositions (out/demo_digits.png), the layout (out/demo_layout.png + .json).
+    compositions (out/demo_digits.png), layout, editing and video (out/demo_APP.png + .json).
     Example: [bold]poegen demo --app layout[/bold]; [bold]poegen demo --analytic[/bold]
     """
     unknown = sorted(set(app or ()) - set(APPS))
