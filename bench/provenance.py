@@ -48,8 +48,12 @@ MEASURES: dict[str, tuple[str, ...]] = {
         "expert_servers/classifier",
         "expert_servers/analytic",
         "expert_servers/graphics",
+        "expert_servers/physics",
+        "clients/autoregressive.py",
+        "clients/video_demo.py",
         "bench/apps.py",
         "bench/editing.py",
+        "bench/video.py",
         "bench/baselines.py",
     ),
     "video": (

@@ -188,7 +188,7 @@ def test_the_benchmark_command_writes_its_table_and_json(tmp_path: Path, capsys)
     out = tmp_path / "apps.json"
     threads = torch.get_num_threads()
     try:
-        apps.main(["--quick", "--threads", "1", "--out", str(out)])
+        apps.main(["--quick", "--threads", "1", "--app", "layout", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
