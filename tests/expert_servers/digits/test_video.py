@@ -477,4 +477,5 @@ def test_the_docs_show_the_example_files_and_the_commands_the_tests_run() -> Non
         "poegen demo --app video",
         "poegen generate examples/video/spec.yaml --stack examples/video/stack.yaml -o out/video",
         "python -m poegen.bench.video",
+        "python -m poegen.bench.apps",  # run by test_layout's benchmark test (docs/layout.md's)
     }
