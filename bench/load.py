@@ -48,7 +48,7 @@ MIX = {"means": [[-1.0, 0.0], [1.0, 0.0]], "covariances": [[0.2, 0.2], [0.2, 0.2
 REWARD = {"direction": [1.0, 0.0], "name": "right"}
 
 
-def _stack(max_jobs: int, max_queued: int, job_store: Path | None) -> dict[str, Any]:
+def _stack(max_jobs: int, max_queued: int, job_store: Path | None = None) -> dict[str, Any]:
     sampler: dict[str, Any] = {"max_jobs": max_jobs, "max_queued": max_queued}
     if job_store is not None:
         sampler["job_store"] = str(job_store)

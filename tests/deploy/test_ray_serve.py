@@ -123,6 +123,10 @@ def cluster() -> Iterator[Cluster]:
         patch.delenv("RAY_AUTH_MODE", raising=False)
         patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         patch.setenv("HF_HUB_OFFLINE", "1")
+        # Serve kills a proxy not ready within 5 s (health checks 10 s): too short for a busy
+        # 2-core machine, where the proxy's imports alone take longer
+        for name in ("READY_CHECK", "HEALTH_CHECK"):
+            patch.setenv(f"RAY_SERVE_PROXY_{name}_TIMEOUT_S", str(scaled(60)))
         patch.chdir(REPO)  # the replicas start here: the config's relative model folders
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:

@@ -9,6 +9,7 @@ see a refusal, and with the right token the service's own answer (OK or a reques
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -31,11 +32,15 @@ async def call(
     Streamed replies are read to the end, except that a reply stream is cancelled after its
     first reply (health's ``Watch`` never ends on its own)."""
     path = f"/{method.containing_service.full_name}/{method.name}"
+    answered = asyncio.Event()
     try:
         if method.client_streaming:
 
             async def requests():  # type: ignore[no-untyped-def]
                 yield b""
+                # keep the request stream open until the server answers: a half-close racing
+                # the interceptor's abort came back INTERNAL on a loaded machine
+                await answered.wait()
 
             stream = channel.stream_stream(path)(requests(), metadata=metadata)
         elif method.server_streaming:
@@ -44,6 +49,7 @@ async def call(
             await channel.unary_unary(path)(b"", metadata=metadata)
             return grpc.StatusCode.OK, None
         async for _ in stream:
+            answered.set()  # a reply came: the request stream may end now
             if not method.client_streaming:
                 stream.cancel()
                 break
@@ -51,6 +57,8 @@ async def call(
     except grpc.aio.AioRpcError as e:
         err = from_rpc_error(e)
         return e.code(), None if err is None else err.field
+    finally:
+        answered.set()
 
 
 async def answers(
