@@ -203,7 +203,8 @@ def test_with_every_replica_down_the_job_fails_naming_the_factor(loop: LoopThrea
         call = sampler_pb2_grpc.SamplerServiceStub(channel).Generate(
             _request(_list(*(h.port for h in hosts)), steps=400), timeout=scaled(60)
         )
-        next(call)
+        while not next(call).HasField("level"):  # the replicas have answered (the job status first)
+            pass
         for h in hosts:
             h.stop()
         with pytest.raises(grpc.RpcError) as caught:

@@ -78,7 +78,8 @@ def test_past_the_outage_window_the_job_fails_naming_the_expert(loop: LoopThread
         call = sampler_pb2_grpc.SamplerServiceStub(channel).Generate(
             _request(f"127.0.0.1:{port}"), timeout=scaled(120)
         )
-        next(call)
+        while not next(call).HasField("level"):  # the expert has answered (the job status first)
+            pass
         expert.stop(signal.SIGKILL)
         try:
             list(call)
