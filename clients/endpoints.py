@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from poegen.clients.errors import ConnectionFailed, GenerationError
-from poegen.kernel.errors import from_rpc_error
+from poegen.kernel.errors import from_rpc_error, grpc_code
 from poegen.kernel.remote import describe_to_info
 from poegen.kernel.transport import bearer_metadata, channel_credentials
 from poegen.v1 import expert_pb2, expert_pb2_grpc
@@ -71,7 +71,9 @@ def rpc_failure(e: grpc.RpcError, address: str, what: str) -> Exception:
     code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
     err = from_rpc_error(e)
     if err is not None:
-        return GenerationError(err.code, err.field, err.reason, where=f"{what} at {address}")
+        return GenerationError(
+            grpc_code(err.code), err.field, err.reason, where=f"{what} at {address}"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return ConnectionFailed(f"{what} at {address} is unreachable ({_details(e)})")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

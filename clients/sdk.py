@@ -536,7 +536,7 @@ class AsyncClient:
     ) -> AsyncIterator[Any]:
         """The Sampler service's own job (:class:`poegen.kernel.service.Job`), in this process:
         the same validation, link resolution, errors and stop semantics, without the hop."""
-        from poegen.kernel.errors import ExpertError
+        from poegen.kernel.errors import ExpertError, grpc_code
         from poegen.kernel.service import Job, SamplerServerConfig, job_error, parse_request
 
         tls = self.expert_tls or ClientTLS()
@@ -554,7 +554,9 @@ class AsyncClient:
         try:
             plan = parse_request(request, config)
         except ExpertError as e:
-            raise GenerationError(e.code, e.field, e.reason, where="in-process") from None
+            raise GenerationError(
+                grpc_code(e.code), e.field, e.reason, where="in-process"
+            ) from None
         job = Job(plan, config, asyncio.get_running_loop(), lambda _: None, 0)
         queue = job.subscribe()
         job.start()
@@ -573,7 +575,7 @@ class AsyncClient:
                     error = job_error(item, plan)
                     if isinstance(error, ExpertError):
                         raise GenerationError(
-                            error.code, error.field, error.reason, where="in-process"
+                            grpc_code(error.code), error.field, error.reason, where="in-process"
                         ) from None
                     raise error
                 if not isinstance(item, sampler_pb2.GenerateResponse):

@@ -59,8 +59,8 @@ import torch
 from torch import Tensor
 
 from poegen.expert_servers.server.adapter import Condition
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
+from poegen.kernel.refusal import ExpertError
 
 __all__ = ["MaskedTarget", "noised_target"]
 

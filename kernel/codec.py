@@ -86,8 +86,8 @@ against ``offset + nbytes``, which turns a segment shrunk earlier (a stale or bu
 INVALID_ARGUMENT. What remains is a peer that truncates the segment *during* the copy, a
 deliberate attack: segments are mode 0600, so that peer runs as the same user, which can
 already signal or ptrace this process; the check does not defend against it.
-Helpers for request validation: :func:`validate_finite` (no NaN/inf; one reduction, see
-:func:`all_finite`) and :func:`validate_sigma` (shape ``(B,)``, each σ in (0, 1]).
+The request checks that need no wire (:func:`~poegen.kernel.refusal.validate_finite`,
+:func:`~poegen.kernel.refusal.validate_sigma`) live in :mod:`poegen.kernel.refusal`.
 
 See DESIGN.md "The wire" and proto/poegen/v1/tensor.proto.
 """
@@ -95,7 +95,6 @@ See DESIGN.md "The wire" and proto/poegen/v1/tensor.proto.
 from __future__ import annotations
 
 import contextlib
-import math
 import mmap
 import os
 import re
@@ -555,47 +554,6 @@ def _to_torch(flat: np.ndarray, shape: list[int], kind: _Kind, field: str) -> to
 # --------------------------------------------------------------------------- validation
 
 
-def validate_finite(t: torch.Tensor, field: str) -> torch.Tensor:
-    """``t`` unchanged; INVALID_ARGUMENT on ``field`` if a floating ``t`` holds NaN or ±inf."""
-    if t.is_floating_point() and t.numel() and not all_finite(t):
-        raise ExpertError.invalid(field, "contains NaN or infinity")
-    return t
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether a floating ``t`` holds neither NaN nor ±inf, in one reduction when it does not.
-
-    A sum is finite only if every term is (NaN and ±inf propagate through IEEE additions, in
-    any order), so a finite sum proves the tensor finite; ``torch.isfinite(t).all()`` costs
-    several times more (a bool tensor, then a reduction). A sum of finite terms may still
-    overflow, so a non-finite sum falls back to the exact elementwise check. float16 sums
-    accumulate into float32 (their range is small).
-    """
-    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
-
-
-def validate_sigma(sigma: torch.Tensor, batch: int, field: str = "sigma") -> torch.Tensor:
-    """``sigma`` unchanged if it is one finite noise level in (0, 1] per sample, shape (B,).
-
-    INVALID_ARGUMENT on ``"<field>.shape"`` (not ``(batch,)``), ``"<field>.dtype"`` (not
-    floating) or ``field`` (NaN, inf, ≤ 0 or > 1).
-    """
-    if tuple(sigma.shape) != (batch,):
-        raise ExpertError.invalid(
-            f"{field}.shape", f"shape {list(sigma.shape)}, expected [{batch}]: one per sample"
-        )
-    if not sigma.is_floating_point():
-        raise ExpertError.invalid(f"{field}.dtype", f"{sigma.dtype}, expected a floating dtype")
-    # B Python floats: cheaper than a handful of torch ops on a tensor this small
-    values = sigma.tolist()
-    if not all(math.isfinite(v) for v in values):
-        raise ExpertError.invalid(field, "contains NaN or infinity")
-    if not all(0 < v <= 1 for v in values):
-        raise ExpertError.invalid(field, "each sigma must be in (0, 1]")
-    return sigma
-
-
 # --------------------------------------------------------------------------- shared memory
 
 
@@ -926,7 +884,6 @@ __all__ = [
     "SharedMemoryReader",
     "SharedMemorySource",
     "WireMessage",
-    "all_finite",
     "checked_nbytes",
     "decode",
     "decode_field",
@@ -934,6 +891,4 @@ __all__ = [
     "encode_into",
     "parse",
     "parser",
-    "validate_finite",
-    "validate_sigma",
 ]

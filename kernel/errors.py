@@ -1,4 +1,4 @@
-"""One error type for the wire, and its mapping to gRPC status codes.
+"""The wire's side of refusals: gRPC statuses from and to :class:`ExpertError`.
 
 Servers validate at the edge and raise :class:`ExpertError` ``(code, field, reason)``; one
 decorator, :func:`maps_errors`, turns it into the reply's status. Clients read it back with
@@ -20,13 +20,11 @@ in the ``grpc-status-details-bin`` trailer, a ``google.rpc.Status`` whose one de
         err = from_rpc_error(e)               # ExpertError, or None for transport errors
         if err is not None and err.field == "x.shape": ...
 
-Codes (DESIGN "The wire"): INVALID_ARGUMENT for bad shapes, dtypes, NaN and σ out of range;
-NOT_FOUND for unknown handles; FAILED_PRECONDITION for a handle of a swapped-out model;
-UNAVAILABLE only before the first model is ready (retryable); RESOURCE_EXHAUSTED over size or
-batch limits; UNAUTHENTICATED / PERMISSION_DENIED for a missing or insufficient token;
-INTERNAL for our own bugs only. Any exception other than ``ExpertError`` (or an abort the
-method did itself) becomes INTERNAL with a generic message and an incident id; the traceback
-goes to this module's logger, never to the reply.
+The refusal itself (:class:`~poegen.kernel.refusal.ExpertError`, its :class:`Code`) is
+wire-free, in :mod:`poegen.kernel.refusal`, so that model adapters raise it without importing
+gRPC; this module is its one mapping to and from gRPC statuses. Any exception other than
+``ExpertError`` (or an abort the method did itself) becomes INTERNAL with a generic message and
+an incident id; the traceback goes to this module's logger, never to the reply.
 
 Reasons are sent to the client: they must not contain server paths, shared-memory segment
 names, or anything else about the host.
@@ -45,74 +43,30 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from poegen.kernel.refusal import Code, ExpertError
+
 logger = logging.getLogger(__name__)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-class ExpertError(Exception):
-    """A request the server refuses: a gRPC code, the offending field, and why.
+def grpc_code(code: Code) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a refusal's ``code``."""
+    return _GRPC[code]
 
-    ``field`` is a path into the request (``"x.shape"``, ``"sigma"``, ``"handle"``), empty when
-    no field is to blame. ``str(err)`` is the status message ``"<field>: <reason>"``.
-    """
 
-    def __init__(self, code: grpc.StatusCode, field: str, reason: str) -> None:
-        if code is grpc.StatusCode.OK:
-            raise ValueError("ExpertError needs a non-OK status code")
-        self.code = code
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}" if field else reason)
+def code_of(status: grpc.StatusCode) -> Code:
+    """The refusal :class:`Code` of a ``grpc.StatusCode``."""
+    return Code(status.value[0])
 
-    def __repr__(self) -> str:
-        return f"ExpertError({self.code.name}, {self.field!r}, {self.reason!r})"
 
-    @classmethod
-    def invalid(cls, field: str, reason: str) -> ExpertError:
-        """INVALID_ARGUMENT: bad shape, dtype, value (NaN, σ out of range), unset enum."""
-        return cls(grpc.StatusCode.INVALID_ARGUMENT, field, reason)
-
-    @classmethod
-    def not_found(cls, field: str, reason: str) -> ExpertError:
-        """NOT_FOUND: an unknown condition handle."""
-        return cls(grpc.StatusCode.NOT_FOUND, field, reason)
-
-    @classmethod
-    def unavailable(cls, field: str, reason: str) -> ExpertError:
-        """UNAVAILABLE: no model is ready yet (retryable)."""
-        return cls(grpc.StatusCode.UNAVAILABLE, field, reason)
-
-    @classmethod
-    def failed_precondition(cls, field: str, reason: str) -> ExpertError:
-        """FAILED_PRECONDITION: a handle of a model that has been swapped out."""
-        return cls(grpc.StatusCode.FAILED_PRECONDITION, field, reason)
-
-    @classmethod
-    def resource_exhausted(cls, field: str, reason: str) -> ExpertError:
-        """RESOURCE_EXHAUSTED: a tensor or batch over the server's limits."""
-        return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, field, reason)
-
-    @classmethod
-    def unauthenticated(
-        cls, field: str = "authorization", reason: str = "missing or invalid bearer token"
-    ) -> ExpertError:
-        """UNAUTHENTICATED: no valid credentials."""
-        return cls(grpc.StatusCode.UNAUTHENTICATED, field, reason)
-
-    @classmethod
-    def permission_denied(
-        cls, field: str = "authorization", reason: str = "this call needs the admin token"
-    ) -> ExpertError:
-        """PERMISSION_DENIED: valid credentials that do not allow this call."""
-        return cls(grpc.StatusCode.PERMISSION_DENIED, field, reason)
+_GRPC = {Code(status.value[0]): status for status in grpc.StatusCode}
 
 
 def to_status(err: ExpertError) -> grpc.Status:
     """The gRPC status of ``err``: code, message, and a BadRequest field violation."""
     violation = error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.reason)
-    status = status_pb2.Status(code=err.code.value[0], message=str(err))
+    status = status_pb2.Status(code=err.code.value, message=str(err))
     status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return rpc_status.to_status(status)
 
@@ -185,7 +139,7 @@ def from_rpc_error(e: grpc.RpcError) -> ExpertError | None:
         status = rpc_status.from_call(e)  # type: ignore[arg-type]
     except (AttributeError, ValueError):  # not a Call, or details inconsistent with the status
         return None
-    if status is None or status.code not in _CODES or status.code == 0:
+    if status is None or status.code not in _NUMBERS or status.code == 0:
         return None
     for detail in status.details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -193,8 +147,13 @@ def from_rpc_error(e: grpc.RpcError) -> ExpertError | None:
             detail.Unpack(bad)
             if bad.field_violations:
                 violation = bad.field_violations[0]
-                return ExpertError(_CODES[status.code], violation.field, violation.description)
+                return ExpertError(Code(status.code), violation.field, violation.description)
     return None
 
 
-__all__ = ["ExpertError", "abort", "from_rpc_error", "maps_errors", "to_status"]
+_NUMBERS = frozenset(code.value for code in Code)
+
+__all__ = [
+    "Code", "ExpertError", "abort", "code_of", "from_rpc_error", "grpc_code", "maps_errors",
+    "to_status",
+]  # fmt: skip

@@ -95,8 +95,9 @@ from torch import Tensor
 
 from poegen.kernel import codec
 from poegen.kernel import tracing as traces
-from poegen.kernel.errors import ExpertError, from_rpc_error
+from poegen.kernel.errors import code_of, from_rpc_error
 from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind, LatentLayout
+from poegen.kernel.refusal import Code, ExpertError
 from poegen.kernel.transport import (
     DEFAULT_MAX_MESSAGE_BYTES,
     bearer_metadata,
@@ -123,7 +124,7 @@ _CAPABILITIES = {
 }
 _LOOPBACK_PREFIXES = ("localhost:", "127.", "[::1]:", "unix:", "ipv4:127.", "ipv6:[::1]")
 _MESSAGE_OVERHEAD = 64 << 10  # room for the fields around the tensors of a message
-_HANDLE_LOST = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+_HANDLE_LOST = (Code.NOT_FOUND, Code.FAILED_PRECONDITION)
 
 
 class RemoteExpertError(ExpertError):
@@ -133,9 +134,7 @@ class RemoteExpertError(ExpertError):
     UNAVAILABLE or DEADLINE_EXCEEDED); ``str()`` adds the RPC and the address.
     """
 
-    def __init__(
-        self, code: grpc.StatusCode, field: str, reason: str, *, method: str, address: str
-    ) -> None:
+    def __init__(self, code: Code, field: str, reason: str, *, method: str, address: str) -> None:
         super().__init__(code, field, reason)
         self.method = method
         self.address = address
@@ -363,9 +362,7 @@ class RemoteExpert:
                 raise self._error("Render", e.code, e.field, f"bad reply: {e.reason}") from None
         missing = sorted(set(names) - set(out))
         if missing:
-            raise self._error(
-                "Render", grpc.StatusCode.INTERNAL, "names", f"bad reply: no output {missing}"
-            )
+            raise self._error("Render", Code.INTERNAL, "names", f"bad reply: no output {missing}")
         return out
 
     # ------------------------------------------------------------------ lifecycle
@@ -485,9 +482,7 @@ class RemoteExpert:
             except ExpertError as e:
                 raise self._error(method, e.code, e.field, f"bad reply: {e.reason}") from None
             if out.ndim < 1 or out.shape[0] != chunk.shape[0]:
-                raise self._error(
-                    method, grpc.StatusCode.INTERNAL, f"{reply_field}.shape", "bad reply: batch"
-                )
+                raise self._error(method, Code.INTERNAL, f"{reply_field}.shape", "bad reply: batch")
             parts.append(out)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -567,7 +562,7 @@ class RemoteExpert:
         if in_room and (enc.room is None or msg.shared_memory != enc.room):
             raise self._error(
                 method,
-                grpc.StatusCode.INTERNAL,
+                Code.INTERNAL,
                 f"{field}.shared_memory",
                 "bad reply: shared memory this client did not offer",
             )
@@ -578,7 +573,7 @@ class RemoteExpert:
         if tuple(out.shape) != tuple(shape):
             raise self._error(
                 method,
-                grpc.StatusCode.INTERNAL,
+                Code.INTERNAL,
                 f"{field}.shape",
                 f"bad reply: shape {list(out.shape)}, expected {list(shape)}",
             )
@@ -604,7 +599,7 @@ class RemoteExpert:
         down_since: float | None = None
         while True:
             if self._cancelled.is_set() or self._closed:
-                raise self._error(method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled")
+                raise self._error(method, Code.CANCELLED, "", "the expert was cancelled")
             try:
                 with traces.attached(self._trace_context):
                     reply = rpc(request, timeout=self.deadline_s, metadata=self._metadata)
@@ -613,7 +608,7 @@ class RemoteExpert:
                     on_failure()
                 if self._cancelled.is_set():
                     raise self._error(
-                        method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled"
+                        method, Code.CANCELLED, "", "the expert was cancelled"
                     ) from None
                 if isinstance(e, ValueError):
                     raise
@@ -674,11 +669,9 @@ class RemoteExpert:
             reason = f"unavailable after {attempts + 1} attempt(s): {details}"
         else:
             reason = details or code.name
-        return self._error(method, code, "", reason)
+        return self._error(method, code_of(code), "", reason)
 
-    def _error(
-        self, method: str, code: grpc.StatusCode, field: str, reason: str
-    ) -> RemoteExpertError:
+    def _error(self, method: str, code: Code, field: str, reason: str) -> RemoteExpertError:
         return RemoteExpertError(code, field, reason, method=method, address=self.address)
 
     def _record(self, revision: str) -> None:
@@ -763,9 +756,7 @@ def describe_to_info(reply: expert_pb2.DescribeResponse) -> ExpertInfo:
     """``DescribeResponse`` → :class:`ExpertInfo` (0 / empty → ``None``: no limit, any shape)."""
     kind = _KINDS.get(reply.kind)
     if kind is None:
-        raise ExpertError(
-            grpc.StatusCode.INTERNAL, "kind", f"bad Describe reply: kind {reply.kind}"
-        )
+        raise ExpertError(Code.INTERNAL, "kind", f"bad Describe reply: kind {reply.kind}")
     return ExpertInfo(
         name=reply.name,
         kind=kind,

@@ -66,6 +66,7 @@ import grpc
 from torch import Tensor
 
 from poegen.kernel.experts import ExpertInfo
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError, RetryPolicy
 from poegen.kernel.transport import DEFAULT_MAX_MESSAGE_BYTES
 from poegen.v1 import expert_pb2
@@ -78,7 +79,7 @@ _T = TypeVar("_T")
 _SCHEMES = ("ipv4:", "ipv6:", "dns:")
 # a replica gone or going: UNAVAILABLE, or CANCELLED when we did not cancel (a host stopping
 # without grace cancels its calls in flight); its calls are pure, so another replica can answer
-_REPLICA_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+_REPLICA_DOWN = (Code.UNAVAILABLE, Code.CANCELLED)
 _V4_MEMBER = re.compile(r"(?P<host>[0-9.]+):(?P<port>\d{1,5})")
 _V6_MEMBER = re.compile(r"\[(?P<host>[0-9A-Fa-f:.]+)\]:(?P<port>\d{1,5})")
 _DNS_NAME = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})")
@@ -403,7 +404,7 @@ class ReplicatedExpert:
             with self._lock:
                 pending = [r for r in self._replicas if r.expert is None and not r.excluded]
             errors = [e for e in self._connect_all(pending) if e is not None]
-            refused = [e for e in errors if e.code != grpc.StatusCode.UNAVAILABLE]
+            refused = [e for e in errors if e.code != Code.UNAVAILABLE]
             if refused:  # a token, a condition: asking another replica would not change it
                 raise refused[0]
             if self._info is not None:
@@ -412,10 +413,10 @@ class ReplicatedExpert:
             delay = self._retry.delay(attempt, self._rng)
             if not self._retry.again(attempt, 0.0, delay, reached=False):
                 reason = last.reason if last is not None else "resolves to no address"
-                raise self._error("Describe", grpc.StatusCode.UNAVAILABLE, "", reason)
+                raise self._error("Describe", Code.UNAVAILABLE, "", reason)
             attempt += 1
             if self._cancelled.wait(delay):
-                raise self._error("Describe", grpc.StatusCode.CANCELLED, "", "cancelled")
+                raise self._error("Describe", Code.CANCELLED, "", "cancelled")
         with self._lock:
             self.concurrent_chunks = max(1, sum(not r.excluded for r in self._replicas))
         self._resolve_at = time.monotonic() + self._resolve_every_s
@@ -431,11 +432,11 @@ class ReplicatedExpert:
         errors: list[RemoteExpertError | None] = []
         for replica, error in zip(pending, outcomes, strict=True):
             if isinstance(error, _Mismatch):
-                raise self._error("Describe", grpc.StatusCode.INVALID_ARGUMENT, "", str(error))
+                raise self._error("Describe", Code.INVALID_ARGUMENT, "", str(error))
             if error is not None and not isinstance(error, RemoteExpertError):
                 raise error
             if isinstance(error, RemoteExpertError):
-                if error.code == grpc.StatusCode.UNAVAILABLE:
+                if error.code == Code.UNAVAILABLE:
                     self._mark_down(replica)
                 error = self._rewrapped(error, replica)
             errors.append(error)
@@ -489,7 +490,7 @@ class ReplicatedExpert:
         last: RemoteExpertError | None = None
         while True:
             if self._cancelled.is_set() or self._closed:
-                raise self._error(method, grpc.StatusCode.CANCELLED, "", "the expert was cancelled")
+                raise self._error(method, Code.CANCELLED, "", "the expert was cancelled")
             self._refresh()
             replica = self._pick()
             if replica is None:
@@ -500,7 +501,7 @@ class ReplicatedExpert:
                 if not self._retry.again(attempt, now - down_since, delay):
                     detail = f": {last.reason}" if last is not None else ""
                     raise self._error(
-                        method, grpc.StatusCode.UNAVAILABLE, "", f"every replica is down{detail}"
+                        method, Code.UNAVAILABLE, "", f"every replica is down{detail}"
                     )
                 attempt += 1
                 self._cancelled.wait(delay)
@@ -593,9 +594,7 @@ class ReplicatedExpert:
         reason = f"{e.reason} (replica {replica.address})"
         return self._error(e.method, e.code, e.field, reason)
 
-    def _error(
-        self, method: str, code: grpc.StatusCode, field: str, reason: str
-    ) -> RemoteExpertError:
+    def _error(self, method: str, code: Code, field: str, reason: str) -> RemoteExpertError:
         return RemoteExpertError(code, field, reason, method=method, address=self.address)
 
 

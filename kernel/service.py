@@ -123,7 +123,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from poegen.kernel import codec, tracing
 from poegen.kernel.calls import NonFiniteOutputError
 from poegen.kernel.crop import check_window
-from poegen.kernel.errors import ExpertError, maps_errors
+from poegen.kernel.errors import maps_errors
 from poegen.kernel.experts import Capability, KernelError
 from poegen.kernel.jobs import (
     JOB_ID,
@@ -135,6 +135,7 @@ from poegen.kernel.jobs import (
     encode_checkpoint,
 )
 from poegen.kernel.potentials import AllParticlesDiedError
+from poegen.kernel.refusal import Code, ExpertError
 from poegen.kernel.remote import RemoteExpertError
 from poegen.kernel.replicas import ConnectedExpert, connect_expert, is_replica_target, parse_target
 from poegen.kernel.sampler import Checkpoint, LevelTrace, SampleResult, sample_iter
@@ -169,7 +170,7 @@ MAX_NAME_CHARS = 256  # factor and source names (each level event repeats the fa
 MAX_PENDING_EVENTS = 64  # level events waiting for a slow reader; later ones are dropped
 _STOP_WAIT_S = 5.0  # after the grace: for stopped jobs to leave their expert call, streams to end
 _CANCEL_WAIT_S = 1.0  # CancelJob waits this long for the job to leave its expert call
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_CODES = {code.value: code for code in Code}
 
 
 class SamplerServerConfig(BaseModel):
@@ -757,7 +758,7 @@ class Job:
 
     def cancelled(self) -> ExpertError:
         """What the job's streams end with once it is cancelled."""
-        return ExpertError(grpc.StatusCode.CANCELLED, "job_id", f"job {self.job_id} was cancelled")
+        return ExpertError(Code.CANCELLED, "job_id", f"job {self.job_id} was cancelled")
 
     def join(self, timeout: float | None = None) -> bool:
         if not self._started:
@@ -808,8 +809,8 @@ class Job:
             self._end(JobState.JOB_STATE_CANCELLED)
             return self.cancelled()
         else:
-            code = getattr(outcome, "code", grpc.StatusCode.INTERNAL)
-            self.status.error_code = code.value[0]
+            code = getattr(outcome, "code", Code.INTERNAL)
+            self.status.error_code = code.value
             self.status.error_field = getattr(outcome, "field", "")
             self.status.error_message = getattr(outcome, "reason", "internal error")
             self._end(JobState.JOB_STATE_FAILED)
@@ -920,7 +921,7 @@ class Job:
         try:
             return expert.render([link.output])[link.output]
         except RemoteExpertError as e:
-            if e.code == grpc.StatusCode.INVALID_ARGUMENT and e.field == "names":
+            if e.code == Code.INVALID_ARGUMENT and e.field == "names":
                 raise ExpertError.invalid(f"{where}.output", e.reason) from None
             raise _FactorError(None, e, where=owner) from None
 
@@ -944,7 +945,7 @@ class Job:
         def connect(where: str, address: str, condition: Any | None) -> ConnectedExpert:
             if self._stop.is_set():
                 raise RemoteExpertError(
-                    grpc.StatusCode.CANCELLED, "", "job stopped", method="Describe",
+                    Code.CANCELLED, "", "job stopped", method="Describe",
                     address=address,
                 )  # fmt: skip
             expert = connect_expert(  # a RemoteExpert, or a ReplicatedExpert for a replica list
@@ -1016,29 +1017,25 @@ def _expert_error(
     where = where or (f"factors[{index}]" if index is not None else "factors")
     code = err.code
     quoted = f"expert at {err.address}, {err.method}: {code.name}: {err}"
-    if code == grpc.StatusCode.CANCELLED:
+    if code == Code.CANCELLED:
         return ExpertError(code, "", "the job was cancelled")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
         # the transport's detail (refused, reset, no route) stays in the log: told to the
         # caller it would make the sampler a port scanner
         logger.warning("%s: %s", where, quoted)
         return ExpertError.unavailable(
             f"{where}.address", f"the expert did not answer {err.method} ({code.name})"
         )
-    if (
-        connecting
-        and code == grpc.StatusCode.INVALID_ARGUMENT
-        and err.field.startswith("condition")
-    ):
+    if connecting and code == Code.INVALID_ARGUMENT and err.field.startswith("condition"):
         return ExpertError.invalid(f"{where}.{err.field}", err.reason)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+    if code in (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED):
         return ExpertError(code, where, quoted)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    if code in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):
         return ExpertError.failed_precondition(
             f"{where}.address", f"the expert refused the sampler's credentials ({code.name})"
         )
-    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-        return ExpertError(grpc.StatusCode.ABORTED, where, quoted + "; retry the job")
+    if code in (Code.NOT_FOUND, Code.FAILED_PRECONDITION):
+        return ExpertError(Code.ABORTED, where, quoted + "; retry the job")
     return ExpertError.failed_precondition(where, quoted)
 
 
@@ -1240,10 +1237,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
                 raise ExpertError.not_found("job_id", f"job {job_id}: its result is gone")
             yield sampler_pb2.AttachResponse(result=sampler_pb2.GenerateResult.FromString(data))
         elif status.state == JobState.JOB_STATE_FAILED:
-            code = _CODES.get(status.error_code, grpc.StatusCode.UNKNOWN)
+            code = _CODES.get(status.error_code, Code.UNKNOWN)
             raise ExpertError(code, status.error_field, status.error_message)
         elif status.state == JobState.JOB_STATE_CANCELLED:
-            raise ExpertError(grpc.StatusCode.CANCELLED, "job_id", f"job {job_id} was cancelled")
+            raise ExpertError(Code.CANCELLED, "job_id", f"job {job_id} was cancelled")
 
     @maps_errors
     async def GetJob(
@@ -1278,7 +1275,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
             return uuid.uuid4().hex
         job_id = _job_id(requested)
         if job_id in self._live or job_id in self._ended or self.store.get(job_id, "status"):
-            raise ExpertError(grpc.StatusCode.ALREADY_EXISTS, "job_id", f"{job_id!r} is in use")
+            raise ExpertError(Code.ALREADY_EXISTS, "job_id", f"{job_id!r} is in use")
         return job_id
 
     def _status(self, job_id: str) -> sampler_pb2.JobStatus:
@@ -1339,7 +1336,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
             plan = parse_request(request, self.config)
         except ExpertError as e:  # refused by this Sampler's configuration
             status.state = JobState.JOB_STATE_FAILED
-            status.error_code, status.error_field = e.code.value[0], e.field
+            status.error_code, status.error_field = e.code.value, e.field
             status.error_message, status.ended_at = e.reason, time.time()
             self.store.put(job_id, "status", status.SerializeToString())
             self._ended[job_id] = status

@@ -39,9 +39,8 @@ import torch
 from torch import Tensor
 
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
-from poegen.kernel.codec import validate_finite
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import ExpertInfo, ExpertKind
+from poegen.kernel.refusal import ExpertError, validate_finite
 
 logger = logging.getLogger(__name__)
 

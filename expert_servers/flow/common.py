@@ -34,8 +34,7 @@ import torch
 from torch import Tensor
 
 from poegen.expert_servers.server.adapter import Condition, ModelRef
-from poegen.kernel.codec import validate_sigma
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError, validate_sigma
 
 logger = logging.getLogger(__name__)
 

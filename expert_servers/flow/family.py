@@ -30,8 +30,8 @@ from torch import Tensor
 
 from poegen.expert_servers.flow.common import Lazy, LoadOptions
 from poegen.expert_servers.server.adapter import Condition
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind, LatentLayout
+from poegen.kernel.refusal import ExpertError
 
 logger = logging.getLogger(__name__)
 

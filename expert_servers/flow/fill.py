@@ -42,7 +42,7 @@ from torch import Tensor
 from poegen.expert_servers.flow.common import check_keys, check_multiple, condition_scalar
 from poegen.expert_servers.flow.flux import FluxAdapter, FluxExpert, FluxView, condition_pixels
 from poegen.expert_servers.server.adapter import Condition
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 IMAGE, MASK = "condition.tensors[image]", "condition.tensors[mask]"
 

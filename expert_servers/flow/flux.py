@@ -64,7 +64,7 @@ from poegen.expert_servers.flow.family import (
     scheduler_layout,
 )
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 PIPELINES = {"FluxPipeline": FluxPipeline, "FluxControlPipeline": FluxControlPipeline}
 OPTIONS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "max_sequence_length")

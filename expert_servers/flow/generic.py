@@ -48,8 +48,8 @@ from poegen.expert_servers.flow.common import (
 )
 from poegen.expert_servers.flow.family import scheduler_layout
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind, LatentLayout
+from poegen.kernel.refusal import ExpertError
 
 _MODEL_DIRS = ("", "transformer", "unet")
 # pipeline class prefix → adapter, most specific first (FluxFillPipeline before Flux*)

@@ -56,7 +56,7 @@ from poegen.expert_servers.flow.family import (
     scheduler_layout,
 )
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 PIPELINES = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline}
 OPTIONS = ("guidance_scale", "negative_prompt", "max_sequence_length")

@@ -68,7 +68,7 @@ from poegen.expert_servers.flow.family import (
     scheduler_layout,
 )
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 PIPELINES: dict[str, Any] = {
     "WanPipeline": WanPipeline,

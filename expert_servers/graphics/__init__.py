@@ -68,7 +68,7 @@ from poegen.expert_servers.server.adapter import (
     Progress,
     ServedModel,
 )
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 __all__ = ["GraphicsAdapter", "GraphicsExpert", "Placement", "keep_mask"]
 

@@ -27,7 +27,7 @@ from poegen.expert_servers.physics.expert import MOVES, TIES, PhysicsExpert
 from poegen.expert_servers.physics.latents import MASK_MODES
 from poegen.expert_servers.physics.scene import Limits
 from poegen.expert_servers.server.adapter import ModelRef, Progress, ServedModel
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 OPTIONS = ("autoencoder", "latent_space", "weight", "mask_mode", "moves", "tie", "max_frames",
            "max_side", "max_objects")  # fmt: skip

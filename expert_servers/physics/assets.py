@@ -1,7 +1,7 @@
 """Scene and mesh files, read only from a configured asset root.
 
 A name is a relative POSIX path (``"scenes/drop.yaml"``, ``"meshes/cube.obj"``) resolved inside
-the root. Refused, each with an :class:`~poegen.kernel.errors.ExpertError` (INVALID_ARGUMENT)
+the root. Refused, each with an :class:`~poegen.kernel.refusal.ExpertError` (INVALID_ARGUMENT)
 naming the field: absolute paths, ``..`` components, URLs (anything with ``://`` or a scheme
 such as ``file:``), backslashes, names whose resolved path (symlinks followed) leaves the root,
 names with a suffix outside the allowed set, missing files, and files larger than the limit.
@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 MAX_ASSET_BYTES = 64 << 20
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")

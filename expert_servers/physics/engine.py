@@ -42,7 +42,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import mujoco
 
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 _FILE_TAGS = {"mesh", "texture", "hfield", "skin", "model"}
 _FILE_WORDS = re.compile(r"file|include|meshdir|texturedir|assetdir", re.IGNORECASE)

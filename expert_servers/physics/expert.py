@@ -75,8 +75,8 @@ from poegen.expert_servers.physics.scene import (
     scene_to_mjcf,
 )
 from poegen.expert_servers.server.adapter import Autoencoder, Condition
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
+from poegen.kernel.refusal import ExpertError
 
 SCENE_SUFFIXES = (".yaml", ".yml", ".json", ".xml")
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".stl", ".ply")

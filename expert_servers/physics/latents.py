@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 MaskMode = Literal["fraction", "any", "all"]
 MASK_MODES = ("fraction", "any", "all")

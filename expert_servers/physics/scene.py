@@ -54,7 +54,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 Vec3 = tuple[float, float, float]
 Finite = Annotated[float, Field(allow_inf_nan=False)]

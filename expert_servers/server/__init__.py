@@ -7,6 +7,9 @@ calls off the event loop), ``service`` (the thin servicer), ``interceptors`` (to
 ``metrics`` (Prometheus), ``expert_file`` (experts described by YAML), ``cli`` (``poegen serve``).
 """
 
+import importlib
+from typing import Any
+
 from poegen.expert_servers.server.adapter import (
     Autoencoder,
     Condition,
@@ -15,9 +18,28 @@ from poegen.expert_servers.server.adapter import (
     ModelRef,
     ServedModel,
 )
-from poegen.expert_servers.server.config import ConfigError, ServerConfig, load_server_config
-from poegen.expert_servers.server.expert_file import ExpertFileAdapter, load_expert_file
-from poegen.expert_servers.server.server import ExpertHost, create_server, grpc_options, serve
+
+# The host's names load on first use (PEP 562): a model adapter imports ``.adapter`` through
+# this package, and must not pull in gRPC with it (tests/kernel/test_layers.py).
+_HOST_NAMES = {
+    "ConfigError": "config",
+    "ServerConfig": "config",
+    "load_server_config": "config",
+    "ExpertFileAdapter": "expert_file",
+    "load_expert_file": "expert_file",
+    "ExpertHost": "server",
+    "create_server": "server",
+    "grpc_options": "server",
+    "serve": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOST_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "Autoencoder",

@@ -9,7 +9,7 @@ from a model family is one method::
 
 ``load`` runs in a worker thread, beside the model currently served; it may call
 ``progress(fraction, message)`` from that thread. It raises
-:class:`poegen.kernel.errors.ExpertError` for a bad id or options; any other exception is
+:class:`poegen.kernel.refusal.ExpertError` for a bad id or options; any other exception is
 logged and answered as a failed load that names no server path. The host, never the adapter,
 checks the id against the model root and the allowlist (:func:`resolve_model_id`).
 

@@ -68,7 +68,7 @@ from poegen.expert_servers.server.config import (
 )
 from poegen.expert_servers.server.expert_file import build_expert, parse_expert_file
 from poegen.expert_servers.server.server import create_server, serve
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 from poegen.kernel.transport import format_address, tune_allocator
 
 logger = logging.getLogger(__name__)

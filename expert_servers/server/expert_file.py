@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from poegen.expert_servers.server.adapter import ModelRef, Progress, ServedModel
 from poegen.expert_servers.server.config import ConfigError, format_validation_error, read_yaml
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import create_expert
+from poegen.kernel.refusal import ExpertError
 
 _SUFFIXES = (".yaml", ".yml")
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from poegen.expert_servers.server.metrics import ServerMetrics
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 from poegen.kernel.transport import (
     AUTHORIZATION,
     HEALTH_PREFIX,

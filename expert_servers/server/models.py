@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from poegen.expert_servers.server.adapter import ModelAdapter, ModelRef, Progress, ServedModel
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Expert, ExpertInfo, check_expert
+from poegen.kernel.refusal import ExpertError
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from poegen.kernel import codec
 from poegen.kernel.codec import Received
 from poegen.kernel.errors import ExpertError, maps_errors
 from poegen.kernel.experts import LatentLayout
+from poegen.kernel.refusal import validate_finite
 from poegen.v1 import expert_pb2 as pb
 from poegen.v1 import expert_pb2_grpc, tensor_pb2
 
@@ -248,7 +249,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def _condition(self, msg: pb.Condition) -> Condition:
         tensors = {
-            name: codec.validate_finite(
+            name: validate_finite(
                 self._decode(t, f"condition.tensors[{name}]"), f"condition.tensors[{name}]"
             )
             for name, t in msg.tensors.items()

@@ -15,7 +15,7 @@ Input checks, each an :class:`ExpertError` naming the field:
 * ``x`` (and ``pixels``/``latents``): a floating dtype (``x.dtype``), a batch dimension of at
   least 1 and, when the expert announces a sample shape, ``(B, *S)`` (``x.shape``); no NaN or
   infinity (``x``, checked in the worker thread); ``B`` at most the model's ``max_batch`` (RESOURCE_EXHAUSTED on ``x.shape``).
-* ``sigma``: shape ``(B,)``, floating, each in (0, 1] (see ``codec.validate_sigma``).
+* ``sigma``: shape ``(B,)``, floating, each in (0, 1] (see ``refusal.validate_sigma``).
 * ``LogProb``: ``sigma`` required for a generative expert, absent for the other kinds.
 * the kind and capabilities: Velocity of a non-generative expert, LogProb with σ of a
   generative expert without ``log_prob``, Propose in a mode it does not announce, Encode/Decode
@@ -51,11 +51,9 @@ from poegen.kernel.codec import (
     SharedMemoryReader,
     WireMessage,
     encode_into,
-    validate_finite,
-    validate_sigma,
 )
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, Expert, ExpertKind
+from poegen.kernel.refusal import ExpertError, validate_finite, validate_sigma
 from poegen.kernel.schedule import checked_grid
 from poegen.v1 import tensor_pb2
 

@@ -20,7 +20,7 @@ from poegen.expert_servers.server.adapter import ModelRef, Progress, ServedModel
 from poegen.expert_servers.vlm import hf
 from poegen.expert_servers.vlm.options import OptionReader
 from poegen.expert_servers.vlm.reward import RewardOptions, VQAReward
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 
 def reward_options(read: OptionReader) -> RewardOptions:

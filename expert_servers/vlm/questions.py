@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 
 from poegen.expert_servers.server.adapter import Condition
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 VQASCORE_TEMPLATE = 'Does this figure show "{text}"? Please answer Yes or No.'
 MAX_QUESTIONS = 64

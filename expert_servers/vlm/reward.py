@@ -36,8 +36,8 @@ from torch import Tensor
 from poegen.expert_servers.server.adapter import Condition
 from poegen.expert_servers.vlm import scoring
 from poegen.expert_servers.vlm.questions import Query, parse_condition
-from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import ExpertInfo, ExpertKind
+from poegen.kernel.refusal import ExpertError
 
 
 class Judge(Protocol):

@@ -47,7 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import httpx
 import torch
 from PIL import Image
@@ -56,7 +55,7 @@ from torch import Tensor
 from poegen.expert_servers.server.adapter import Progress
 from poegen.expert_servers.vlm import scoring
 from poegen.expert_servers.vlm.options import OptionReader
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import ExpertError
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +164,8 @@ class EndpointJudge:
         try:
             response = self.client.post("/chat/completions", json=body)
         except httpx.TimeoutException:
-            raise ExpertError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "endpoint",
-                f"{self.endpoint} did not answer within {self.client.timeout.read} s",
+            raise ExpertError.deadline_exceeded(
+                "endpoint", f"{self.endpoint} did not answer within {self.client.timeout.read} s"
             ) from None
         except httpx.HTTPError as e:
             raise ExpertError.unavailable(

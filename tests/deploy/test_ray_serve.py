@@ -40,6 +40,7 @@ from poegen.expert_servers.server.cli import ServeRequest, plan
 from poegen.kernel import codec
 from poegen.kernel.errors import from_rpc_error
 from poegen.kernel.experts import ExpertInfo
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert, RetryPolicy
 from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -318,7 +319,7 @@ def test_reconfigure_validates_user_config() -> None:
         asyncio.run(replica.reconfigure({"model": "ring.yaml", "revision": "x"}))
     with pytest.raises(ExpertError) as err:
         asyncio.run(replica.reconfigure({"model": "missing.yaml"}))
-    assert (err.value.code, err.value.field) == (grpc.StatusCode.NOT_FOUND, "model_id")
+    assert (err.value.code, err.value.field) == (Code.NOT_FOUND, "model_id")
     asyncio.run(replica.reconfigure({"model": "ring.yaml"}))
     served = replica._base.models.require()
     assert served.info.name == "ring"

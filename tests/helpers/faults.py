@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.errors import ExpertError, code_of
 from poegen.kernel.transport import refusing
 
 _Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -167,7 +167,7 @@ class FaultInjector(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or rule.code is None:
             return handler
-        return refusing(handler, ExpertError(rule.code, "", INJECTED))
+        return refusing(handler, ExpertError(code_of(rule.code), "", INJECTED))
 
 
 async def _serve_dying(config: str, port: int, method: str, after: int) -> None:

@@ -6,14 +6,13 @@ import os
 import struct
 import warnings
 
-import grpc
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poegen.kernel import codec
+from poegen.kernel import codec, refusal
 from poegen.kernel.codec import (
     Serialized,
     SharedMemoryPool,
@@ -22,14 +21,12 @@ from poegen.kernel.codec import (
     decode,
     encode,
     encode_into,
-    validate_finite,
-    validate_sigma,
 )
-from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import Code, ExpertError, validate_finite, validate_sigma
 from poegen.v1 import expert_pb2, tensor_pb2
 
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
-EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+INVALID = Code.INVALID_ARGUMENT
+EXHAUSTED = Code.RESOURCE_EXHAUSTED
 
 # Same-size integer dtype whose bits are compared (NaN payloads, -0.0 and bf16 words included).
 _BITS = {
@@ -57,7 +54,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_BITS[t.dtype])
 
 
-def _expect(code: grpc.StatusCode, where: str, fn, *args, **kwargs) -> ExpertError:
+def _expect(code: Code, where: str, fn, *args, **kwargs) -> ExpertError:
     """Call fn, expecting an ExpertError with this code on the field ``where``."""
     with pytest.raises(ExpertError) as info:
         fn(*args, **kwargs)
@@ -227,7 +224,7 @@ def test_validate_finite():
 def test_all_finite_agrees_with_the_elementwise_check(dtype, values, scale):
     # scale makes sums of finite values overflow (the fast path must then fall back)
     t = (torch.tensor(values, dtype=torch.float64) * scale).to(dtype)
-    assert codec.all_finite(t) == bool(torch.isfinite(t).all())
+    assert refusal.all_finite(t) == bool(torch.isfinite(t).all())
 
 
 def test_validate_sigma():

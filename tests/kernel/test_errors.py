@@ -13,18 +13,19 @@ from google.rpc import error_details_pb2, status_pb2
 
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError, abort, from_rpc_error, maps_errors, to_status
+from poegen.kernel.refusal import Code, validate_finite, validate_sigma
 from poegen.v1 import expert_pb2, expert_pb2_grpc
 
 
 def test_constructors_and_message():
     cases = [
-        (ExpertError.invalid, grpc.StatusCode.INVALID_ARGUMENT),
-        (ExpertError.not_found, grpc.StatusCode.NOT_FOUND),
-        (ExpertError.unavailable, grpc.StatusCode.UNAVAILABLE),
-        (ExpertError.failed_precondition, grpc.StatusCode.FAILED_PRECONDITION),
-        (ExpertError.resource_exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (ExpertError.unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-        (ExpertError.permission_denied, grpc.StatusCode.PERMISSION_DENIED),
+        (ExpertError.invalid, Code.INVALID_ARGUMENT),
+        (ExpertError.not_found, Code.NOT_FOUND),
+        (ExpertError.unavailable, Code.UNAVAILABLE),
+        (ExpertError.failed_precondition, Code.FAILED_PRECONDITION),
+        (ExpertError.resource_exhausted, Code.RESOURCE_EXHAUSTED),
+        (ExpertError.unauthenticated, Code.UNAUTHENTICATED),
+        (ExpertError.permission_denied, Code.PERMISSION_DENIED),
     ]
     for make, code in cases:
         err = make("x.shape", "bad")
@@ -35,10 +36,10 @@ def test_constructors_and_message():
             "x.shape: bad",
         )
     assert ExpertError.unauthenticated().field == "authorization"
-    assert ExpertError.permission_denied().code is grpc.StatusCode.PERMISSION_DENIED
-    assert str(ExpertError(grpc.StatusCode.INTERNAL, "", "oops")) == "oops"
+    assert ExpertError.permission_denied().code is Code.PERMISSION_DENIED
+    assert str(ExpertError(Code.INTERNAL, "", "oops")) == "oops"
     with pytest.raises(ValueError):
-        ExpertError(grpc.StatusCode.OK, "x", "fine")
+        ExpertError(Code.OK, "x", "fine")
 
 
 def test_to_status_carries_a_bad_request():
@@ -69,8 +70,8 @@ class _Servicer(expert_pb2_grpc.ExpertServiceServicer):
     @maps_errors
     async def Velocity(self, request, context):
         # the real edge: decode, validate, answer
-        x = codec.validate_finite(codec.decode(request.x, field="x", max_bytes=1 << 10), "x")
-        codec.validate_sigma(codec.decode(request.sigma, field="sigma"), x.shape[0])
+        x = validate_finite(codec.decode(request.x, field="x", max_bytes=1 << 10), "x")
+        validate_sigma(codec.decode(request.sigma, field="sigma"), x.shape[0])
         return expert_pb2.VelocityResponse(velocity=codec.encode(-x), revision="r1")
 
     @maps_errors
@@ -142,7 +143,7 @@ def test_codec_errors_reach_the_client_with_code_field_and_description():
             e = await _error_of(stub.Velocity(request))
             err = from_rpc_error(e)
             assert e.code() is grpc.StatusCode[code] and err is not None, e
-            assert (err.code, err.field) == (grpc.StatusCode[code], field)
+            assert (err.code, err.field) == (Code[code], field)
             assert e.details() == f"{field}: {err.reason}" and err.reason
 
     _serve(test)
@@ -153,13 +154,13 @@ def test_raised_and_explicit_aborts():
         err = from_rpc_error(await _error_of(stub.Release(expert_pb2.ReleaseRequest(handle="h"))))
         assert err is not None
         assert (err.code, err.field, err.reason) == (
-            grpc.StatusCode.NOT_FOUND,
+            Code.NOT_FOUND,
             "handle",
             "unknown handle",
         )
 
         err = from_rpc_error(await _error_of(stub.LogProb(expert_pb2.LogProbRequest())))
-        assert err is not None and (err.code, err.field) == (grpc.StatusCode.UNAVAILABLE, "")
+        assert err is not None and (err.code, err.field) == (Code.UNAVAILABLE, "")
 
         e = await _error_of(stub.Propose(expert_pb2.ProposeRequest()))
         assert e.code() is grpc.StatusCode.ABORTED and from_rpc_error(e) is None
@@ -196,3 +197,15 @@ def test_server_streams_map_errors_after_replies():
                 assert err is not None and err.field == "authorization"
 
     _serve(test)
+
+
+def test_every_refusal_code_is_the_grpc_status_of_the_same_number_and_name():
+    from poegen.kernel.errors import code_of, grpc_code
+
+    assert {c.name for c in Code} == {s.name for s in grpc.StatusCode}
+    for code in Code:
+        status = grpc_code(code)
+        assert (status.name, status.value[0]) == (code.name, code.value)
+        assert code_of(status) is code
+    with pytest.raises(TypeError, match=r"refusal\.Code"):
+        ExpertError(grpc.StatusCode.NOT_FOUND, "handle", "a gRPC code is refused")  # type: ignore[arg-type]

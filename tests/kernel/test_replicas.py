@@ -27,6 +27,7 @@ from helpers.timing import scaled
 from poegen import Client, GenerationSpec
 from poegen.expert_servers.server import ServerConfig
 from poegen.kernel.errors import from_rpc_error
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.kernel.replicas import ReplicatedExpert, connect_expert, parse_target
 from poegen.kernel.service import SamplerServerConfig
@@ -280,7 +281,7 @@ def test_tls_replicas_of_a_dns_name_are_checked_against_the_name(loop: LoopThrea
         assert expert.velocity(torch.zeros(2, 2), torch.full((2,), 0.5)).shape == (2, 2)
     with pytest.raises(RemoteExpertError) as caught:
         connect_expert(host.address, tls=tls, retries=0)
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.code == Code.UNAVAILABLE
 
 
 # the spec of the replicas' docs section, run with this test's ports in place of 50061/50062

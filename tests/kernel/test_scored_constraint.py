@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import grpc
 import pytest
 import torch
 from helpers.remote import LoopThread
@@ -13,6 +12,7 @@ from helpers.remote import LoopThread
 from poegen.expert_servers.analytic import GaussianMixture, LinearReward
 from poegen.expert_servers.masked import MaskedTarget
 from poegen.kernel.experts import Capability, ExpertInfo
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -125,13 +125,13 @@ def test_score_errors_name_the_field(loop: LoopThread) -> None:
     with RemoteExpert.connect(reward.address) as remote:
         with pytest.raises(RemoteExpertError) as none:
             remote.score(torch.zeros(2, 2), torch.full((2,), 0.5))
-        assert none.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert none.value.code == Code.FAILED_PRECONDITION
         with pytest.raises(RemoteExpertError) as sigma:
             remote.log_prob(torch.zeros(2, 2), torch.full((2,), 0.5))
-        assert (sigma.value.code, sigma.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "sigma")
+        assert (sigma.value.code, sigma.value.field) == (Code.INVALID_ARGUMENT, "sigma")
     tie = loop.serve(_tie(score=True))
     with RemoteExpert.connect(tie.address) as remote:
         with pytest.raises(RemoteExpertError) as bad:
             remote.score(torch.zeros(2, 2), torch.full((2,), 1.5))
-        assert (bad.value.code, bad.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "sigma")
+        assert (bad.value.code, bad.value.field) == (Code.INVALID_ARGUMENT, "sigma")
         assert remote.score(torch.zeros(2, 2), torch.full((2,), 0.5)).shape == (2, 2)

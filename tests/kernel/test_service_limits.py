@@ -27,6 +27,7 @@ from poegen.expert_servers.server import ServerConfig
 from poegen.expert_servers.server.config import ConfigError
 from poegen.kernel import codec
 from poegen.kernel.errors import from_rpc_error
+from poegen.kernel.refusal import Code
 from poegen.kernel.service import (
     MAX_NAME_CHARS,
     MAX_PENDING_EVENTS,
@@ -351,4 +352,4 @@ def test_the_kernels_field_becomes_a_request_path_without_reading_the_message(fi
     error = KernelError(field, "a reason: with a colon")
     assert str(error) == f"{field}: a reason: with a colon"
     mapped = job_error(error, None)  # type: ignore[arg-type]
-    assert mapped.code == grpc.StatusCode.INVALID_ARGUMENT and mapped.field == path
+    assert mapped.code == Code.INVALID_ARGUMENT and mapped.field == path

@@ -21,6 +21,7 @@ from poegen.expert_servers.server import Condition, ModelRef, ServerConfig
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import ExpertKind, check_expert
+from poegen.kernel.refusal import Code
 from poegen.v1 import expert_pb2 as pb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,7 +132,7 @@ def test_unknown_labels_name_the_field(tiny_root, condition, field):
     expert = _load(tiny_root, "resnet")
     with pytest.raises(ExpertError) as err:
         expert.prepare(condition)
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == field
+    assert err.value.code == Code.INVALID_ARGUMENT and err.value.field == field
     if field == "condition.text" and condition.text:
         assert "cat" in err.value.reason  # lists the known labels
 
@@ -150,7 +151,7 @@ def test_bad_pixels_name_the_field(tiny_root):
     for expert, pixels, field in cases:
         with pytest.raises(ExpertError) as err:
             expert.log_potential(pixels)
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == field
+        assert err.value.code == Code.INVALID_ARGUMENT and err.value.field == field
     with pytest.raises(ExpertError) as err:
         _load(tiny_root, "resnet").log_potential(_pixels())
     assert err.value.field == "condition"
@@ -160,7 +161,7 @@ def test_bad_folders_and_options(tiny_root, tmp_path):
     assert (tiny_root / "pickled" / "pytorch_model.bin").is_file()
     assert not list((tiny_root / "pickled").glob("*.safetensors"))
     adapter = ClassifierAdapter()
-    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    invalid, not_found = Code.INVALID_ARGUMENT, Code.NOT_FOUND
     cases = [
         (ModelRef("gone", tmp_path / "gone"), {}, "model_id", not_found),
         (ModelRef("np", tiny_root / "no_processor"), {}, "model_id", invalid),

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import torch
 
@@ -29,6 +28,7 @@ from poegen.expert_servers.masked import MaskedTarget
 from poegen.expert_servers.server.adapter import Condition
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, create_expert
+from poegen.kernel.refusal import Code
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "video"
@@ -114,13 +114,13 @@ def test_the_tie_refuses_bad_conditions(condition: Condition, field: str) -> Non
     with pytest.raises(ExpertError) as err:
         FrameTie(4).prepare(condition)
     assert err.value.field == field
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code == Code.INVALID_ARGUMENT
 
 
 def test_the_tie_refuses_calls_it_cannot_answer() -> None:
     with pytest.raises(ExpertError) as err:
         FrameTie(4).score(torch.zeros((1, 2, 8, 8)), torch.ones(1))
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.code == Code.FAILED_PRECONDITION
     tie = _pair()
     with pytest.raises(ExpertError, match="takes 2 frame"):
         tie.score(torch.zeros((1, 1, 8, 8)), torch.ones(1))

@@ -18,6 +18,7 @@ from helpers.timing import scaled
 from poegen.expert_servers.flow import FluxAdapter, WanAdapter
 from poegen.expert_servers.server import ServerConfig
 from poegen.kernel import codec
+from poegen.kernel.refusal import Code
 from poegen.v1 import expert_pb2 as pb
 
 ADMIN = "admin-secret"
@@ -144,4 +145,4 @@ def test_bad_load_options_name_the_option(flow_models, options, field):
 
     with pytest.raises(ExpertError) as err:
         FluxAdapter().load(ModelRef("flux", flow_models.path("flux")), options, lambda f, m: None)
-    assert err.value.field == field and err.value.code == INVALID
+    assert err.value.field == field and err.value.code == Code.INVALID_ARGUMENT

@@ -25,6 +25,7 @@ from helpers.timing import scaled
 from poegen.expert_servers.flow import FluxFillAdapter
 from poegen.expert_servers.server import Condition, ModelRef, ServerConfig
 from poegen.kernel import codec
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert
 from poegen.kernel.sampler import sample
 from poegen.kernel.spec import Factor, SamplerSettings
@@ -249,7 +250,7 @@ def test_the_experts_own_velocity_needs_a_fill_condition(flow_models):
 
     with pytest.raises(ExpertError) as err:
         _expert(flow_models).velocity(torch.randn(1, *SHAPE), torch.tensor([0.5]))
-    assert (err.value.field, err.value.code) == ("condition.tensors[image]", INVALID)
+    assert (err.value.field, err.value.code) == ("condition.tensors[image]", Code.INVALID_ARGUMENT)
 
 
 def test_the_generic_flow_adapter_points_a_fill_folder_to_flux_fill(flow_models) -> None:

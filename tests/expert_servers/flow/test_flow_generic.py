@@ -16,6 +16,7 @@ from poegen.expert_servers.server import Condition, ModelRef, ServerConfig
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, ExpertKind, check_expert
+from poegen.kernel.refusal import Code
 from poegen.v1 import expert_pb2 as pb
 
 ADMIN = "admin-secret"
@@ -84,7 +85,7 @@ def test_timestep_scale_option_and_schedule(flow_models):
 def test_bad_conditions_name_the_field(flow_models, condition, field):
     with pytest.raises(ExpertError) as err:
         _load(flow_models, "unet_classes").prepare(condition)
-    assert err.value.field == field and err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.field == field and err.value.code == Code.INVALID_ARGUMENT
 
 
 def test_unconditional_model_refuses_a_class_label(flow_models):
@@ -104,7 +105,7 @@ def test_bad_options_and_folders(flow_models, tmp_path):
         assert err.value.field == field
     with pytest.raises(ExpertError) as err:
         adapter.load(ModelRef("gone", tmp_path / "gone"), {}, lambda f, m: None)
-    assert err.value.code == grpc.StatusCode.NOT_FOUND and str(tmp_path) not in str(err.value)
+    assert err.value.code == Code.NOT_FOUND and str(tmp_path) not in str(err.value)
     with pytest.raises(ExpertError) as err:
         adapter.load(ModelRef("flux", flow_models.path("flux")), {}, lambda f, m: None)
     assert err.value.field == "model_id" and "flux" in err.value.reason
@@ -207,4 +208,4 @@ def test_an_allowlisted_hub_id_loads_from_the_local_cache(flow_models, tmp_path,
     assert (expert.describe().model_id, expert.describe().revision) == ("org/digits", commit)
     with pytest.raises(ExpertError) as err:
         FlowAdapter().load(ModelRef("org/absent", None), {}, lambda f, m: None)
-    assert err.value.code == grpc.StatusCode.NOT_FOUND and err.value.field == "model_id"
+    assert err.value.code == Code.NOT_FOUND and err.value.field == "model_id"

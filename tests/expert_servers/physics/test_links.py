@@ -20,6 +20,7 @@ from poegen.expert_servers.physics import PhysicsAdapter
 from poegen.expert_servers.server import ModelRef
 from poegen.kernel import codec
 from poegen.kernel.errors import from_rpc_error
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.v1 import expert_pb2, sampler_pb2, sampler_pb2_grpc
 
@@ -255,7 +256,7 @@ def test_simulated_depth_video_drives_a_depth_to_video_expert(
         # this server encodes with FLUX's image VAE: the clip is a source, not a constraint
         with pytest.raises(RemoteExpertError) as err:
             physics.propose(torch.zeros(1, 16, 8, 8), torch.tensor([0.5]), seed=0)
-        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.code == Code.FAILED_PRECONDITION
     assert depth.shape == (5, 1, 16, 16)
     linked = _generate(stack["sampler"], _video_request(stack, vace, None))
     assert linked.shape == (2, 16, 2, 2, 2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import grpc
 import pytest
 import torch
 from helpers.remote import LoopThread
@@ -17,6 +16,7 @@ from poegen.expert_servers.analytic import GaussianMixture
 from poegen.expert_servers.server.adapter import Condition
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert, RemoteExpertError
 from poegen.kernel.sampler import sample
 from poegen.kernel.schedule import shifted_sigmas
@@ -100,7 +100,7 @@ def test_schedule_errors_name_the_field(loop: LoopThread) -> None:
         with pytest.raises(RemoteExpertError) as bad_steps:
             remote.schedule(0, (2,))
         assert (bad_steps.value.code, bad_steps.value.field) == (
-            grpc.StatusCode.INVALID_ARGUMENT,
+            Code.INVALID_ARGUMENT,
             "num_steps",
         )
         with pytest.raises(RemoteExpertError) as bad_shape:
@@ -110,11 +110,11 @@ def test_schedule_errors_name_the_field(loop: LoopThread) -> None:
     with RemoteExpert.connect(plain.address) as remote:
         with pytest.raises(RemoteExpertError) as none:
             remote.schedule(4, (2,))
-        assert none.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert none.value.code == Code.FAILED_PRECONDITION
     with RemoteExpert.connect(broken.address) as remote:
         with pytest.raises(RemoteExpertError) as internal:
             remote.schedule(2, (2,))
-        assert internal.value.code == grpc.StatusCode.INTERNAL
+        assert internal.value.code == Code.INTERNAL
     with pytest.raises(ValueError, match="schedule"):
         sample(
             [Factor(_mixture(GaussianMixture))], (2,),
@@ -137,7 +137,7 @@ def test_render_returns_named_tensors_of_the_prepared_condition(loop: LoopThread
         with pytest.raises(RemoteExpertError) as unknown:
             scene.render(["normals"])
         assert (unknown.value.code, unknown.value.field) == (
-            grpc.StatusCode.INVALID_ARGUMENT,
+            Code.INVALID_ARGUMENT,
             "names",
         )
         assert "depth" in scene.render(["depth"])  # still serving
@@ -148,13 +148,13 @@ def test_render_needs_the_capability_and_a_known_handle(loop: LoopThread) -> Non
     with RemoteExpert.connect(served.address) as remote:
         with pytest.raises(RemoteExpertError) as none:
             remote.render()
-        assert none.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert none.value.code == Code.FAILED_PRECONDITION
     scene = loop.serve(Scene())
     with RemoteExpert.connect(scene.address) as remote:
         remote._handle = "no-such-handle"  # a handle the server never gave
         with pytest.raises(RemoteExpertError) as unknown:
             remote.render()
-        assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+        assert unknown.value.code == Code.NOT_FOUND
         remote._handle = ""
     cond = expert_pb2.Condition(scalars={"size": 2.0})
     with RemoteExpert.connect(scene.address, condition=cond) as remote:

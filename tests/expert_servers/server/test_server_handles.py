@@ -14,6 +14,7 @@ from poegen.expert_servers.server import ServerConfig
 from poegen.expert_servers.server.handles import HandleTable
 from poegen.kernel import codec
 from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import Code
 from poegen.v1 import expert_pb2 as pb
 
 X = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
@@ -37,7 +38,7 @@ def test_table_evicts_least_recently_used() -> None:
     assert len(table) == 2
     with pytest.raises(ExpertError) as e:
         table.get(b, "r1")
-    assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.field == "handle"
+    assert e.value.code == Code.NOT_FOUND and e.value.field == "handle"
     assert (table.get(a, "r1"), table.get(c, "r1")) == ("A", "C")
 
 
@@ -52,7 +53,7 @@ def test_table_forgets_after_ttl_since_last_use() -> None:
     assert table.get(a, "r1") == "A"
     with pytest.raises(ExpertError) as e:
         table.get(b, "r1")
-    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert e.value.code == Code.NOT_FOUND
 
 
 def test_table_retires_views_of_old_revisions() -> None:
@@ -65,7 +66,7 @@ def test_table_retires_views_of_old_revisions() -> None:
     for handle in (a, late):
         with pytest.raises(ExpertError) as e:
             table.get(handle, "r2")
-        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert e.value.code == Code.FAILED_PRECONDITION
     assert all(entry.target is None for entry in table._entries.values())  # views dropped
     assert table.release(a) and not table.release(a)
 

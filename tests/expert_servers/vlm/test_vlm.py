@@ -28,6 +28,7 @@ from poegen.expert_servers.vlm.questions import Question, parse_condition, parse
 from poegen.expert_servers.vlm.reward import frame_indices
 from poegen.kernel.errors import ExpertError
 from poegen.kernel.experts import ExpertKind
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert
 from poegen.v1 import expert_pb2 as pb
 
@@ -243,7 +244,7 @@ def test_json_questions_with_weights() -> None:
 def test_bad_conditions_name_the_field(condition: Condition, field: str) -> None:
     with pytest.raises(ExpertError) as err:
         parse_condition(condition, normalize=False, frames=8)
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code == Code.INVALID_ARGUMENT
     assert err.value.field == field
 
 

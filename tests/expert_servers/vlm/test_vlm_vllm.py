@@ -50,6 +50,7 @@ from PIL import Image
 from poegen.expert_servers.server.adapter import Condition, ModelRef
 from poegen.expert_servers.vlm import VLLMAdapter, VLMAdapter
 from poegen.kernel.errors import ExpertError
+from poegen.kernel.refusal import Code
 from poegen.kernel.remote import RemoteExpert
 
 REPO = Path(__file__).resolve().parents[3]
@@ -313,8 +314,8 @@ def test_endpoint_faults_name_the_endpoint_and_the_server_keeps_serving(faulty) 
             # ok: log P(Yes) = −0.25 (" Yes" normalises to yes)
             assert torch.allclose(reward.log_potential(images), torch.full((2,), -0.25))
             for mode, code in (
-                ("bare", grpc.StatusCode.FAILED_PRECONDITION),
-                ("slow", grpc.StatusCode.DEADLINE_EXCEEDED),
+                ("bare", Code.FAILED_PRECONDITION),
+                ("slow", Code.DEADLINE_EXCEEDED),
             ):
                 faulty.mode = mode
                 with pytest.raises(ExpertError) as err:
@@ -331,7 +332,7 @@ def test_an_unreachable_endpoint_fails_the_load() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ExpertError) as err:
         VLLMAdapter().load(ModelRef("x"), {"endpoint": endpoint}, lambda f, m: None)
-    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert err.value.code == Code.UNAVAILABLE
     assert err.value.field == "options[endpoint]" and endpoint in err.value.reason
 
 
@@ -359,7 +360,7 @@ def test_endpoint_sends_images_and_a_text_model_server_refuses_them(stack: VLLMS
     reward = served.expert.prepare(Condition(text="a red cat"))
     with pytest.raises(ExpertError) as err:
         reward.log_potential(_images(1))
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION, err.value
+    assert err.value.code == Code.FAILED_PRECONDITION, err.value
     assert (
         err.value.field == "endpoint" and f"{stack.endpoint} answered HTTP 400" in err.value.reason
     )
