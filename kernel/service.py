@@ -78,9 +78,10 @@ Errors (a ``google.rpc.BadRequest`` naming the field, see :mod:`poegen.kernel.er
   loopback; ``allowed_experts`` lists others, ``'*'`` opens any host:port; ``unix:`` only when
   listed) → PERMISSION_DENIED on ``factors[i].address``, before anything is dialled; the
   ``expert_token`` needs ``allowed_experts``, so it goes only to listed experts;
-* from an expert, named ``factors[i]``: unreachable or too slow → UNAVAILABLE on
-  ``factors[i].address`` (the transport's detail only in the log); its INVALID_ARGUMENT / RESOURCE_EXHAUSTED pass through (the reason
-  quotes the expert's field); a refused token → FAILED_PRECONDITION; a handle lost twice →
+* from an expert, named ``factors[i]``: unreachable, too slow, or cancelling the call itself
+  (a host shutting down) → UNAVAILABLE on ``factors[i].address`` (the transport's detail only
+  in the log); its INVALID_ARGUMENT / RESOURCE_EXHAUSTED pass through (the reason quotes the
+  expert's field); a refused token → FAILED_PRECONDITION; a handle lost twice →
   ABORTED (retry the job); anything else → FAILED_PRECONDITION quoting the expert's status;
 * every particle died (constraints unsatisfiable) → FAILED_PRECONDITION on ``factors``;
 * an expert answered NaN or infinite velocities or scores (or NaN / +inf log-densities) →
@@ -1017,9 +1018,9 @@ def _expert_error(
     where = where or (f"factors[{index}]" if index is not None else "factors")
     code = err.code
     quoted = f"expert at {err.address}, {err.method}: {code.name}: {err}"
-    if code == Code.CANCELLED:
-        return ExpertError(code, "", "the job was cancelled")
-    if code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
+    # A stopped job never gets here (Job._finish answers CANCELLED first): a CANCELLED call of a
+    # running job was cancelled by the expert's side (a server shutting down), i.e. it went away.
+    if code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED):
         # the transport's detail (refused, reset, no route) stays in the log: told to the
         # caller it would make the sampler a port scanner
         logger.warning("%s: %s", where, quoted)

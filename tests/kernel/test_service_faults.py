@@ -127,6 +127,28 @@ class _Pausing(Gaussian):
         return super().velocity(x, sigma)
 
 
+def test_an_expert_cancelling_a_call_fails_the_job_as_unavailable_not_cancelled(
+    loop: LoopThread,
+) -> None:
+    """CANCELLED from the expert's side (a host shutting down cancels its calls) while nobody
+    stopped the job: the expert went away, so the job fails UNAVAILABLE on its address; the
+    job is not reported as cancelled (JobStatus FAILED, not CANCELLED)."""
+    faults = FaultInjector()
+    expert = loop.serve(Gaussian((1.0, 0.0)), interceptors=[faults])
+    sampler = loop.sampler(SamplerServerConfig())
+    with _stub(sampler.address) as stub:
+        faults.set(Rule(methods=("Velocity",), code=grpc.StatusCode.CANCELLED, after=2))
+        request = _request(expert.address)
+        request.job_id = "cancelled-by-the-expert"
+        assert stream_failure(stub.Generate(request, timeout=scaled(30))) == (
+            UNAVAILABLE,
+            "factors[0].address",
+        )
+        status = stub.GetJob(sampler_pb2.GetJobRequest(job_id=request.job_id), timeout=scaled(10))
+        assert status.job.state == sampler_pb2.JOB_STATE_FAILED
+        assert faults.injected_on("Velocity") == 1
+
+
 def test_a_short_outage_mid_job_is_retried_through_bit_for_bit(loop: LoopThread) -> None:
     faults = FaultInjector()
     model = _Pausing((1.0, 0.0))
