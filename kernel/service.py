@@ -634,11 +634,13 @@ _ENDED = frozenset({JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED,
 @dataclass(frozen=True, slots=True)
 class Resume:
     """Where a job goes on after its Sampler stopped: a level's checkpoint (None: from the
-    start, the same seed gives the same run), the revisions seen before, resumes so far."""
+    start, the same seed gives the same run), the revisions seen before, resumes so far, and
+    when the job was first submitted."""
 
     checkpoint: Checkpoint | None
     revisions: tuple[tuple[str, ...], ...]
     resumes: int
+    created_at: float
 
 
 class Job:
@@ -683,8 +685,11 @@ class Job:
         self._started = False
         self.finished = threading.Event()
         self.dropped_events = 0  # level events slow readers did not get (see _emit_level)
-        self.status = sampler_pb2.JobStatus(
-            job_id=self.job_id, state=JobState.JOB_STATE_QUEUED, created_at=time.time(),
+        # written by the job thread, read by the loop: through a lock, readers get copies
+        self._status_lock = threading.Lock()
+        self._status = sampler_pb2.JobStatus(
+            job_id=self.job_id, state=JobState.JOB_STATE_QUEUED,
+            created_at=resume.created_at if resume else time.time(),
             resumes=resume.resumes if resume else 0,
             levels_done=resume.checkpoint.levels_done if resume and resume.checkpoint else 0,
         )  # fmt: skip
@@ -731,7 +736,7 @@ class Job:
 
     def start(self) -> None:
         self._started = True
-        self.status.state = JobState.JOB_STATE_RUNNING
+        self._update_status(state=JobState.JOB_STATE_RUNNING)
         self.save_status()
         self._thread.start()
 
@@ -811,15 +816,16 @@ class Job:
             return self.cancelled()
         else:
             code = getattr(outcome, "code", Code.INTERNAL)
-            self.status.error_code = code.value
-            self.status.error_field = getattr(outcome, "field", "")
-            self.status.error_message = getattr(outcome, "reason", "internal error")
+            self._update_status(
+                error_code=code.value,
+                error_field=getattr(outcome, "field", ""),
+                error_message=getattr(outcome, "reason", "internal error"),
+            )
             self._end(JobState.JOB_STATE_FAILED)
         return outcome
 
     def _end(self, state: int) -> None:
-        self.status.state = state
-        self.status.ended_at = time.time()
+        self._update_status(state=state, ended_at=time.time())
         self.save_status()
         if self._store is not None:
             self._store.discard(self.job_id, "checkpoint")
@@ -828,8 +834,23 @@ class Job:
         if self._store is not None:
             self._store.put(self.job_id, record, data)
 
+    @property
+    def status(self) -> sampler_pb2.JobStatus:
+        """A copy of the job's status (the job thread updates it as it goes)."""
+        copy = sampler_pb2.JobStatus()
+        with self._status_lock:
+            copy.CopyFrom(self._status)
+        return copy
+
+    def _update_status(self, **fields: Any) -> None:
+        with self._status_lock:
+            for name, value in fields.items():
+                setattr(self._status, name, value)
+
     def save_status(self) -> None:
-        self._put("status", self.status.SerializeToString())
+        with self._status_lock:
+            data = self._status.SerializeToString()
+        self._put("status", data)
 
     def _run(self) -> sampler_pb2.GenerateResponse | None:
         """Run the sampler, emitting level events; the result, or None when stopped."""
@@ -857,7 +878,7 @@ class Job:
                 if checkpoints and trace.checkpoint is not None:
                     seen = _revisions(experts, before)
                     self._put("checkpoint", encode_checkpoint(trace.checkpoint, seen))
-                self.status.levels_done, self.status.levels = trace.step + 1, trace.levels
+                self._update_status(levels_done=trace.step + 1, levels=trace.levels)
                 if self._metrics is not None:
                     self._metrics.level_done(trace.experts)
                 self._emit_level(level_event(trace, preview=plan.preview))
@@ -1198,9 +1219,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         job_id = self._new_id(request.job_id)
         job = self.jobs.make(plan, self.config, job_id=job_id, store=self.store)
         queue = job.subscribe()
-        self.store.put(job_id, "request", request.SerializeToString())
+        self._live[job_id] = job  # the id is taken before the first await
         try:
-            self._live[job_id] = job
+            # a directory store writes and renames a file: off the event loop
+            await asyncio.to_thread(self.store.put, job_id, "request", request.SerializeToString())
             self.jobs.submit(job)
         except BaseException:
             self._live.pop(job_id, None)
@@ -1233,7 +1255,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         status = self._status(job_id)
         yield sampler_pb2.AttachResponse(job=status)
         if status.state == JobState.JOB_STATE_SUCCEEDED:
-            data = self.store.get(job_id, "result")
+            data = await asyncio.to_thread(self.store.get, job_id, "result")
             if data is None:
                 raise ExpertError.not_found("job_id", f"job {job_id}: its result is gone")
             yield sampler_pb2.AttachResponse(result=sampler_pb2.GenerateResult.FromString(data))
@@ -1342,9 +1364,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
             self.store.put(job_id, "status", status.SerializeToString())
             self._ended[job_id] = status
             return 0
-        resume = Resume(checkpoint, tuple(tuple(r) for r in revisions), status.resumes + 1)
+        resume = Resume(
+            checkpoint, tuple(tuple(r) for r in revisions), status.resumes + 1, status.created_at
+        )
         job = self.jobs.make(plan, self.config, job_id=job_id, store=self.store, resume=resume)
-        job.status.created_at = status.created_at
         self._live[job_id] = job
         self.jobs.submit(job, resumed=True)
         self.metrics.resumed.inc()
