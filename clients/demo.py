@@ -33,12 +33,14 @@ Adding an application: write ``run(options: DemoOptions) -> int`` in a module, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,6 +77,72 @@ class DemoOptions:
 def demo_function(name: str) -> Callable[[DemoOptions], int]:
     module, _, function = DEMOS[name].partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+# --------------------------------------------------------------------------- shared by the demos
+
+
+def say(line: str) -> None:
+    """Print a demo's progress line at once (a demo's output is read as it runs)."""
+    print(line, flush=True)
+
+
+def demo_settings(
+    options: DemoOptions, *, particles: int, steps: int, out: str
+) -> tuple[int, int, Path]:
+    """``(particles, steps, figure path)``: the options' or the demo's defaults, checked; sets
+    torch's thread count from the options."""
+    particles, steps = options.particles or particles, options.steps or steps
+    if particles < 4 or steps < 2:
+        raise ValueError("demo: needs --particles >= 4 and --steps >= 2")
+    torch.set_num_threads(options.threads)
+    return particles, steps, options.out or Path(out)
+
+
+@contextlib.contextmanager
+def served_stack(
+    mapping: dict[str, Any],
+    start_stack: Any,
+    started: float,
+    *,
+    sampler: bool = False,
+    jobs: int | None = None,
+) -> Iterator[Any]:
+    """Start the demo's stack (``start_stack(mapping)``, default a process per server with
+    :meth:`LocalStack.from_mapping <poegen.clients.stack.LocalStack.from_mapping>`), say where
+    each server listens and how long the start took; say when it has stopped."""
+    from poegen.clients.stack import LocalStack
+
+    with (start_stack or LocalStack.from_mapping)(mapping) as stack:
+        for name, address in stack.endpoints.experts.items():
+            say(f"  expert {name:<10} at {address}")
+        if sampler:
+            say(f"  sampler           at {stack.endpoints.sampler}")
+        count = "" if jobs is None else f"; {jobs} jobs ..."
+        say(f"stack up in {time.perf_counter() - started:.1f}s{count}")
+        yield stack
+    say("stack stopped")
+
+
+def evaluations(result: Any) -> int:
+    """The expert evaluations a job's result spent, summed over its levels."""
+    return sum(s for event in result.trace for (_, _, s) in event.timings.values())
+
+
+def generate_all(client: Any, todo: dict[str, dict[str, Any]], width: int) -> dict[str, Any]:
+    """Every job of ``todo`` (name → spec mapping), two at a time; each one's size, evaluations
+    and seconds said as it ends (names padded to ``width``)."""
+    from poegen.clients.spec import GenerationSpec
+
+    def one(name: str) -> tuple[str, Any]:
+        t0 = time.perf_counter()
+        result = client.generate(GenerationSpec.from_mapping(todo[name]))
+        say(f"  {name:<{width}} {result.particles.shape[0]:4d} particles, "
+            f"{evaluations(result):6d} evaluations, {time.perf_counter() - t0:.1f}s")  # fmt: skip
+        return name, result
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, todo))
 
 
 # --------------------------------------------------------------------------- the analytic demo

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poegen.clients.demo import DemoOptions
+from poegen.clients.demo import DemoOptions, demo_settings, say, served_stack
 
 SHEET_COLUMNS = 16
 TILE = 40
@@ -216,16 +216,12 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
     from safetensors.torch import save_file
 
     from poegen.clients.sdk import Client
-    from poegen.clients.stack import LocalStack
     from poegen.expert_servers.digits import compose
 
-    particles, steps = options.particles or 64, options.steps or 16
-    if particles < 4 or steps < 2:
-        raise ValueError("demo: needs --particles >= 4 and --steps >= 2")
-    torch.set_num_threads(options.threads)
-    out = options.out or Path("out/demo_digits.png")
+    particles, steps, out = demo_settings(
+        options, particles=64, steps=16, out="out/demo_digits.png"
+    )
     started = time.perf_counter()
-    say = lambda line: print(line, flush=True)  # noqa: E731
     say("poegen demo: trained digit experts composed (16x16 digits from scikit-learn)")
     say("starting a local stack: 5 expert servers (3 flow priors, a classifier reward, "
         "a masked-target constraint) + the Sampler service ...")  # fmt: skip
@@ -233,16 +229,11 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
     with tempfile.TemporaryDirectory(prefix="poegen-demo-") as tmp:
         targets_file = Path(tmp) / "targets.safetensors"
         save_file({f"t{k}": t.contiguous() for k, t in enumerate(targets)}, targets_file)
-        with (start_stack or LocalStack.from_mapping)(stack_mapping(1)) as stack:
-            for name, address in stack.endpoints.experts.items():
-                say(f"  expert {name:<10} at {address}")
-            say(f"  sampler           at {stack.endpoints.sampler}")
-            say(f"stack up in {time.perf_counter() - started:.1f}s")
+        with served_stack(stack_mapping(1), start_stack, started, sampler=True) as stack:
             judge = compose.load_judge()
             with Client.from_stack(stack, in_process=options.in_process) as client:
                 todo = jobs(particles, steps, targets_file, labels.tolist())
                 results = run_jobs(client, todo, say)
-        say("stack stopped")
     rows, table = [], []
     for k, (job, result, seconds) in enumerate(results):
         shown = draws(result, SHEET_COLUMNS, seed=k)

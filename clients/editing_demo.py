@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from poegen.clients.demo import DemoOptions
+from poegen.clients.demo import (
+    DemoOptions,
+    demo_settings,
+    evaluations,
+    generate_all,
+    say,
+    served_stack,
+)
 
 STARTUP_TIMEOUT_S = 600.0  # generous: a busy machine imports torch slowly
 INPUTS = 6  # held-out 6s edited
@@ -134,19 +140,14 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
     """The editing demo (see the module docstring)."""
     import tempfile
 
-    from poegen.clients.layout_demo import evaluations, figure
+    from poegen.clients.layout_demo import figure
     from poegen.clients.sdk import Client
-    from poegen.clients.spec import GenerationSpec
-    from poegen.clients.stack import LocalStack
     from poegen.expert_servers.digits import compose, editing
 
-    particles, steps = options.particles or 32, options.steps or 20
-    if particles < 4 or steps < 2:
-        raise ValueError("demo: needs --particles >= 4 and --steps >= 2")
-    torch.set_num_threads(options.threads)
-    out = options.out or Path("out/demo_editing.png")
+    particles, steps, out = demo_settings(
+        options, particles=32, steps=20, out="out/demo_editing.png"
+    )
     started = time.perf_counter()
-    say = lambda line: print(line, flush=True)  # noqa: E731
     say(f"poegen demo --app editing: {INPUTS} held-out {editing.SOURCE_DIGIT}s + a rendered bar "
         f"-> '{editing.TARGET_LABEL}'")  # fmt: skip
     say("starting a local stack: 4 expert servers (prior, masked target, reward classifier, "
@@ -155,22 +156,11 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
         root = editing.write_assets(Path(tmp) / "assets")
         masks = editing.render(root)
         todo = jobs(write_inputs(Path(tmp) / "input.safetensors"), particles, steps, INPUTS)
-        with (start_stack or LocalStack.from_mapping)(stack_mapping(root)) as stack:
-            for name, address in stack.endpoints.experts.items():
-                say(f"  expert {name:<10} at {address}")
-            say(f"stack up in {time.perf_counter() - started:.1f}s; {len(todo)} jobs ...")
-            with Client.from_stack(stack, in_process=options.in_process) as client:
-
-                def one(name: str) -> tuple[str, Any]:
-                    t0 = time.perf_counter()
-                    result = client.generate(GenerationSpec.from_mapping(todo[name]))
-                    say(f"  {name:<13} {result.particles.shape[0]:4d} particles, "
-                        f"{evaluations(result):6d} evaluations, {time.perf_counter() - t0:.1f}s")  # fmt: skip
-                    return name, result
-
-                with ThreadPoolExecutor(max_workers=2) as pool:
-                    results = dict(pool.map(one, todo))
-        say("stack stopped")
+        with (
+            served_stack(stack_mapping(root), start_stack, started, jobs=len(todo)) as stack,
+            Client.from_stack(stack, in_process=options.in_process) as client,
+        ):
+            results = generate_all(client, todo, width=13)
     judge = compose.load_judge()
     images = editing.held_out_sources(INPUTS)
     scores: dict[str, list[dict[str, float]]] = {"poegen": [], "prior inpainting": [], "paste": []}

@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from poegen.clients.demo import DemoOptions
+from poegen.clients.demo import (
+    DemoOptions,
+    demo_settings,
+    evaluations,
+    generate_all,
+    say,
+    served_stack,
+)
 
 STARTUP_TIMEOUT_S = 600.0  # generous: a busy machine imports torch slowly
 SHOWN = 6  # canvases per row of the figure
@@ -94,10 +100,6 @@ def write_region(path: Path) -> Path:
     return path
 
 
-def evaluations(result: Any) -> int:
-    return sum(s for event in result.trace for (_, _, s) in event.timings.values())
-
-
 def jobs(region_file: Path, particles: int, steps: int) -> dict[str, dict[str, Any]]:
     """Every job's spec mapping by name: poegen, the product without MCMC/SMC, one per box."""
     from poegen.bench import baselines
@@ -163,17 +165,12 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
     from poegen.bench import apps
     from poegen.clients.digits_demo import draws
     from poegen.clients.sdk import Client
-    from poegen.clients.spec import GenerationSpec
-    from poegen.clients.stack import LocalStack
     from poegen.expert_servers.digits import compose, layout
 
-    particles, steps = options.particles or 64, options.steps or 20
-    if particles < 4 or steps < 2:
-        raise ValueError("demo: needs --particles >= 4 and --steps >= 2")
-    torch.set_num_threads(options.threads)
-    out = options.out or Path("out/demo_layout.png")
+    particles, steps, out = demo_settings(
+        options, particles=64, steps=20, out="out/demo_layout.png"
+    )
     started = time.perf_counter()
-    say = lambda line: print(line, flush=True)  # noqa: E731
     labels = " ".join(str(b.label) for b in layout.LAYOUT)
     say(f"poegen demo --app layout: digits {labels} in boxes on a {layout.CANVAS[1]}x"
         f"{layout.CANVAS[2]} canvas")  # fmt: skip
@@ -181,22 +178,11 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
         "reward classifier) + the Sampler service ...")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="poegen-layout-") as tmp:
         todo = jobs(write_region(Path(tmp) / "background_region.png"), particles, steps)
-        with (start_stack or LocalStack.from_mapping)(stack_mapping()) as stack:
-            for name, address in stack.endpoints.experts.items():
-                say(f"  expert {name:<10} at {address}")
-            say(f"stack up in {time.perf_counter() - started:.1f}s; {len(todo)} jobs ...")
-            with Client.from_stack(stack, in_process=options.in_process) as client:
-
-                def one(name: str) -> tuple[str, Any]:
-                    t0 = time.perf_counter()
-                    result = client.generate(GenerationSpec.from_mapping(todo[name]))
-                    say(f"  {name:<8} {result.particles.shape[0]:4d} particles, "
-                        f"{evaluations(result):6d} evaluations, {time.perf_counter() - t0:.1f}s")  # fmt: skip
-                    return name, result
-
-                with ThreadPoolExecutor(max_workers=2) as pool:
-                    results = dict(pool.map(one, todo))
-        say("stack stopped")
+        with (
+            served_stack(stack_mapping(), start_stack, started, jobs=len(todo)) as stack,
+            Client.from_stack(stack, in_process=options.in_process) as client,
+        ):
+            results = generate_all(client, todo, width=8)
     judge = compose.load_judge()
     poegen, product = results["poegen"], results["product"]
     pasted = layout.paste([results[f"box-{i}"].particles for i in range(len(layout.LAYOUT))])

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poegen.clients.demo import DemoOptions
+from poegen.clients.demo import DemoOptions, demo_settings, say, served_stack
 
 STARTUP_TIMEOUT_S = 600.0  # generous: a busy machine imports torch slowly
 SCALE = 3  # pixels per canvas pixel in the contact sheet
@@ -236,28 +236,19 @@ def table(scores: dict[str, dict[str, float]], evals: dict[str, int]) -> str:
 def run(options: DemoOptions, *, start_stack: Any = None) -> int:
     """The video demo (see the module docstring)."""
     from poegen.clients.sdk import Client
-    from poegen.clients.stack import LocalStack
     from poegen.expert_servers.digits import compose, video
     from poegen.expert_servers.digits.train import LABEL_NAMES
 
     # fewer levels than the benchmark's 12: the demo's budget is the stack's start
-    particles, steps = options.particles or 16, options.steps or 8
-    if particles < 4 or steps < 2:
-        raise ValueError("demo: needs --particles >= 4 and --steps >= 2")
-    torch.set_num_threads(options.threads)
-    out = options.out or Path("out/demo_video.png")
+    particles, steps, out = demo_settings(options, particles=16, steps=8, out="out/demo_video.png")
     started = time.perf_counter()
-    say = lambda line: print(line, flush=True)  # noqa: E731
     say(f"poegen demo --app video: a {LABEL_NAMES[video.LABEL]} along a MuJoCo trajectory, "
         f"{video.FRAMES} frames of {video.HEIGHT}x{video.WIDTH}, chunks of {video.CHUNK}")  # fmt: skip
     say("starting a local stack: 5 expert servers (class-conditional prior, background, "
         "temporal tie, reward classifier, physics) + the Sampler service ...")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="poegen-video-") as tmp:
         root = video.write_assets(Path(tmp) / "assets")
-        with (start_stack or LocalStack.from_mapping)(stack_mapping(root)) as stack:
-            for name, address in stack.endpoints.experts.items():
-                say(f"  expert {name:<10} at {address}")
-            say(f"stack up in {time.perf_counter() - started:.1f}s")
+        with served_stack(stack_mapping(root), start_stack, started) as stack:
             centres, boxes = simulated_boxes(stack.endpoints.experts["physics"])
             say(f"  physics: {len(boxes)} frames simulated, the ball from "
                 f"({centres[0, 0]:.1f}, {centres[0, 1]:.1f}) to "
@@ -265,7 +256,6 @@ def run(options: DemoOptions, *, start_stack: Any = None) -> int:
             jobs = VideoJobs(Path(tmp) / "tensors", boxes, particles, steps)
             with Client.from_stack(stack, in_process=options.in_process) as client:
                 videos = run_methods(client, jobs, say)
-        say("stack stopped")
     judge = compose.load_judge()
     scores = {m: video.video_metrics(judge, v, boxes, centres) for m, (v, _) in videos.items()}
     evals = {m: e for m, (_, e) in videos.items()}
