@@ -191,19 +191,13 @@ def test_digits_demo_runs_its_jobs_through_a_sampler_and_expert_servers(tmp_path
     stack mapping, jobs, Sampler service, SDK client, table and sheet, with the servers on
     real gRPC in this process (:class:`helpers.threaded_stack.ThreadedStack`) instead of a
     process each (the slow test below), 8 particles and 4 levels."""
-    from helpers.threaded_stack import ThreadedStack
+    from helpers.demos import run_fast_demo
     from PIL import Image
 
-    from poegen.clients.demo import DemoOptions
     from poegen.clients.digits_demo import COMPLETIONS, LABEL_WIDTH, SHEET_COLUMNS, TILE, run
 
     out = tmp_path / "sheet.png"
-    threads = torch.get_num_threads()
-    try:
-        options = DemoOptions(out=out, particles=8, steps=4, threads=1)
-        assert run(options, start_stack=ThreadedStack) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_fast_demo(run, out, particles=8, steps=4)
     printed = capsys.readouterr().out
     assert "stack stopped" in printed and str(out.resolve()) in printed
     assert re.search(r"expert left-half +at 127\.0\.0\.1:\d+", printed)

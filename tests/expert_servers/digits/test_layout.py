@@ -94,21 +94,13 @@ def test_layout_demo_runs_its_jobs_through_a_sampler_and_expert_servers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The fast form of ``poegen demo --app layout``: 8 particles, 4 levels."""
-    from helpers.threaded_stack import ThreadedStack
+    from helpers.demos import run_fast_demo
     from PIL import Image
 
-    from poegen.clients.demo import DemoOptions
     from poegen.clients.layout_demo import run
 
     out = tmp_path / "layout.png"
-    threads = torch.get_num_threads()
-    try:
-        assert (
-            run(DemoOptions(out=out, particles=8, steps=4, threads=1), start_stack=ThreadedStack)
-            == 0
-        )
-    finally:
-        torch.set_num_threads(threads)
+    run_fast_demo(run, out, particles=8, steps=4)
     printed = capsys.readouterr().out
     rows = {m.group(1): m.groups() for m in TABLE_ROW.finditer(printed)}
     assert set(rows) == {"poegen", "product without MCMC/SMC", "paste"}, printed
@@ -148,19 +140,11 @@ def test_the_benchmark_runs_every_method_at_equal_evaluations() -> None:
 def test_the_documented_generate_command_runs_the_example(tmp_path: Path) -> None:
     """``poegen generate examples/layout/spec.yaml --stack examples/layout/stack.yaml -o …``
     (docs/layout.md), as written: the stack's processes, the Sampler, the outputs."""
-    import subprocess
-    import sys
-
-    from helpers.timing import scaled
+    from helpers.demos import run_documented_generate
     from safetensors.torch import load_file
 
     out = tmp_path / "layout"
-    command = [
-        sys.executable, "-m", "poegen.clients.cli", "generate", str(EXAMPLES / "spec.yaml"),
-        "--stack", str(EXAMPLES / "stack.yaml"), "-o", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=scaled(600))
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_documented_generate(EXAMPLES, out)
     assert len(list(out.glob("sample_*.png"))) == 8 and (out / "contact_sheet.png").is_file()
     particles = load_file(out / "particles.safetensors")["particles"]
     assert particles.shape == (64, *layout.CANVAS)

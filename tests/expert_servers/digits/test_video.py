@@ -368,19 +368,15 @@ def test_the_video_demo_runs_through_a_sampler_and_expert_servers(
     digits_stack: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The fast form of ``poegen demo --app video``: 4 particles, 2 levels."""
+    from helpers.demos import run_fast_demo
     from PIL import Image
 
-    from poegen.clients.demo import APPS, DemoOptions
+    from poegen.clients.demo import APPS
     from poegen.clients.video_demo import run
 
     assert "video" in APPS
     out = tmp_path / "video.png"
-    threads = torch.get_num_threads()
-    try:
-        options = DemoOptions(out=out, particles=4, steps=2, threads=1)
-        assert run(options, start_stack=_reuse(digits_stack)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_fast_demo(run, out, particles=4, steps=2, start_stack=_reuse(digits_stack))
     printed = capsys.readouterr().out
     rows = {m.group(1): m.groups() for m in TABLE_ROW.finditer(printed)}
     assert set(rows) == {"poegen", "joint", "independent frames"}, printed
@@ -435,19 +431,11 @@ def test_the_benchmark_command_writes_its_table_and_json(
 def test_the_documented_generate_command_runs_the_example(tmp_path: Path) -> None:
     """``poegen generate examples/video/spec.yaml --stack examples/video/stack.yaml -o …``
     (docs/video.md), as written: the stack's processes, the Sampler, the outputs."""
-    import subprocess
-    import sys
-
-    from helpers.timing import scaled
+    from helpers.demos import run_documented_generate
     from safetensors.torch import load_file
 
     out = tmp_path / "video"
-    command = [
-        sys.executable, "-m", "poegen.clients.cli", "generate", str(EXAMPLES / "spec.yaml"),
-        "--stack", str(EXAMPLES / "stack.yaml"), "-o", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=scaled(900))
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_documented_generate(EXAMPLES, out, timeout_s=900)
     particles = load_file(out / "particles.safetensors")["particles"]
     assert particles.shape == (16, video.CHUNK, video.HEIGHT, video.WIDTH)
 
