@@ -1206,6 +1206,9 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         self.jobs = JobSlots(config.max_jobs, config.max_queued, self.metrics, self.job_ended)
         self.metrics.track_jobs(lambda: len(self.jobs.running()), self.jobs.waiting)
         self.store = _job_store(config)
+        # a durable store writes files: off the event loop, on one thread of its own (the
+        # loop's default executor would grow a thread per overlapping call)
+        self._store_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poegen-job-store")
         self._live: dict[str, Job] = {}  # queued and running jobs by id (on the loop)
         self._ended: dict[str, sampler_pb2.JobStatus] = {}  # kept ended jobs, oldest first
 
@@ -1221,8 +1224,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         queue = job.subscribe()
         self._live[job_id] = job  # the id is taken before the first await
         try:
-            # a directory store writes and renames a file: off the event loop
-            await asyncio.to_thread(self.store.put, job_id, "request", request.SerializeToString())
+            await self._in_store(self.store.put, job_id, "request", request.SerializeToString())
             self.jobs.submit(job)
         except BaseException:
             self._live.pop(job_id, None)
@@ -1255,7 +1257,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         status = self._status(job_id)
         yield sampler_pb2.AttachResponse(job=status)
         if status.state == JobState.JOB_STATE_SUCCEEDED:
-            data = await asyncio.to_thread(self.store.get, job_id, "result")
+            data = await self._in_store(self.store.get, job_id, "result")
             if data is None:
                 raise ExpertError.not_found("job_id", f"job {job_id}: its result is gone")
             yield sampler_pb2.AttachResponse(result=sampler_pb2.GenerateResult.FromString(data))
@@ -1292,6 +1294,12 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         return sampler_pb2.ListJobsResponse(jobs=[j.status for j in live] + ended)
 
     # ------------------------------------------------------------------ jobs
+
+    async def _in_store(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` on the store: in its thread when the store is on disk."""
+        if not self.store.durable:
+            return call(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._store_io, call, *args)
 
     def _new_id(self, requested: str) -> str:
         if not requested:
