@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 KERNEL_MATH = tuple(
     f"kernel/{name}.py"
     for name in (
-        "calls", "crop", "experts", "mcmc", "particles", "path", "potentials", "problem", "sampler",
+        "calls", "coupling", "crop", "experts", "mcmc", "particles", "path", "potentials", "problem", "sampler",
         "schedule", "spec", "target", "transition",
     )
 )  # fmt: skip

@@ -19,6 +19,7 @@ their weights, conditions, regions and links, the sampler's settings and the out
           box: [[0, 16], [8, 24]]     # [start, stop) per trailing sample dimension ...
           # mask: mask.png            # ... or a mask file (PNG/JPEG or .safetensors)
         # crop: [[0, 16], [8, 24]]    # the expert sees only this window of each sample
+        # parents: {depth: 0.5}       # a conditional expert, pulled toward factor "depth"
         condition:
           text: "a red cube"
           tensors:
@@ -293,6 +294,21 @@ class ExpertSpec(_Endpoint):
         "window of each sample (a 16×16 prior at a box of a larger canvas)",
     )
     links: list[Link] = Field(default_factory=list)
+    parents: dict[str, float] = Field(
+        default_factory=dict,
+        description="generative only: a conditional expert, its velocity pulled toward each "
+        "named factor's with the weight given (its expert must answer VelocityVjp)",
+    )
+
+    @field_validator("parents")
+    @classmethod
+    def _check_parents(cls, parents: dict[str, float]) -> dict[str, float]:
+        for name, pull in parents.items():
+            if not name:
+                raise ValueError("a parent needs a name")
+            if not math.isfinite(pull) or pull <= 0:
+                raise ValueError(f"the pull toward {name!r} must be finite and > 0, got {pull}")
+        return parents
 
     @field_validator("crop")
     @classmethod
@@ -433,6 +449,7 @@ class SpecBuilder:
         region: Region | Mapping[str, Any] | None = None,
         links: Sequence[Mapping[str, str] | Link] = (),
         crop: Sequence[tuple[int, int]] | None = None,
+        parents: Mapping[str, float] | None = None,
     ) -> SpecBuilder:
         entry: dict[str, Any] = {"address": address, "endpoint": endpoint, "weight": weight}
         if name is not None:
@@ -450,6 +467,8 @@ class SpecBuilder:
             entry["crop"] = [tuple(span) for span in crop]
         if links:
             entry["links"] = list(links)
+        if parents:
+            entry["parents"] = dict(parents)
         self._data["experts"].append(entry)
         return self
 
@@ -523,6 +542,7 @@ def to_request(
             factor.crop.add(start=start, stop=stop)
         for link in expert.links:
             factor.links.add(tensor=link.tensor, source=link.source, output=link.output)
+        factor.parents.update(expert.parents)
         factors.append(factor)
     sources = []
     for j, source in enumerate(spec.sources):

@@ -34,11 +34,13 @@ from poegen.kernel.spec import Factor
 @dataclass(frozen=True, slots=True)
 class ExpertStats:
     """One expert during one level: calls (after chunking), samples evaluated (the sum of
-    the calls' batch sizes) and wall-clock seconds."""
+    the calls' batch sizes), wall-clock seconds, and of the samples those of ``velocity_vjp``
+    calls (a forward and a backward pass each: a conditional expert's coupling)."""
 
     calls: int = 0
     seconds: float = 0.0
     samples: int = 0
+    vjp_samples: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +165,9 @@ class ExpertCalls:
         chunks = (n + size - 1) // size
         with self._lock:
             old = self._stats[call.bound.name]
+            vjp = n if call.method == "velocity_vjp" else 0
             self._stats[call.bound.name] = ExpertStats(
-                old.calls + chunks, old.seconds + elapsed, old.samples + n
+                old.calls + chunks, old.seconds + elapsed, old.samples + n, old.vjp_samples + vjp
             )
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
@@ -194,7 +197,7 @@ class ExpertCalls:
         return out.to(call.batch.dtype)
 
 
-_FINITE_METHODS = frozenset({"velocity", "score"})
+_FINITE_METHODS = frozenset({"velocity", "score", "velocity_vjp"})
 
 
 class NonFiniteOutputError(ValueError):

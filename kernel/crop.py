@@ -101,6 +101,11 @@ class CroppedExpert:
     def score(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self._pad(x, self.expert.score(self._crop(x), sigma))
 
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        # the padded velocity is zero outside the window: only the window's cotangent counts
+        vjp = self.expert.velocity_vjp(self._crop(x), sigma, self._crop(cotangent))
+        return self._pad(x, vjp)
+
     def log_prob(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.expert.log_prob(self._crop(x), sigma)
 

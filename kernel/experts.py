@@ -8,7 +8,9 @@ kinds of factor in the product
 * **generative** (``p_i``): ``velocity(x, sigma)`` of the rectified-flow path (see
   :mod:`poegen.kernel.path`); optionally ``score(x, sigma)`` and ``log_prob(x, sigma)``, the
   log-density of its noised marginal p_σ up to a constant that may depend on σ only. MALA and
-  HMC need ``log_prob`` from every generative expert.
+  HMC need ``log_prob`` from every generative expert. ``velocity_vjp(x, sigma, cotangent)``
+  (capability ``VJP``), J_v(x)ᵀ·c per sample, lets it be a *conditional* expert pulled toward
+  its parents' velocities (``Factor.parents``, :mod:`poegen.kernel.coupling`).
 * **discriminative** (``r_j``): ``log_potential(x0)``, a log-potential per sample of a batch of
   clean estimates x̂_0. No gradient is required: discriminative experts enter only through
   the SMC weights.
@@ -50,6 +52,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 ENTRY_POINT_GROUP = "poegen.experts"
@@ -85,6 +88,7 @@ class Capability(enum.StrEnum):
     AUTOENCODER = "autoencoder"
     SCHEDULE = "schedule"
     RENDER = "render"
+    VJP = "vjp"
 
 
 CAPABILITY_METHODS = {
@@ -95,6 +99,7 @@ CAPABILITY_METHODS = {
     Capability.AUTOENCODER: ("encode", "decode"),
     Capability.SCHEDULE: ("schedule",),
     Capability.RENDER: ("render",),
+    Capability.VJP: ("velocity_vjp",),
 }
 
 
@@ -177,6 +182,12 @@ class GenerativeExpert(Expert, Protocol):
         ...
 
 
+class DifferentiableExpert(GenerativeExpert, Protocol):
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        """J_v(x_σ)ᵀ·c of shape ``(B, *S)``: per sample, the gradient along x of ⟨v(x, σ), c⟩."""
+        ...
+
+
 class DiscriminativeExpert(Expert, Protocol):
     def log_potential(self, x0: Tensor) -> Tensor:
         """log-potential of each clean estimate, shape ``(B,)``."""
@@ -187,6 +198,18 @@ class ConstraintExpert(Expert, Protocol):
     def log_potential(self, x0: Tensor) -> Tensor:
         """0 where satisfied, −inf where violated (or a soft value ≤ 0), shape ``(B,)``."""
         ...
+
+
+def autograd_vjp(
+    velocity: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: Tensor, cotangent: Tensor
+) -> Tensor:
+    """J_v(x)ᵀ·c by torch autograd through ``velocity`` (which must not disable gradients):
+    how a generative expert with a differentiable velocity answers ``velocity_vjp``."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        v = velocity(leaf, sigma)
+        (vjp,) = torch.autograd.grad(v, leaf, cotangent.to(v.dtype))
+    return vjp.to(x.dtype)
 
 
 def check_expert(expert: object) -> ExpertInfo:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from poegen.kernel.calls import BoundFactor
+from poegen.kernel.coupling import Coupling
 from poegen.kernel.crop import CroppedExpert, check_window, window_mask, window_shape
 from poegen.kernel.experts import Capability, ExpertKind, KernelError, check_expert
 from poegen.kernel.schedule import checked_grid, sigmas_for
@@ -37,6 +38,7 @@ class Problem:
     needs_log_prob: bool
     needs_score: bool  # only MCMC moves read the score (and the ties' scores)
     pixels: PixelSource | None = None  # how pixel-input potentials see x̂_0; None: none of them
+    couplings: tuple[Coupling, ...] = ()  # conditional experts (``poegen.kernel.coupling``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,8 @@ def build_problem(
         raise KernelError(
             "factors", f"generative experts must share one latent space, got {sorted(spaces)}"
         )
-    masks = tuple(_mask(b, shape, dtype, device) for b in generative)
+    supports = [_support(b, shape, dtype, device) for b in generative]
+    masks = tuple(b.factor.weight * m for b, m in zip(generative, supports, strict=True))
     total = torch.stack(masks).sum(0)
     if (total <= 0).any():
         raise KernelError(
@@ -148,9 +151,61 @@ def build_problem(
                 "samples are latents decoded to pixels of another size",
             )
     needs_score = settings.mcmc_steps > 0  # the FK step forms its own score from V
+    couplings = _couplings(bound, generative, supports, settings)
     return Problem(
-        generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels
-    )
+        generative, potentials, proposers, ties, masks, total, needs_log_prob, needs_score, pixels,
+        couplings,
+    )  # fmt: skip
+
+
+def _couplings(
+    bound: Sequence[BoundFactor],
+    generative: tuple[BoundFactor, ...],
+    supports: Sequence[Tensor],
+    settings: SamplerSettings,
+) -> tuple[Coupling, ...]:
+    """The conditional experts of ``Factor.parents``, checked: each parent another generative
+    factor, overlapping the child somewhere; the child's expert answers ``velocity_vjp``; no
+    MH kernel (the coupled velocity has no log-density)."""
+    index = {b.name: i for i, b in enumerate(generative)}
+    couplings = []
+    for at, b in enumerate(bound):
+        if not b.factor.parents:
+            continue
+        where = f"factors[{at}].parents"
+        if b.info.kind != ExpertKind.GENERATIVE:
+            raise KernelError(where, f"only generative experts take parents; {b.name!r} is not")
+        if not b.info.supports(Capability.VJP):
+            raise KernelError(
+                where,
+                f"a conditional expert needs velocity_vjp; {b.name!r} does not announce 'vjp'",
+            )
+        if settings.mcmc in ("mala", "hmc") and settings.mcmc_steps > 0:
+            raise KernelError(
+                "mcmc",
+                f"{settings.mcmc!r} needs log-densities, which the coupled velocity of "
+                f"{b.name!r} has none of (use 'ula' or 'uhmc')",
+            )
+        child = index[b.name]
+        parents, weights, overlaps = [], [], []
+        for name, pull in b.factor.parents.items():
+            if name == b.name:
+                raise KernelError(f"{where}[{name}]", "a factor cannot be its own parent")
+            if name not in index:
+                raise KernelError(
+                    f"{where}[{name}]", f"no generative factor named {name!r} (known: "
+                    f"{', '.join(sorted(index))})",
+                )  # fmt: skip
+            overlap = supports[child] * supports[index[name]]
+            if not bool((overlap > 0).any()):
+                raise KernelError(
+                    f"{where}[{name}]", f"{b.name!r} and {name!r} share no coordinate to couple"
+                )
+            parents.append(index[name])
+            weights.append(float(pull))
+            overlaps.append(overlap)
+        couplings.append(Coupling(child, tuple(parents), tuple(weights), tuple(overlaps)))
+    return tuple(couplings)
 
 
 def _pixel_source(
@@ -213,14 +268,14 @@ def _bind(index: int, factor: Factor, shape: tuple[int, ...]) -> BoundFactor:
     return BoundFactor(factor, info, factor.name or info.name)
 
 
-def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
-    """w_i·m_i over the sample shape (m_i = 1 without a region, times the crop's window)."""
+def _support(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """m_i over the sample shape: the region (1 without one) times the crop's window."""
     region = b.factor.region
     window = None
     if b.factor.crop is not None:
         window = window_mask(b.factor.crop, shape, dtype=dtype, device=device)
     if region is None:
-        mask = torch.full(shape, b.factor.weight, dtype=dtype, device=device)
+        mask = torch.ones(shape, dtype=dtype, device=device)
         return mask if window is None else mask * window
     region = torch.as_tensor(region, dtype=dtype, device=device)
     if tuple(region.shape) != shape:
@@ -229,5 +284,4 @@ def _mask(b: BoundFactor, shape: tuple[int, ...], dtype: torch.dtype, device) ->
         )
     if not torch.isfinite(region).all() or (region < 0).any() or (region > 1).any():
         raise KernelError("region", f"factor {b.name!r} needs values in [0, 1]")
-    mask = b.factor.weight * region
-    return mask if window is None else mask * window
+    return region if window is None else region * window

@@ -25,7 +25,8 @@ samples fits the message size limit (the smaller of ours and the server's).
 channel.
 
 Calls and their RPCs: ``velocity(x, σ)`` → ``Velocity``; ``log_prob(x, σ)`` and
-``log_potential(x0)`` → ``LogProb`` (with and without σ); ``score(x, σ)`` → ``Score``; ``propose(x, σ, seed=)`` and
+``log_potential(x0)`` → ``LogProb`` (with and without σ); ``score(x, σ)`` → ``Score``;
+``velocity_vjp(x, σ, c)`` → ``VelocityVjp``; ``propose(x, σ, seed=)`` and
 ``project(x, σ)`` → ``Propose``; ``encode(pixels)`` / ``decode(latents)`` → ``Encode`` /
 ``Decode``; ``schedule(num_steps, sample_shape)`` → ``Schedule``; ``render(names)`` →
 ``Render`` for the prepared condition. Every reply's model revision is recorded in
@@ -121,6 +122,7 @@ _CAPABILITIES = {
     expert_pb2.CAPABILITY_AUTOENCODER: Capability.AUTOENCODER,
     expert_pb2.CAPABILITY_SCHEDULE: Capability.SCHEDULE,
     expert_pb2.CAPABILITY_RENDER: Capability.RENDER,
+    expert_pb2.CAPABILITY_VJP: Capability.VJP,
 }
 _LOOPBACK_PREFIXES = ("localhost:", "127.", "[::1]:", "unix:", "ipv4:127.", "ipv6:[::1]")
 _MESSAGE_OVERHEAD = 64 << 10  # room for the fields around the tensors of a message
@@ -319,6 +321,12 @@ class RemoteExpert:
         """∇ log q_σ(x_σ) ``(B, *S)`` from ``Score``."""
         request = expert_pb2.ScoreRequest()
         return self._call("Score", request, {"x": x, "sigma": sigma}, "score", x, x.dtype)
+
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        """J_v(x_σ)ᵀ·c ``(B, *S)`` from ``VelocityVjp``."""
+        request = expert_pb2.VelocityVjpRequest()
+        tensors = {"x": x, "sigma": sigma, "cotangent": cotangent.to(x.dtype)}
+        return self._call("VelocityVjp", request, tensors, "vjp", x, x.dtype)
 
     def log_potential(self, x0: Tensor) -> Tensor:
         """log-potential ``(B,)`` of clean estimates from ``LogProb`` without σ."""

@@ -314,6 +314,9 @@ class ReplicatedExpert:
     def score(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self._dispatch("Score", lambda e: e.score(x, sigma))
 
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        return self._dispatch("VelocityVjp", lambda e: e.velocity_vjp(x, sigma, cotangent))
+
     def log_potential(self, x0: Tensor) -> Tensor:
         return self._dispatch("LogProb", lambda e: e.log_potential(x0))
 

@@ -283,6 +283,7 @@ class FactorPlan:
     name: str | None
     links: tuple[LinkPlan, ...] = ()
     crop: tuple[tuple[int, int], ...] | None = None
+    parents: tuple[tuple[str, float], ...] = ()  # a conditional expert's parents and pulls
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,9 +525,17 @@ def _parse_factor(
             crop = check_window(spans, shape, f"{where}.crop")
         except KernelError as e:
             raise ExpertError.invalid(e.field, e.reason) from None
+    parents = []
+    for parent, pull in sorted(spec.parents.items()):
+        _check_name(f"{where}.parents", parent)
+        if not parent:
+            raise ExpertError.invalid(f"{where}.parents", "a parent needs a name")
+        if not math.isfinite(pull) or pull <= 0:
+            raise ExpertError.invalid(f"{where}.parents[{parent}]", "must be finite and > 0")
+        parents.append((parent, float(pull)))
     return FactorPlan(
         address, float(weight), condition, region, spec.name or None,
-        _parse_links(where, spec), crop,
+        _parse_links(where, spec), crop, tuple(parents),
     )  # fmt: skip
 
 
@@ -569,7 +578,11 @@ def level_event(trace: LevelTrace, *, preview: bool) -> sampler_pb2.GenerateResp
         log_evidence=trace.log_evidence,
         timings=[
             sampler_pb2.ExpertTiming(
-                name=name, calls=stats.calls, seconds=stats.seconds, samples=stats.samples
+                name=name,
+                calls=stats.calls,
+                seconds=stats.seconds,
+                samples=stats.samples,
+                vjp_samples=stats.vjp_samples,
             )
             for name, stats in trace.experts.items()
         ],
@@ -857,7 +870,14 @@ class Job:
         experts = self._connect()
         plan = self.plan
         factors = [
-            Factor(expert, weight=f.weight, region=f.region, name=f.name, crop=f.crop)
+            Factor(
+                expert,
+                weight=f.weight,
+                region=f.region,
+                name=f.name,
+                crop=f.crop,
+                parents=dict(f.parents),
+            )
             for f, expert in zip(plan.factors, experts, strict=True)
         ]
         generator = torch.Generator().manual_seed(plan.seed)

@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -78,6 +79,10 @@ class Factor:
         crop: [start, stop) per trailing sample dimension: the expert sees only this window
             of each sample, and its factor is p(x_W) (or r(x̂_0[W])); see
             ``poegen.kernel.crop``. ``None``: the whole sample.
+        parents: generative only: makes the factor a *conditional expert*, its velocity pulled
+            toward each named parent's (another generative factor) with the weight given,
+            ``{"depth": 0.5}``; its expert must answer ``velocity_vjp``. See
+            ``poegen.kernel.coupling``. Empty: no coupling.
     """
 
     expert: Expert
@@ -85,10 +90,16 @@ class Factor:
     region: Tensor | None = None
     name: str | None = None
     crop: tuple[tuple[int, int], ...] | None = None
+    parents: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.weight):
             raise KernelError("weight", f"must be finite, got {self.weight}")
+        for parent, pull in self.parents.items():
+            if not isinstance(parent, str) or not parent:
+                raise KernelError("parents", f"names a parent by {parent!r}, expected a name")
+            if not math.isfinite(pull) or pull <= 0:
+                raise KernelError(f"parents[{parent}]", f"must be finite and > 0, got {pull}")
 
 
 class SamplerSettings(BaseModel):

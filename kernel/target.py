@@ -1,7 +1,8 @@
 """The intermediate target π_σ ∝ Π_i p_{i,σ}^{w_i}·Π_c q_c,σ^{w_c} at a level, evaluated at a
 batch: the experts' velocities combined into the averaged velocity, the summed score, the
 summed log-density and, under the FK transition, the Feynman–Kac rate and the ties'
-log-densities (``poegen.kernel.transition``). One :func:`target_factory` per run; every expert
+log-densities (``poegen.kernel.transition``). Conditional experts' velocities are pulled toward
+their parents' first (``poegen.kernel.coupling``). One :func:`target_factory` per run; every expert
 call goes through its :class:`~poegen.kernel.calls.ExpertCalls`.
 """
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from poegen.kernel import mcmc, transition
 from poegen.kernel.calls import Call, ExpertCalls
+from poegen.kernel.coupling import coupled_velocities
 from poegen.kernel.path import score_from_velocity
 from poegen.kernel.problem import Problem
 from poegen.kernel.spec import SamplerSettings
@@ -49,6 +51,9 @@ def target_factory(
             velocities = [next(out) for _ in range(g)]
             tie_scores = [next(out) for b in ties if problem.needs_score]
             densities = list(out)
+            velocities = coupled_velocities(
+                problem.couplings, problem.generative, calls, x, sig, velocities
+            )
             velocity = weighted_sum(problem.masks, velocities)
             score = None
             if problem.needs_score:

@@ -41,7 +41,7 @@ from poegen.expert_servers.analytic._checks import (
     resolve_shape,
     revision,
 )
-from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind
+from poegen.kernel.experts import Capability, ExpertInfo, ExpertKind, autograd_vjp
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -127,7 +127,7 @@ class GaussianMixture:
         return ExpertInfo(
             name=self._name,
             kind=ExpertKind.GENERATIVE,
-            capabilities=frozenset({Capability.SCORE, Capability.LOG_PROB}),
+            capabilities=frozenset({Capability.SCORE, Capability.LOG_PROB, Capability.VJP}),
             sample_shape=self._sample_shape,
             max_batch=self._max_batch,
             model_id="analytic",
@@ -163,6 +163,10 @@ class GaussianMixture:
         gain = (s - (1 - s) * self._eigvals.to(flat)[..., None]) / c
         out = self._mix(r, gain * y) - r.T @ self._means.to(flat)
         return out.reshape(x.shape).to(x.dtype)
+
+    def velocity_vjp(self, x: Tensor, sigma: Tensor | float, cotangent: Tensor) -> Tensor:
+        """J_v(x)ᵀ·c by autograd through the closed-form velocity; ``(B, *S)``."""
+        return autograd_vjp(self.velocity, x, torch.as_tensor(sigma), cotangent)
 
     # --- the clean law -----------------------------------------------------------------------
 

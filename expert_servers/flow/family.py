@@ -30,7 +30,14 @@ from torch import Tensor
 
 from poegen.expert_servers.flow.common import Lazy, LoadOptions
 from poegen.expert_servers.server.adapter import Condition
-from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind, LatentLayout
+from poegen.kernel.experts import (
+    Capability,
+    Expert,
+    ExpertInfo,
+    ExpertKind,
+    LatentLayout,
+    autograd_vjp,
+)
 from poegen.kernel.refusal import ExpertError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +70,7 @@ class FamilyExpert:
         self._info = ExpertInfo(
             name=name or self.family,
             kind=ExpertKind.GENERATIVE,
-            capabilities=frozenset({Capability.AUTOENCODER, Capability.SCHEDULE}),
+            capabilities=frozenset({Capability.AUTOENCODER, Capability.SCHEDULE, Capability.VJP}),
             model_id=model_id,
             revision=revision,
             latent_space=space,
@@ -96,6 +103,10 @@ class FamilyExpert:
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         """The default condition's velocity (empty prompt)."""
         return self._default.get().velocity(x, sigma)
+
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        """The default condition's J_vᵀ·c."""
+        return self._default.get().velocity_vjp(x, sigma, cotangent)
 
     def fresh_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
         """A new scheduler from the folder's config (schedulers are stateful)."""
@@ -144,6 +155,13 @@ class FamilyView:
     @torch.no_grad()
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         """v(x_σ, σ): the model on x, or on the box's crop of x (zero elsewhere)."""
+        return self._boxed_velocity(x, sigma)
+
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        """J_v(x_σ)ᵀ·c by autograd through the transformer (a conditional expert's pull)."""
+        return autograd_vjp(self._boxed_velocity, x, sigma, cotangent)
+
+    def _boxed_velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.box is None:
             return self._velocity(x, sigma)
         top, left, height, width = self.box

@@ -23,6 +23,7 @@ Options: the common ones (``poegen.expert_servers.flow.common``) and ``timestep_
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,7 +49,14 @@ from poegen.expert_servers.flow.common import (
 )
 from poegen.expert_servers.flow.family import scheduler_layout
 from poegen.expert_servers.server.adapter import Condition, ModelRef, Progress, ServedModel
-from poegen.kernel.experts import Capability, Expert, ExpertInfo, ExpertKind, LatentLayout
+from poegen.kernel.experts import (
+    Capability,
+    Expert,
+    ExpertInfo,
+    ExpertKind,
+    LatentLayout,
+    autograd_vjp,
+)
 from poegen.kernel.refusal import ExpertError
 
 _MODEL_DIRS = ("", "transformer", "unet")
@@ -171,7 +179,7 @@ class FlowModelExpert:
         self._info = ExpertInfo(
             name=name,
             kind=ExpertKind.GENERATIVE,
-            capabilities=frozenset({Capability.SCHEDULE})
+            capabilities=frozenset({Capability.SCHEDULE, Capability.VJP})
             | (frozenset({Capability.AUTOENCODER}) if vae is not None else frozenset()),
             model_id=model_id,
             revision=revision,
@@ -188,7 +196,11 @@ class FlowModelExpert:
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self._velocity(x, sigma, None)
 
-    @torch.no_grad()
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        """J_v(x_σ)ᵀ·c by autograd through the model (a conditional expert's pull)."""
+        velocity = functools.partial(self._velocity, label=None)
+        return autograd_vjp(velocity, x, sigma, cotangent)
+
     def _velocity(self, x: Tensor, sigma: Tensor, label: int | None) -> Tensor:
         check_batch(x, sigma, self.channels, self.sample_ndim)
         device, dtype = self.model.device, self.model.dtype
@@ -263,6 +275,10 @@ class ClassView:
     @torch.no_grad()
     def velocity(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.expert._velocity(x, sigma, self.label)
+
+    def velocity_vjp(self, x: Tensor, sigma: Tensor, cotangent: Tensor) -> Tensor:
+        velocity = functools.partial(self.expert._velocity, label=self.label)
+        return autograd_vjp(velocity, x, sigma, cotangent)
 
     def schedule(self, num_steps: int, sample_shape: tuple[int, ...]) -> list[float]:
         return self.expert.schedule(num_steps, sample_shape)

@@ -1,7 +1,7 @@
 """The ``poegen.v1.ExpertService`` servicer: thin transport over ``serving`` and ``models``.
 
 Every method is proto → tensors → data plane → proto. A data-plane RPC (Velocity, LogProb,
-Score, Propose, Encode, Decode, Schedule, Render) runs its whole body, from decoding the
+Score, VelocityVjp, Propose, Encode, Decode, Schedule, Render) runs its whole body, from decoding the
 request to serialising the reply, in one worker thread (``_velocity`` etc., through
 :meth:`ExpertServing.call`): the event loop only takes the model and hands over. Replies
 carry their tensors as :class:`~poegen.kernel.codec.Serialized` bytes (appended from the
@@ -169,6 +169,21 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
         item = self._serving.score_item(model, x, sigma, request.handle, finish)
         return self._serving.run_or_defer(item)
+
+    @maps_errors
+    async def VelocityVjp(
+        self, request: Received[pb.VelocityVjpRequest], context: grpc.aio.ServicerContext
+    ) -> Reply:
+        return await self._serving.call(self._velocity_vjp, self._models.require(), request)
+
+    def _velocity_vjp(self, model: LoadedModel, request: Received[pb.VelocityVjpRequest]) -> Any:
+        x = self._tensor(request, "x")
+        sigma = self._tensor(request, "sigma")
+        cotangent = self._tensor(request, "cotangent")
+        room = self._reply_room(request, x)
+        out = self._serving.velocity_vjp(model, x, sigma, cotangent, request.handle)
+        reply = pb.VelocityVjpResponse(revision=model.revision)
+        return self._serving.reply(reply, "vjp", out, room, self._limits.shared_memory)
 
     @maps_errors
     async def Propose(

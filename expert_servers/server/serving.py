@@ -1,10 +1,11 @@
 """The data plane: validated calls of the served expert, off the event loop.
 
-Each model-call method (``velocity``, ``log_prob``, ``score``, ``propose``, ``encode``,
-``decode``, ``schedule``, ``render``) takes the :class:`LoadedModel` the call started with (so
-a hot swap never changes the model under a running call), checks its inputs against that
-model, runs the expert under ``torch.inference_mode()``, checks what the expert returned, and
-returns the result. These methods are synchronous and run in the host's worker threads: the
+Each model-call method (``velocity``, ``velocity_vjp``, ``log_prob``, ``score``, ``propose``,
+``encode``, ``decode``, ``schedule``, ``render``) takes the :class:`LoadedModel` the call
+started with (so a hot swap never changes the model under a running call), checks its inputs
+against that model, runs the expert under ``torch.inference_mode()`` (``velocity_vjp`` with
+autograd, and ``prepare`` under ``no_grad`` so that its tensors can enter a VJP's graph),
+checks what the expert returned, and returns the result. These methods are synchronous and run in the host's worker threads: the
 gRPC servicer (``service``) hands a whole call (decode the request, call the expert, serialise
 the reply: :meth:`ExpertServing.reply`) to :meth:`ExpertServing.call`, one hop from the event
 loop to a worker and back per RPC. Every thread hop is a wake-up, and on a virtual machine
@@ -16,6 +17,7 @@ Input checks, each an :class:`ExpertError` naming the field:
   least 1 and, when the expert announces a sample shape, ``(B, *S)`` (``x.shape``); no NaN or
   infinity (``x``, checked in the worker thread); ``B`` at most the model's ``max_batch`` (RESOURCE_EXHAUSTED on ``x.shape``).
 * ``sigma``: shape ``(B,)``, floating, each in (0, 1] (see ``refusal.validate_sigma``).
+* ``cotangent`` (VelocityVjp): x's shape and dtype, finite.
 * ``LogProb``: ``sigma`` required for a generative expert, absent for the other kinds.
 * the kind and capabilities: Velocity of a non-generative expert, LogProb with σ of a
   generative expert without ``log_prob``, Propose in a mode it does not announce, Encode/Decode
@@ -65,6 +67,13 @@ AUTOENCODER = Capability.AUTOENCODER.value  # capability of Encode/Decode (see h
 def _inference(fn: Callable[..., _T], *args: Any) -> _T:
     # inference_mode is thread-local: entered in the worker thread, around the expert only
     with torch.inference_mode():
+        return fn(*args)
+
+
+def _no_grad(fn: Callable[..., _T], *args: Any) -> _T:
+    # Prepare: what it keeps (prompt embeddings, condition latents) may later enter a
+    # VelocityVjp's autograd graph, which inference-mode tensors cannot
+    with torch.no_grad():
         return fn(*args)
 
 
@@ -138,7 +147,7 @@ class ExpertServing:
         """A handle for ``condition`` encoded by ``model``."""
         expert = model.expert
         if isinstance(expert, Conditionable):
-            view = await self.call(_inference, expert.prepare, condition)
+            view = await self.call(_no_grad, expert.prepare, condition)
             if not isinstance(view, Expert):
                 raise RuntimeError(f"{model.info.name}: prepare() returned no Expert")
         elif condition.is_empty():
@@ -189,6 +198,32 @@ class ExpertServing:
             return _checked(v, (int(xs.shape[0]), *sample), "velocity").to(dtype)
 
         return self._item("Velocity", model, target, x, sigma, compute, finish)
+
+    def velocity_vjp(
+        self, model: LoadedModel, x: Tensor, sigma: Tensor, cotangent: Tensor, handle: str
+    ) -> Tensor:
+        """J_v(x_σ)ᵀ·c of shape ``x.shape``, dtype ``x.dtype`` (capability VJP). Runs with
+        autograd on (the adapter differentiates its model), never merged with other calls."""
+        if model.info.kind != ExpertKind.GENERATIVE or not model.info.supports(Capability.VJP):
+            raise ExpertError.failed_precondition(
+                "x", "this expert does not answer VelocityVjp (no 'vjp' capability)"
+            )
+        batch = self._check_batch(model, x, "x", "VelocityVjp")
+        validate_sigma(sigma, batch)
+        if tuple(cotangent.shape) != tuple(x.shape):
+            raise ExpertError.invalid(
+                "cotangent.shape", f"{list(cotangent.shape)}, expected x's {list(x.shape)}"
+            )
+        if cotangent.dtype != x.dtype:
+            raise ExpertError.invalid("cotangent.dtype", f"{cotangent.dtype}, expected {x.dtype}")
+        target = self._target(model, handle)
+        validate_finite(x, "x")
+        validate_finite(cotangent, "cotangent")
+        out = target.velocity_vjp(x, sigma, cotangent)
+        out = _checked(out, tuple(x.shape), "vjp")
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError(f"{model.info.name}: velocity_vjp returned NaN or infinity")
+        return out.detach().to(x.dtype)
 
     def log_prob(self, model: LoadedModel, x: Tensor, sigma: Tensor | None, handle: str) -> Tensor:
         """With σ: log q_σ(x_σ) (generative experts, and others announcing LOG_PROB). Without:

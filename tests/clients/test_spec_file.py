@@ -85,6 +85,8 @@ def _errors(path: Path) -> SpecError:
             "experts[0].links[0].source",
         ),
         ({"experts": [{"address": "a:1"}], "output": {"samples": -1}}, "output.samples"),
+        ({"experts": [{"address": "a:1", "parents": {"b": -1.0}}]}, "experts[0].parents"),
+        ({"experts": [{"address": "a:1", "parents": {"b": "x"}}]}, "experts[0].parents.b"),
     ],
 )
 def test_errors_name_the_exact_path(tmp_path: Path, data: dict, path: str) -> None:
@@ -225,6 +227,27 @@ def test_request_resolves_endpoints_links_and_sources() -> None:
     with pytest.raises(SpecError) as error:
         to_request(spec, (2,), {"flux": "127.0.0.1:5"})
     assert error.value.paths == ("sources[0].endpoint",)
+
+
+def test_parents_make_a_conditional_expert_on_the_wire(tmp_path: Path) -> None:
+    """``parents`` in a spec file and in the builder: the same ``FactorSpec.parents``."""
+    loaded = GenerationSpec.from_file(
+        _write(
+            tmp_path,
+            {"experts": [{"endpoint": "fill", "parents": {"depth": 0.5}}, {"endpoint": "depth"}]},
+        )
+    )
+    built = (
+        SpecBuilder()
+        .expert(endpoint="fill", parents={"depth": 0.5})
+        .expert(endpoint="depth")
+        .build()
+    )
+    endpoints = {"fill": "h:1", "depth": "h:2"}
+    request = to_request(loaded, (2,), endpoints)
+    assert dict(request.factors[0].parents) == {"depth": 0.5}
+    assert not request.factors[1].parents
+    assert to_request(built, (2,), endpoints) == request
 
 
 def test_the_builder_makes_the_same_spec_as_a_file(tmp_path: Path) -> None:

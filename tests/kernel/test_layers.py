@@ -24,7 +24,7 @@ import pytest
 
 KERNEL = Path(__file__).resolve().parents[2] / "kernel"
 MATH = (
-    "calls", "crop", "experts", "mcmc", "particles", "path", "potentials", "problem", "sampler",
+    "calls", "coupling", "crop", "experts", "mcmc", "particles", "path", "potentials", "problem", "sampler",
     "schedule", "spec", "target", "transition",
 )  # fmt: skip
 WIRE = (

@@ -77,7 +77,7 @@ def test_describe_maps_the_servers_answer(loop: LoopThread) -> None:
         info = remote.describe()
     assert info.name == "m"
     assert info.kind == ExpertKind.GENERATIVE
-    assert info.capabilities == frozenset({Capability.LOG_PROB, Capability.SCORE})
+    assert info.capabilities == frozenset({Capability.LOG_PROB, Capability.SCORE, Capability.VJP})
     assert info.sample_shape == (3,)
     assert info.max_batch == 8
     assert info.model_id == "analytic"

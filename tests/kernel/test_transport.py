@@ -86,7 +86,7 @@ def test_generated_stubs_read_wire_messages() -> None:
 
 
 def test_the_token_guards_every_rpc_but_health() -> None:
-    """Both hosts share TokenInterceptor: every RPC of the expert host (ExpertService's 12) and
+    """Both hosts share TokenInterceptor: every RPC of the expert host (ExpertService's 13) and
     of the sampler host (SamplerService's 5), read from the descriptors, and server
     reflection on each, is refused UNAUTHENTICATED naming ``authorization`` for each bad
     credential and reaches its handler with the token; health needs none (the probes')."""
@@ -94,7 +94,7 @@ def test_the_token_guards_every_rpc_but_health() -> None:
     sampler_rpcs = auth.methods(
         sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"], REFLECTION
     )
-    assert len(expert_rpcs) - 1 + len(sampler_rpcs) - 1 == 12 + 5
+    assert len(expert_rpcs) - 1 + len(sampler_rpcs) - 1 == 13 + 5
     health_rpcs = [HEALTH.methods_by_name["Check"], HEALTH.methods_by_name["Watch"]]
 
     async def check(channel: grpc.aio.Channel, rpcs: list) -> None:

@@ -25,6 +25,7 @@ class Capability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPABILITY_AUTOENCODER: _ClassVar[Capability]
     CAPABILITY_SCHEDULE: _ClassVar[Capability]
     CAPABILITY_RENDER: _ClassVar[Capability]
+    CAPABILITY_VJP: _ClassVar[Capability]
 
 class ProposeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ CAPABILITY_PROJECT: Capability
 CAPABILITY_AUTOENCODER: Capability
 CAPABILITY_SCHEDULE: Capability
 CAPABILITY_RENDER: Capability
+CAPABILITY_VJP: Capability
 PROPOSE_MODE_UNSPECIFIED: ProposeMode
 PROPOSE_MODE_PROPOSE: ProposeMode
 PROPOSE_MODE_PROJECT: ProposeMode
@@ -342,3 +344,25 @@ class ScoreResponse(_message.Message):
     score: _tensor_pb2.Tensor
     revision: str
     def __init__(self, score: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...
+
+class VelocityVjpRequest(_message.Message):
+    __slots__ = ("x", "sigma", "cotangent", "handle", "reply_shared_memory")
+    X_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    COTANGENT_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    x: _tensor_pb2.Tensor
+    sigma: _tensor_pb2.Tensor
+    cotangent: _tensor_pb2.Tensor
+    handle: str
+    reply_shared_memory: _tensor_pb2.SharedMemoryRef
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigma: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., handle: _Optional[str] = ..., reply_shared_memory: _Optional[_Union[_tensor_pb2.SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class VelocityVjpResponse(_message.Message):
+    __slots__ = ("vjp", "revision")
+    VJP_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    vjp: _tensor_pb2.Tensor
+    revision: str
+    def __init__(self, vjp: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...

@@ -97,6 +97,11 @@ class ExpertServiceStub:
                 request_serializer=poegen_dot_v1_dot_expert__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=poegen_dot_v1_dot_expert__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.VelocityVjp = channel.unary_unary(
+                '/poegen.v1.ExpertService/VelocityVjp',
+                request_serializer=poegen_dot_v1_dot_expert__pb2.VelocityVjpRequest.SerializeToString,
+                response_deserializer=poegen_dot_v1_dot_expert__pb2.VelocityVjpResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -194,6 +199,15 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VelocityVjp(self, request, context):
+        """Vector-Jacobian product of the velocity, J_v(x_sigma)^T times a cotangent, per sample, by
+        a generative expert that announces CAPABILITY_VJP: a conditional expert's pull toward its
+        parents' predictions needs it (the sampler asks only when a job's spec couples factors).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +270,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=poegen_dot_v1_dot_expert__pb2.ScoreRequest.FromString,
                     response_serializer=poegen_dot_v1_dot_expert__pb2.ScoreResponse.SerializeToString,
+            ),
+            'VelocityVjp': grpc.unary_unary_rpc_method_handler(
+                    servicer.VelocityVjp,
+                    request_deserializer=poegen_dot_v1_dot_expert__pb2.VelocityVjpRequest.FromString,
+                    response_serializer=poegen_dot_v1_dot_expert__pb2.VelocityVjpResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -585,6 +604,33 @@ class ExpertService:
             '/poegen.v1.ExpertService/Score',
             poegen_dot_v1_dot_expert__pb2.ScoreRequest.SerializeToString,
             poegen_dot_v1_dot_expert__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VelocityVjp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poegen.v1.ExpertService/VelocityVjp',
+            poegen_dot_v1_dot_expert__pb2.VelocityVjpRequest.SerializeToString,
+            poegen_dot_v1_dot_expert__pb2.VelocityVjpResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,55 +26,59 @@ from poegen.v1 import expert_pb2 as poegen_dot_v1_dot_expert__pb2
 from poegen.v1 import tensor_pb2 as poegen_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17poegen/v1/sampler.proto\x12\tpoegen.v1\x1a\x16poegen/v1/expert.proto\x1a\x16poegen/v1/tensor.proto\"\xdf\x01\n\nFactorSpec\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\tcondition\x18\x03 \x01(\x0b\x32\x14.poegen.v1.Condition\x12!\n\x06region\x18\x04 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\'\n\x05links\x18\x06 \x03(\x0b\x32\x18.poegen.v1.ConditionLink\x12\x1d\n\x04\x63rop\x18\x07 \x03(\x0b\x32\x0f.poegen.v1.SpanB\t\n\x07_weight\"#\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0c\n\x04stop\x18\x02 \x01(\x03\"?\n\rConditionLink\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"Y\n\x0f\x43onditionSource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\tcondition\x18\x03 \x01(\x0b\x32\x14.poegen.v1.Condition\"\xc3\x07\n\x0fSamplerSettings\x12\x1a\n\rnum_particles\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tnum_steps\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\nmcmc_steps\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x15\n\x08schedule\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x12\n\x05shift\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0e\n\x06sigmas\x18\x06 \x03(\x01\x12\x11\n\x04mcmc\x18\x07 \x01(\tH\x05\x88\x01\x01\x12\x16\n\tstep_size\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tstep_rule\x18\t \x01(\tH\x07\x88\x01\x01\x12\x1b\n\x0eleapfrog_steps\x18\n \x01(\x03H\x08\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x0b \x01(\x01H\t\x88\x01\x01\x12\x1a\n\ress_threshold\x18\x0c \x01(\x01H\n\x88\x01\x01\x12\x17\n\nresampling\x18\r \x01(\tH\x0b\x88\x01\x01\x12\x16\n\ttempering\x18\x0e \x01(\tH\x0c\x88\x01\x01\x12\x1b\n\x0etempering_rate\x18\x0f \x01(\x01H\r\x88\x01\x01\x12\x1a\n\rtempering_ess\x18\x10 \x01(\x01H\x0e\x88\x01\x01\x12\x16\n\tweighting\x18\x11 \x01(\tH\x0f\x88\x01\x01\x12\x16\n\tmax_batch\x18\x12 \x01(\x03H\x10\x88\x01\x01\x12\x13\n\x06preset\x18\x13 \x01(\tH\x11\x88\x01\x01\x12\x1f\n\x12\x63onstraint_penalty\x18\x14 \x01(\x01H\x12\x88\x01\x01\x12\x19\n\x0cmcmc_rewards\x18\x15 \x01(\x08H\x13\x88\x01\x01\x12\x17\n\ntransition\x18\x16 \x01(\tH\x14\x88\x01\x01\x12\x16\n\tsde_noise\x18\x17 \x01(\x01H\x15\x88\x01\x01\x12\x1c\n\x0f\x61\x64\x61pt_step_size\x18\x18 \x01(\x08H\x16\x88\x01\x01\x42\x10\n\x0e_num_particlesB\x0c\n\n_num_stepsB\r\n\x0b_mcmc_stepsB\x0b\n\t_scheduleB\x08\n\x06_shiftB\x07\n\x05_mcmcB\x0c\n\n_step_sizeB\x0c\n\n_step_ruleB\x11\n\x0f_leapfrog_stepsB\n\n\x08_dampingB\x10\n\x0e_ess_thresholdB\r\n\x0b_resamplingB\x0c\n\n_temperingB\x11\n\x0f_tempering_rateB\x10\n\x0e_tempering_essB\x0c\n\n_weightingB\x0c\n\n_max_batchB\t\n\x07_presetB\x15\n\x13_constraint_penaltyB\x0f\n\r_mcmc_rewardsB\r\n\x0b_transitionB\x0c\n\n_sde_noiseB\x12\n\x10_adapt_step_size\"\xe9\x01\n\x0fGenerateRequest\x12&\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x15.poegen.v1.FactorSpec\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12,\n\x08settings\x18\x03 \x01(\x0b\x32\x1a.poegen.v1.SamplerSettings\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0f\n\x07preview\x18\x05 \x01(\x08\x12+\n\x07sources\x18\x06 \x03(\x0b\x32\x1a.poegen.v1.ConditionSource\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tach\x18\x08 \x01(\x08\"\xdb\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.poegen.v1.JobState\x12\x13\n\x0blevels_done\x18\x03 \x01(\x03\x12\x0e\n\x06levels\x18\x04 \x01(\x03\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x0f\n\x07resumes\x18\x07 \x01(\x03\x12\x13\n\x0b\x65rror_field\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x10\n\x08\x65nded_at\x18\n \x01(\x01\"\x1f\n\rAttachRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x95\x01\n\x0e\x41ttachResponse\x12&\n\x05level\x18\x01 \x01(\x0b\x32\x15.poegen.v1.LevelEventH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.poegen.v1.GenerateResultH\x00\x12#\n\x03job\x18\x03 \x01(\x0b\x32\x14.poegen.v1.JobStatusH\x00\x42\t\n\x07payload\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.poegen.v1.JobStatus\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x11\x43\x61ncelJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.poegen.v1.JobStatus\"\x11\n\x0fListJobsRequest\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.poegen.v1.JobStatus\"M\n\x0c\x45xpertTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x03\"\xf7\x01\n\nLevelEvent\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05sigma\x18\x02 \x01(\x01\x12\x0b\n\x03\x65ss\x18\x03 \x01(\x01\x12\x11\n\tresampled\x18\x04 \x01(\x08\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\x12\x19\n\x11log_weight_spread\x18\x06 \x01(\x01\x12\x14\n\x0creward_scale\x18\x07 \x01(\x01\x12(\n\x07timings\x18\x08 \x03(\x0b\x32\x17.poegen.v1.ExpertTiming\x12\"\n\x07preview\x18\t \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x14\n\x0clog_evidence\x18\n \x01(\x01\"S\n\x0c\x45xpertRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x11\n\trevisions\x18\x04 \x03(\t\"\xb2\x01\n\x0eGenerateResult\x12$\n\tparticles\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12&\n\x0blog_weights\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x14\n\x0clog_evidence\x18\x03 \x01(\x01\x12\x12\n\nbest_index\x18\x04 \x01(\x03\x12(\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x17.poegen.v1.ExpertRecord\"\x97\x01\n\x10GenerateResponse\x12&\n\x05level\x18\x01 \x01(\x0b\x32\x15.poegen.v1.LevelEventH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.poegen.v1.GenerateResultH\x00\x12#\n\x03job\x18\x03 \x01(\x0b\x32\x14.poegen.v1.JobStatusH\x00\x42\t\n\x07payload*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xe4\x02\n\x0eSamplerService\x12\x45\n\x08Generate\x12\x1a.poegen.v1.GenerateRequest\x1a\x1b.poegen.v1.GenerateResponse0\x01\x12?\n\x06\x41ttach\x12\x18.poegen.v1.AttachRequest\x1a\x19.poegen.v1.AttachResponse0\x01\x12=\n\x06GetJob\x12\x18.poegen.v1.GetJobRequest\x1a\x19.poegen.v1.GetJobResponse\x12\x46\n\tCancelJob\x12\x1b.poegen.v1.CancelJobRequest\x1a\x1c.poegen.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.poegen.v1.ListJobsRequest\x1a\x1b.poegen.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17poegen/v1/sampler.proto\x12\tpoegen.v1\x1a\x16poegen/v1/expert.proto\x1a\x16poegen/v1/tensor.proto\"\xc4\x02\n\nFactorSpec\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\tcondition\x18\x03 \x01(\x0b\x32\x14.poegen.v1.Condition\x12!\n\x06region\x18\x04 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\'\n\x05links\x18\x06 \x03(\x0b\x32\x18.poegen.v1.ConditionLink\x12\x1d\n\x04\x63rop\x18\x07 \x03(\x0b\x32\x0f.poegen.v1.Span\x12\x33\n\x07parents\x18\x08 \x03(\x0b\x32\".poegen.v1.FactorSpec.ParentsEntry\x1a.\n\x0cParentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_weight\"#\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0c\n\x04stop\x18\x02 \x01(\x03\"?\n\rConditionLink\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"Y\n\x0f\x43onditionSource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\tcondition\x18\x03 \x01(\x0b\x32\x14.poegen.v1.Condition\"\xc3\x07\n\x0fSamplerSettings\x12\x1a\n\rnum_particles\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tnum_steps\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\nmcmc_steps\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x15\n\x08schedule\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x12\n\x05shift\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0e\n\x06sigmas\x18\x06 \x03(\x01\x12\x11\n\x04mcmc\x18\x07 \x01(\tH\x05\x88\x01\x01\x12\x16\n\tstep_size\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tstep_rule\x18\t \x01(\tH\x07\x88\x01\x01\x12\x1b\n\x0eleapfrog_steps\x18\n \x01(\x03H\x08\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x0b \x01(\x01H\t\x88\x01\x01\x12\x1a\n\ress_threshold\x18\x0c \x01(\x01H\n\x88\x01\x01\x12\x17\n\nresampling\x18\r \x01(\tH\x0b\x88\x01\x01\x12\x16\n\ttempering\x18\x0e \x01(\tH\x0c\x88\x01\x01\x12\x1b\n\x0etempering_rate\x18\x0f \x01(\x01H\r\x88\x01\x01\x12\x1a\n\rtempering_ess\x18\x10 \x01(\x01H\x0e\x88\x01\x01\x12\x16\n\tweighting\x18\x11 \x01(\tH\x0f\x88\x01\x01\x12\x16\n\tmax_batch\x18\x12 \x01(\x03H\x10\x88\x01\x01\x12\x13\n\x06preset\x18\x13 \x01(\tH\x11\x88\x01\x01\x12\x1f\n\x12\x63onstraint_penalty\x18\x14 \x01(\x01H\x12\x88\x01\x01\x12\x19\n\x0cmcmc_rewards\x18\x15 \x01(\x08H\x13\x88\x01\x01\x12\x17\n\ntransition\x18\x16 \x01(\tH\x14\x88\x01\x01\x12\x16\n\tsde_noise\x18\x17 \x01(\x01H\x15\x88\x01\x01\x12\x1c\n\x0f\x61\x64\x61pt_step_size\x18\x18 \x01(\x08H\x16\x88\x01\x01\x42\x10\n\x0e_num_particlesB\x0c\n\n_num_stepsB\r\n\x0b_mcmc_stepsB\x0b\n\t_scheduleB\x08\n\x06_shiftB\x07\n\x05_mcmcB\x0c\n\n_step_sizeB\x0c\n\n_step_ruleB\x11\n\x0f_leapfrog_stepsB\n\n\x08_dampingB\x10\n\x0e_ess_thresholdB\r\n\x0b_resamplingB\x0c\n\n_temperingB\x11\n\x0f_tempering_rateB\x10\n\x0e_tempering_essB\x0c\n\n_weightingB\x0c\n\n_max_batchB\t\n\x07_presetB\x15\n\x13_constraint_penaltyB\x0f\n\r_mcmc_rewardsB\r\n\x0b_transitionB\x0c\n\n_sde_noiseB\x12\n\x10_adapt_step_size\"\xe9\x01\n\x0fGenerateRequest\x12&\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x15.poegen.v1.FactorSpec\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12,\n\x08settings\x18\x03 \x01(\x0b\x32\x1a.poegen.v1.SamplerSettings\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0f\n\x07preview\x18\x05 \x01(\x08\x12+\n\x07sources\x18\x06 \x03(\x0b\x32\x1a.poegen.v1.ConditionSource\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tach\x18\x08 \x01(\x08\"\xdb\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.poegen.v1.JobState\x12\x13\n\x0blevels_done\x18\x03 \x01(\x03\x12\x0e\n\x06levels\x18\x04 \x01(\x03\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x0f\n\x07resumes\x18\x07 \x01(\x03\x12\x13\n\x0b\x65rror_field\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x10\n\x08\x65nded_at\x18\n \x01(\x01\"\x1f\n\rAttachRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x95\x01\n\x0e\x41ttachResponse\x12&\n\x05level\x18\x01 \x01(\x0b\x32\x15.poegen.v1.LevelEventH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.poegen.v1.GenerateResultH\x00\x12#\n\x03job\x18\x03 \x01(\x0b\x32\x14.poegen.v1.JobStatusH\x00\x42\t\n\x07payload\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.poegen.v1.JobStatus\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x11\x43\x61ncelJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.poegen.v1.JobStatus\"\x11\n\x0fListJobsRequest\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.poegen.v1.JobStatus\"b\n\x0c\x45xpertTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x03\x12\x13\n\x0bvjp_samples\x18\x05 \x01(\x03\"\xf7\x01\n\nLevelEvent\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05sigma\x18\x02 \x01(\x01\x12\x0b\n\x03\x65ss\x18\x03 \x01(\x01\x12\x11\n\tresampled\x18\x04 \x01(\x08\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\x12\x19\n\x11log_weight_spread\x18\x06 \x01(\x01\x12\x14\n\x0creward_scale\x18\x07 \x01(\x01\x12(\n\x07timings\x18\x08 \x03(\x0b\x32\x17.poegen.v1.ExpertTiming\x12\"\n\x07preview\x18\t \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x14\n\x0clog_evidence\x18\n \x01(\x01\"S\n\x0c\x45xpertRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x11\n\trevisions\x18\x04 \x03(\t\"\xb2\x01\n\x0eGenerateResult\x12$\n\tparticles\x18\x01 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12&\n\x0blog_weights\x18\x02 \x01(\x0b\x32\x11.poegen.v1.Tensor\x12\x14\n\x0clog_evidence\x18\x03 \x01(\x01\x12\x12\n\nbest_index\x18\x04 \x01(\x03\x12(\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x17.poegen.v1.ExpertRecord\"\x97\x01\n\x10GenerateResponse\x12&\n\x05level\x18\x01 \x01(\x0b\x32\x15.poegen.v1.LevelEventH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.poegen.v1.GenerateResultH\x00\x12#\n\x03job\x18\x03 \x01(\x0b\x32\x14.poegen.v1.JobStatusH\x00\x42\t\n\x07payload*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xe4\x02\n\x0eSamplerService\x12\x45\n\x08Generate\x12\x1a.poegen.v1.GenerateRequest\x1a\x1b.poegen.v1.GenerateResponse0\x01\x12?\n\x06\x41ttach\x12\x18.poegen.v1.AttachRequest\x1a\x19.poegen.v1.AttachResponse0\x01\x12=\n\x06GetJob\x12\x18.poegen.v1.GetJobRequest\x1a\x19.poegen.v1.GetJobResponse\x12\x46\n\tCancelJob\x12\x1b.poegen.v1.CancelJobRequest\x1a\x1c.poegen.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.poegen.v1.ListJobsRequest\x1a\x1b.poegen.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'poegen.v1.sampler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=3117
-  _globals['_JOBSTATE']._serialized_end=3271
+  _globals['_FACTORSPEC_PARENTSENTRY']._loaded_options = None
+  _globals['_FACTORSPEC_PARENTSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=3239
+  _globals['_JOBSTATE']._serialized_end=3393
   _globals['_FACTORSPEC']._serialized_start=87
-  _globals['_FACTORSPEC']._serialized_end=310
-  _globals['_SPAN']._serialized_start=312
-  _globals['_SPAN']._serialized_end=347
-  _globals['_CONDITIONLINK']._serialized_start=349
-  _globals['_CONDITIONLINK']._serialized_end=412
-  _globals['_CONDITIONSOURCE']._serialized_start=414
-  _globals['_CONDITIONSOURCE']._serialized_end=503
-  _globals['_SAMPLERSETTINGS']._serialized_start=506
-  _globals['_SAMPLERSETTINGS']._serialized_end=1469
-  _globals['_GENERATEREQUEST']._serialized_start=1472
-  _globals['_GENERATEREQUEST']._serialized_end=1705
-  _globals['_JOBSTATUS']._serialized_start=1708
-  _globals['_JOBSTATUS']._serialized_end=1927
-  _globals['_ATTACHREQUEST']._serialized_start=1929
-  _globals['_ATTACHREQUEST']._serialized_end=1960
-  _globals['_ATTACHRESPONSE']._serialized_start=1963
-  _globals['_ATTACHRESPONSE']._serialized_end=2112
-  _globals['_GETJOBREQUEST']._serialized_start=2114
-  _globals['_GETJOBREQUEST']._serialized_end=2145
-  _globals['_GETJOBRESPONSE']._serialized_start=2147
-  _globals['_GETJOBRESPONSE']._serialized_end=2198
-  _globals['_CANCELJOBREQUEST']._serialized_start=2200
-  _globals['_CANCELJOBREQUEST']._serialized_end=2234
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2236
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2290
-  _globals['_LISTJOBSREQUEST']._serialized_start=2292
-  _globals['_LISTJOBSREQUEST']._serialized_end=2309
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2311
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2365
-  _globals['_EXPERTTIMING']._serialized_start=2367
-  _globals['_EXPERTTIMING']._serialized_end=2444
-  _globals['_LEVELEVENT']._serialized_start=2447
-  _globals['_LEVELEVENT']._serialized_end=2694
-  _globals['_EXPERTRECORD']._serialized_start=2696
-  _globals['_EXPERTRECORD']._serialized_end=2779
-  _globals['_GENERATERESULT']._serialized_start=2782
-  _globals['_GENERATERESULT']._serialized_end=2960
-  _globals['_GENERATERESPONSE']._serialized_start=2963
-  _globals['_GENERATERESPONSE']._serialized_end=3114
-  _globals['_SAMPLERSERVICE']._serialized_start=3274
-  _globals['_SAMPLERSERVICE']._serialized_end=3630
+  _globals['_FACTORSPEC']._serialized_end=411
+  _globals['_FACTORSPEC_PARENTSENTRY']._serialized_start=354
+  _globals['_FACTORSPEC_PARENTSENTRY']._serialized_end=400
+  _globals['_SPAN']._serialized_start=413
+  _globals['_SPAN']._serialized_end=448
+  _globals['_CONDITIONLINK']._serialized_start=450
+  _globals['_CONDITIONLINK']._serialized_end=513
+  _globals['_CONDITIONSOURCE']._serialized_start=515
+  _globals['_CONDITIONSOURCE']._serialized_end=604
+  _globals['_SAMPLERSETTINGS']._serialized_start=607
+  _globals['_SAMPLERSETTINGS']._serialized_end=1570
+  _globals['_GENERATEREQUEST']._serialized_start=1573
+  _globals['_GENERATEREQUEST']._serialized_end=1806
+  _globals['_JOBSTATUS']._serialized_start=1809
+  _globals['_JOBSTATUS']._serialized_end=2028
+  _globals['_ATTACHREQUEST']._serialized_start=2030
+  _globals['_ATTACHREQUEST']._serialized_end=2061
+  _globals['_ATTACHRESPONSE']._serialized_start=2064
+  _globals['_ATTACHRESPONSE']._serialized_end=2213
+  _globals['_GETJOBREQUEST']._serialized_start=2215
+  _globals['_GETJOBREQUEST']._serialized_end=2246
+  _globals['_GETJOBRESPONSE']._serialized_start=2248
+  _globals['_GETJOBRESPONSE']._serialized_end=2299
+  _globals['_CANCELJOBREQUEST']._serialized_start=2301
+  _globals['_CANCELJOBREQUEST']._serialized_end=2335
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2337
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2391
+  _globals['_LISTJOBSREQUEST']._serialized_start=2393
+  _globals['_LISTJOBSREQUEST']._serialized_end=2410
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2412
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2466
+  _globals['_EXPERTTIMING']._serialized_start=2468
+  _globals['_EXPERTTIMING']._serialized_end=2566
+  _globals['_LEVELEVENT']._serialized_start=2569
+  _globals['_LEVELEVENT']._serialized_end=2816
+  _globals['_EXPERTRECORD']._serialized_start=2818
+  _globals['_EXPERTRECORD']._serialized_end=2901
+  _globals['_GENERATERESULT']._serialized_start=2904
+  _globals['_GENERATERESULT']._serialized_end=3082
+  _globals['_GENERATERESPONSE']._serialized_start=3085
+  _globals['_GENERATERESPONSE']._serialized_end=3236
+  _globals['_SAMPLERSERVICE']._serialized_start=3396
+  _globals['_SAMPLERSERVICE']._serialized_end=3752
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,14 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class FactorSpec(_message.Message):
-    __slots__ = ("address", "weight", "condition", "region", "name", "links", "crop")
+    __slots__ = ("address", "weight", "condition", "region", "name", "links", "crop", "parents")
+    class ParentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +40,7 @@ class FactorSpec(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: float
     condition: _expert_pb2.Condition
@@ -40,7 +48,8 @@ class FactorSpec(_message.Message):
     name: str
     links: _containers.RepeatedCompositeFieldContainer[ConditionLink]
     crop: _containers.RepeatedCompositeFieldContainer[Span]
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[float] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ..., region: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., name: _Optional[str] = ..., links: _Optional[_Iterable[_Union[ConditionLink, _Mapping]]] = ..., crop: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
+    parents: _containers.ScalarMap[str, float]
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[float] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ..., region: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., name: _Optional[str] = ..., links: _Optional[_Iterable[_Union[ConditionLink, _Mapping]]] = ..., crop: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., parents: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("start", "stop")
@@ -217,16 +226,18 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
 
 class ExpertTiming(_message.Message):
-    __slots__ = ("name", "calls", "seconds", "samples")
+    __slots__ = ("name", "calls", "seconds", "samples", "vjp_samples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VJP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     calls: int
     seconds: float
     samples: int
-    def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    vjp_samples: int
+    def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ..., vjp_samples: _Optional[int] = ...) -> None: ...
 
 class LevelEvent(_message.Message):
     __slots__ = ("step", "sigma", "ess", "resampled", "acceptance_rate", "log_weight_spread", "reward_scale", "timings", "preview", "log_evidence")

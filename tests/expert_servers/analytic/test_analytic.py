@@ -46,7 +46,7 @@ def full_sigma(s, n=64):
 def test_describe_is_a_generative_expert_with_score_and_log_prob():
     info = check_expert(mixture(name="m", max_batch=8))
     assert info.kind == ExpertKind.GENERATIVE
-    assert info.capabilities == {Capability.SCORE, Capability.LOG_PROB}
+    assert info.capabilities == {Capability.SCORE, Capability.LOG_PROB, Capability.VJP}
     assert (info.name, info.sample_shape, info.max_batch) == ("m", (2,), 8)
     assert info.model_id == "analytic"
 

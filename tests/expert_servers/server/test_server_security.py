@@ -26,14 +26,14 @@ BEARER = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def test_token_is_required_on_every_rpc_but_health() -> None:
-    """All 12 RPCs of ExpertService (read from the descriptor) and server reflection are
+    """All 13 RPCs of ExpertService (read from the descriptor) and server reflection are
     refused UNAUTHENTICATED, naming ``authorization``, for every bad credential; with the token
     each reaches its handler (no UNAUTHENTICATED); health answers without one (the probes')."""
     guarded = auth.methods(
         pb.DESCRIPTOR.services_by_name["ExpertService"],
         reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
     )
-    assert len(guarded) == 13  # 12 expert RPCs + ServerReflectionInfo
+    assert len(guarded) == 14  # 13 expert RPCs + ServerReflectionInfo
 
     async def body() -> None:
         async with running(ServerConfig(token=TOKEN), expert=Gaussian()) as server:
@@ -43,7 +43,7 @@ def test_token_is_required_on_every_rpc_but_health() -> None:
                     refused, (grpc.StatusCode.UNAUTHENTICATED, "authorization")
                 ), metadata
             admitted = await auth.answers(server.channel, guarded, BEARER)
-            assert len(admitted) == 13
+            assert len(admitted) == 14
             assert all(code != grpc.StatusCode.UNAUTHENTICATED for code, _ in admitted.values())
             assert admitted["ExpertService/Describe"][0] == grpc.StatusCode.OK
             # the service is served (not UNIMPLEMENTED): every handler answered
