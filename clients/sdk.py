@@ -109,6 +109,8 @@ class ProgressEvent:
         eta_s: seconds left at the mean pace so far (``None`` when unknown).
         timings: per expert name, (calls, seconds, samples) of this level.
         preview: the best particle's clean estimate (shape S), when asked for.
+        vjp_samples: per expert name, how many of its samples were ``VelocityVjp`` (a
+            conditional expert's coupling: a forward and a backward pass each); 0 if none.
     """
 
     step: int
@@ -124,20 +126,24 @@ class ProgressEvent:
     eta_s: float | None
     timings: Mapping[str, tuple[int, float, int]] = field(default_factory=dict)
     preview: Tensor | None = None
+    # its own field, not a fourth entry of the timings' tuples, which callers unpack as three
+    vjp_samples: Mapping[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN → None; no preview)."""
         out: dict[str, Any] = {}
         for name in self.__slots__:  # type: ignore[attr-defined]
-            if name == "preview":
+            if name in ("preview", "vjp_samples"):  # vjp_samples: inside each timing below
                 continue
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
                 value = None
             if name == "timings":
                 value = {
-                    k: {"calls": c, "seconds": s, "samples": n} for k, (c, s, n) in value.items()
-                }
+                    k: {"calls": c, "seconds": s, "samples": n,
+                        "vjp_samples": self.vjp_samples.get(k, 0)}
+                    for k, (c, s, n) in value.items()
+                }  # fmt: skip
             out[name] = value
         return out
 
@@ -635,6 +641,7 @@ def _progress(level: sampler_pb2.LevelEvent, pace: _Pace) -> ProgressEvent:
         log_evidence=float(level.log_evidence),
         timings={t.name: (t.calls, t.seconds, t.samples) for t in level.timings},
         preview=preview,
+        vjp_samples={t.name: int(t.vjp_samples) for t in level.timings},
     )
 
 

@@ -61,7 +61,7 @@ class ClassifierAdapter:
         expert = ClassifierExpert(
             model.to(device).eval(), processor, model_id=ref.model_id, revision=_revision(folder)
         )
-        return ServedModel(expert)
+        return ServedModel(expert, concurrent=False)  # a transformers model
 
 
 def load_classifier(folder: Path, ref: ModelRef) -> tuple[Any, Any]:

@@ -87,7 +87,10 @@ class FluxAdapter:
         pipe = load_pipeline(self.pipelines[name], folder, ref, opts)
         expert = self.expert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
         return ServedModel(
-            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+            expert,
+            latent_space=expert.describe().latent_space,
+            max_batch=opts.max_batch,
+            concurrent=False,  # a diffusers pipeline: one call at a time
         )
 
     def expert(self, pipe: Any, opts: Any, **kw: Any) -> FluxExpert:

@@ -128,7 +128,10 @@ class FlowAdapter:
             revision=model_revision(folder), latent_space=opts.latent_space,
         )  # fmt: skip
         return ServedModel(
-            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+            expert,
+            latent_space=expert.describe().latent_space,
+            max_batch=opts.max_batch,
+            concurrent=False,  # a diffusers pipeline: one call at a time
         )
 
 

@@ -75,7 +75,10 @@ class SD3Adapter:
         pipe = load_pipeline(PIPELINES[name], folder, ref, opts)
         expert = SD3Expert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
         return ServedModel(
-            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+            expert,
+            latent_space=expert.describe().latent_space,
+            max_batch=opts.max_batch,
+            concurrent=False,  # a diffusers pipeline: one call at a time
         )
 
 

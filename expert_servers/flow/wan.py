@@ -97,7 +97,10 @@ class WanAdapter:
             )
         expert = WanExpert(pipe, opts, model_id=ref.model_id, revision=model_revision(folder))
         return ServedModel(
-            expert, latent_space=expert.describe().latent_space, max_batch=opts.max_batch
+            expert,
+            latent_space=expert.describe().latent_space,
+            max_batch=opts.max_batch,
+            concurrent=False,  # a diffusers pipeline: one call at a time
         )
 
 

@@ -268,4 +268,4 @@ class GraphicsAdapter:
             moves=next(k for k, v in MOVES.items() if v == physics.moves),
             model_id=ref.model_id,
         )
-        return ServedModel(expert, latent_space=expert.latent_space)
+        return ServedModel(expert, latent_space=expert.latent_space, concurrent=False)  # MuJoCo

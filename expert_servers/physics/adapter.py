@@ -120,4 +120,4 @@ class PhysicsAdapter:
             model_id=ref.model_id,
         )
         progress(1.0, "physics ready")
-        return ServedModel(expert, latent_space=expert.latent_space)
+        return ServedModel(expert, latent_space=expert.latent_space, concurrent=False)  # MuJoCo

@@ -62,11 +62,18 @@ class ServedModel:
             share it.
         max_batch: the largest batch one call may carry, overriding the expert's own limit;
             ``None`` keeps the expert's.
+        concurrent: whether the expert answers calls from several threads at once correctly
+            (pure tensor functions, like the analytic experts). ``False`` for a library model
+            (diffusers, transformers, MuJoCo): the host then runs one of its calls at a time.
+            A FLUX pipeline called from three threads on freshly prepared conditions was seen
+            to return another velocity for the same input now and then (a job then did not
+            reproduce), and never with one call at a time.
     """
 
     expert: Expert
     latent_space: str = ""
     max_batch: int | None = None
+    concurrent: bool = True
 
 
 @dataclass(frozen=True, slots=True)

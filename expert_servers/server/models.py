@@ -24,14 +24,17 @@ every load, so a revision names one loaded model across processes and restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import re
 import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from poegen.expert_servers.server.adapter import ModelAdapter, ModelRef, Progress, ServedModel
 from poegen.kernel.experts import Expert, ExpertInfo, check_expert
@@ -70,6 +73,7 @@ class LoadedModel:
         revision: the host's revision of this load.
         latent_space: name of its latent space, or "".
         max_batch: the largest batch one call may carry, or ``None``.
+        concurrent: ``ServedModel.concurrent``: calls may run at once; else one at a time.
     """
 
     expert: Expert
@@ -78,6 +82,14 @@ class LoadedModel:
     revision: str
     latent_space: str = ""
     max_batch: int | None = None
+    concurrent: bool = True
+    # one model call at a time when not concurrent (``ServedModel.concurrent``); reentrant: an
+    # expert's lazily prepared default condition runs inside a call
+    lock: Any = field(default_factory=threading.RLock, compare=False, repr=False)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[object]:
+        """Held around every call into the expert: its lock, or nothing if it is concurrent."""
+        return contextlib.nullcontext() if self.concurrent else self.lock
 
 
 def resolve_model_id(model_id: str, *, root: Path | None, allowlist: tuple[str, ...]) -> ModelRef:
@@ -273,7 +285,9 @@ class ModelManager:
             revision = f"{self._instance}.{self._generation}"
         max_batch = served.max_batch if served.max_batch is not None else info.max_batch
         latent_space = served.latent_space or info.latent_space
-        return LoadedModel(served.expert, info, model_id, revision, latent_space, max_batch)
+        return LoadedModel(
+            served.expert, info, model_id, revision, latent_space, max_batch, served.concurrent
+        )
 
     async def _swap(self, model: LoadedModel) -> None:
         self._current = model

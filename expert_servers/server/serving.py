@@ -4,8 +4,9 @@ Each model-call method (``velocity``, ``velocity_vjp``, ``log_prob``, ``score``,
 ``encode``, ``decode``, ``schedule``, ``render``) takes the :class:`LoadedModel` the call
 started with (so a hot swap never changes the model under a running call), checks its inputs
 against that model, runs the expert under ``torch.inference_mode()`` (``velocity_vjp`` with
-autograd, and ``prepare`` under ``no_grad`` so that its tensors can enter a VJP's graph),
-checks what the expert returned, and returns the result. These methods are synchronous and run in the host's worker threads: the
+autograd, and ``prepare`` under ``no_grad`` so that its tensors can enter a VJP's graph) and,
+for a model that is not ``concurrent`` (a library model: ``ServedModel.concurrent``), one call
+at a time, checks what the expert returned, and returns the result. These methods are synchronous and run in the host's worker threads: the
 gRPC servicer (``service``) hands a whole call (decode the request, call the expert, serialise
 the reply: :meth:`ExpertServing.reply`) to :meth:`ExpertServing.call`, one hop from the event
 loop to a worker and back per RPC. Every thread hop is a wake-up, and on a virtual machine
@@ -64,16 +65,17 @@ MAX_SCHEDULE_STEPS = 10_000  # more levels than any sampler needs; bounds the re
 AUTOENCODER = Capability.AUTOENCODER.value  # capability of Encode/Decode (see has_autoencoder)
 
 
-def _inference(fn: Callable[..., _T], *args: Any) -> _T:
-    # inference_mode is thread-local: entered in the worker thread, around the expert only
-    with torch.inference_mode():
+def _inference(model: LoadedModel, fn: Callable[..., _T], *args: Any) -> _T:
+    # inference_mode is thread-local: entered in the worker thread, around the expert only;
+    # a model that is not concurrent answers one call at a time (ServedModel.concurrent)
+    with model.exclusive(), torch.inference_mode():
         return fn(*args)
 
 
-def _no_grad(fn: Callable[..., _T], *args: Any) -> _T:
+def _no_grad(model: LoadedModel, fn: Callable[..., _T], *args: Any) -> _T:
     # Prepare: what it keeps (prompt embeddings, condition latents) may later enter a
     # VelocityVjp's autograd graph, which inference-mode tensors cannot
-    with torch.no_grad():
+    with model.exclusive(), torch.no_grad():
         return fn(*args)
 
 
@@ -147,7 +149,7 @@ class ExpertServing:
         """A handle for ``condition`` encoded by ``model``."""
         expert = model.expert
         if isinstance(expert, Conditionable):
-            view = await self.call(_no_grad, expert.prepare, condition)
+            view = await self.call(_no_grad, model, expert.prepare, condition)
             if not isinstance(view, Expert):
                 raise RuntimeError(f"{model.info.name}: prepare() returned no Expert")
         elif condition.is_empty():
@@ -194,7 +196,7 @@ class ExpertServing:
         sample, dtype = tuple(x.shape[1:]), x.dtype
 
         def compute(xs: Tensor, s: Tensor | None) -> Tensor:
-            v = _inference(target.velocity, xs, s)
+            v = _inference(model, target.velocity, xs, s)
             return _checked(v, (int(xs.shape[0]), *sample), "velocity").to(dtype)
 
         return self._item("Velocity", model, target, x, sigma, compute, finish)
@@ -219,7 +221,8 @@ class ExpertServing:
         target = self._target(model, handle)
         validate_finite(x, "x")
         validate_finite(cotangent, "cotangent")
-        out = target.velocity_vjp(x, sigma, cotangent)
+        with model.exclusive():  # with autograd: the adapter differentiates its model
+            out = target.velocity_vjp(x, sigma, cotangent)
         out = _checked(out, tuple(x.shape), "vjp")
         if not bool(torch.isfinite(out).all()):
             raise RuntimeError(f"{model.info.name}: velocity_vjp returned NaN or infinity")
@@ -260,9 +263,9 @@ class ExpertServing:
 
         def compute(xs: Tensor, s: Tensor | None) -> Tensor:
             if s is not None:
-                out = _inference(target.log_prob, xs, s)
+                out = _inference(model, target.log_prob, xs, s)
             else:
-                out = _inference(target.log_potential, xs)
+                out = _inference(model, target.log_potential, xs)
             out = _checked(out, (int(xs.shape[0]),), "log_prob").to(wire)
             if bool(torch.isnan(out).any()) or bool(torch.isposinf(out).any()):
                 raise RuntimeError(f"{name}: log_prob holds NaN or +inf")
@@ -292,7 +295,7 @@ class ExpertServing:
         sample, dtype = tuple(x.shape[1:]), x.dtype
 
         def compute(xs: Tensor, s: Tensor | None) -> Tensor:
-            out = _inference(target.score, xs, s)
+            out = _inference(model, target.score, xs, s)
             return _checked(out, (int(xs.shape[0]), *sample), "score").to(dtype)
 
         return self._item("Score", model, target, x, sigma, compute, finish)
@@ -330,9 +333,9 @@ class ExpertServing:
         target = self._target(model, handle)
         validate_finite(x, "x")
         if project:
-            out = _inference(target.project, x, sigma)
+            out = _inference(model, target.project, x, sigma)
         else:
-            out = _inference(target.propose, x, sigma, seed)
+            out = _inference(model, target.propose, x, sigma, seed)
         return _checked(out, tuple(x.shape), "x").to(x.dtype)
 
     @staticmethod
@@ -359,7 +362,7 @@ class ExpertServing:
         self._check_batch(model, t, field, method, sample_shape=False)
         expert: Any = model.expert
         fn = expert.encode if method == "Encode" else expert.decode
-        out = _inference(fn, validate_finite(t, field))
+        out = _inference(model, fn, validate_finite(t, field))
         if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != t.shape[0]:
             raise RuntimeError(f"{model.info.name}: {method.lower()} returned a wrong batch")
         if out.numel() * out.element_size() > self._max_bytes:
@@ -388,7 +391,7 @@ class ExpertServing:
                 "sample_shape", f"{list(sample_shape)}, expected {list(expected)}"
             )
         expert: Any = model.expert
-        levels = _inference(expert.schedule, num_steps, sample_shape)
+        levels = _inference(model, expert.schedule, num_steps, sample_shape)
         # a broken grid is the expert's bug (INTERNAL), not the caller's
         return checked_grid(levels, num_steps, model.info.name).tolist()
 
@@ -397,7 +400,7 @@ class ExpertServing:
         if not model.info.supports(Capability.RENDER):
             raise ExpertError.failed_precondition("handle", "this expert renders nothing")
         target = self._target(model, handle)
-        outputs = _inference(target.render)
+        outputs = _inference(model, target.render)
         if not isinstance(outputs, Mapping) or not all(
             isinstance(t, Tensor) for t in outputs.values()
         ):

@@ -65,7 +65,8 @@ class VLMAdapter:
                 "model_id",
                 f"{ref.model_id!r} is not a {family} checkpoint with safetensors weights",
             ) from None
-        return ServedModel(VQAReward(judge, shared, model_id=ref.model_id))
+        # a transformers model: one call at a time
+        return ServedModel(VQAReward(judge, shared, model_id=ref.model_id), concurrent=False)
 
 
 class VLLMAdapter:
@@ -77,7 +78,9 @@ class VLLMAdapter:
         read = OptionReader(options)
         shared = reward_options(read)
         judge = vllm_backend.load_vllm_judge(source_of(ref), read, progress)
-        return ServedModel(VQAReward(judge, shared, model_id=ref.model_id))
+        # an in-process engine takes one call at a time; an endpoint batches what it is sent
+        remote = isinstance(judge, vllm_backend.EndpointJudge)
+        return ServedModel(VQAReward(judge, shared, model_id=ref.model_id), concurrent=remote)
 
 
 def _model_type(ref: ModelRef) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -338,3 +339,48 @@ def test_log_json_writes_one_json_object_per_line():
     assert [e["message"] for e in mine] == ["hello there", "failed"]
     assert mine[0]["level"] == "INFO" and mine[0]["time"].endswith("+00:00")
     assert "ZeroDivisionError" in mine[1]["exception"]
+
+
+def _yaml_blocks(page: str, title: str) -> list[str]:
+    """The ```yaml blocks under ``## title`` of ``docs/<page>``."""
+    text = (REPO / "docs" / page).read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"docs/{page} has no section {title!r}"
+    return re.findall(r"```yaml\n(.*?)```", match.group(1), re.S)
+
+
+def test_the_stack_file_of_docs_cli_comes_up_as_written(tmp_path: Path) -> None:
+    """docs/cli.md's stack block, written to a file beside what it names (a copy of
+    examples/experts/ring.yaml, a tiny random-weight FLUX folder): every process serves, and
+    the flux expert takes the options the page gives."""
+    from poegen.expert_servers.flow.tiny import build_flux
+
+    (block,) = _yaml_blocks("cli.md", "Stack files (`poegen up`, `--stack`, `LocalStack`)")
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "experts" / "ring.yaml").write_text(
+        (REPO / "examples" / "experts" / "ring.yaml").read_text()
+    )
+    build_flux(tmp_path / "models" / "flux")
+    (tmp_path / "stack.yaml").write_text(block)
+    with LocalStack.from_yaml(tmp_path / "stack.yaml") as running:
+        endpoints = running.endpoints
+        assert set(endpoints.experts) == {"ring", "bar", "flux"}
+        done = poegen("health", *endpoints.experts.values(), endpoints.sampler)
+        assert done.returncode == 0 and done.stdout.count("SERVING") == 4, done.stdout
+        assert main(["describe", endpoints.experts["flux"], "--json"]) == 0
+
+
+def test_the_spec_file_of_docs_cli_is_the_editing_recipes(tmp_path: Path) -> None:
+    """docs/cli.md's spec block is examples/paper/editing/spec.yaml (which
+    tests/examples/test_paper_editing.py runs end to end), and loads as a spec there."""
+    from poegen.clients.spec import GenerationSpec
+
+    (block,) = _yaml_blocks("cli.md", "Spec files (`poegen generate`, `GenerationSpec`)")
+    recipe = REPO / "examples" / "paper" / "editing" / "spec.yaml"
+    assert yaml.safe_load(block) == yaml.safe_load(recipe.read_text())
+    copy = tmp_path / "editing"
+    shutil.copytree(recipe.parent, copy, ignore=shutil.ignore_patterns("models"))
+    (copy / "spec.yaml").write_text(block)
+    spec = GenerationSpec.from_file(copy / "spec.yaml")
+    assert [e.label for e in spec.experts] == ["depth", "fill"]
+    assert spec.experts[1].parents == {"depth": 0.5}

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers.stack import BAR, MIX, REPO, alive, wait_gone
+from helpers.stack import BAR, MIX, REPO, alive, lines_until, wait_gone
 from helpers.timing import scaled
 
 from poegen.clients.endpoints import health
@@ -41,27 +39,6 @@ def _small_stack(tmp_path: Path, *, two_experts: bool = False) -> Path:
     return _write_stack(tmp_path, {"experts": experts, "sampler": {"max_jobs": 1}})
 
 
-def _lines_until(proc: subprocess.Popen[str], prefix: str, timeout: float) -> list[str]:
-    """The stdout lines of ``proc`` up to the first that starts with ``prefix`` (or to its
-    end), read within ``timeout`` seconds."""
-    read: queue.Queue[list[str]] = queue.Queue()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if line.startswith(prefix):
-                break
-        read.put(lines)
-
-    threading.Thread(target=reader, daemon=True).start()
-    try:
-        return read.get(timeout=timeout)
-    except queue.Empty:
-        raise AssertionError(f"no line {prefix!r} within {timeout:.0f} s") from None
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_up_serves_then_a_signal_stops_every_process(tmp_path: Path, sig: int) -> None:
     stack_file = _small_stack(tmp_path)
@@ -78,7 +55,7 @@ def test_up_serves_then_a_signal_stops_every_process(tmp_path: Path, sig: int) -
         )
     try:
         # two servers start at once; each imports torch (about 5 s idle, 10-30 s loaded)
-        lines = _lines_until(up, "poegen: stack up", timeout=scaled(120))
+        lines = lines_until(up, "poegen: stack up", timeout=scaled(120))
         rows = [re.fullmatch(r"(\S+)\s+(\S+)\s+pid (\d+)", line) for line in lines[:-1]]
         assert all(rows), lines
         processes = {m.group(1): (m.group(2), int(m.group(3))) for m in rows if m}

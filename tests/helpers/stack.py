@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,3 +95,27 @@ def wait_gone(pids: list[int], timeout: float = scaled(20.0)) -> list[int]:
             return []
         time.sleep(0.1)
     return [p for p in pids if alive(p)]
+
+
+def lines_until(
+    proc: subprocess.Popen[str], prefix: str, timeout: float, log: Path | None = None
+) -> list[str]:
+    """The stdout lines of ``proc`` up to the first that starts with ``prefix`` (or to its
+    end), read within ``timeout`` seconds; on a timeout the assertion quotes ``log``."""
+    read: queue.Queue[list[str]] = queue.Queue()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.startswith(prefix):
+                break
+        read.put(lines)
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        return read.get(timeout=timeout)
+    except queue.Empty:
+        tail = f":\n{log.read_text()[-3000:]}" if log is not None else ""
+        raise AssertionError(f"no line {prefix!r} within {timeout:.0f} s{tail}") from None

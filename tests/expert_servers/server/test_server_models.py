@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -366,3 +367,57 @@ def test_stopping_during_a_load_cancels_it_cleanly(root: Path) -> None:
             assert not server.host.models._jobs
 
     run(body())
+
+
+class Overlaps(Gaussian):
+    """A Gaussian that counts how many of its calls run at once (each holds for a while)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(scaled(0.05))
+        with self._lock:
+            self.running -= 1
+        return super().velocity(x, sigma)
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_a_model_that_is_not_concurrent_answers_one_call_at_a_time(concurrent: bool) -> None:
+    """``ServedModel(concurrent=False)`` (the library adapters: a diffusers pipeline called
+    from several threads on fresh conditions did not always give the same velocity): eight
+    concurrent Velocity calls never overlap in the expert; with ``True`` they do, and every
+    reply is the same as alone."""
+    expert = Overlaps()
+    served = ServedModel(expert, concurrent=concurrent)
+
+    async def body() -> None:
+        async with running(ServerConfig(workers=8), expert=served) as server:
+            request = pb.VelocityRequest(x=codec.encode(X), sigma=codec.encode(SIGMA))
+            replies = await asyncio.gather(*(server.stub.Velocity(request) for _ in range(8)))
+            want = Gaussian().velocity(X, SIGMA)
+            for reply in replies:
+                assert torch.equal(codec.decode(reply.velocity, field="v"), want)
+
+    run(body())
+    assert (expert.most > 1) if concurrent else (expert.most == 1)
+
+
+def test_the_library_adapters_serve_one_call_at_a_time(flow_models, root: Path) -> None:
+    """The flow adapters' pipelines are not concurrent; the analytic experts' files are."""
+    from poegen.expert_servers.flow import FlowAdapter, FluxAdapter
+
+    for adapter, name, options in (
+        (FluxAdapter(), "flux", {"max_sequence_length": "16"}),
+        (FlowAdapter(), "unet", {}),
+    ):
+        ref = ModelRef(name, flow_models.path(name))
+        assert adapter.load(ref, options, lambda f, m: None).concurrent is False
+    analytic = ExpertFileAdapter().load(ModelRef("a.yaml", root / "a.yaml"), {}, lambda f, m: None)
+    assert analytic.concurrent is True
