@@ -38,7 +38,7 @@ from torchmetrics.functional.image import (
 )
 
 
-def _image(path: Path, size: tuple[int, int] | None = None) -> Tensor:
+def read_image(path: Path, size: tuple[int, int] | None = None) -> Tensor:
     """``(3, H, W)`` float64 in [0, 1]."""
     image = Image.open(path).convert("RGB")
     if size is not None and image.size != size:
@@ -65,17 +65,17 @@ def _render_rgb(recipe: Path) -> Tensor:
 
 def measure(recipe: Path, outputs: Path) -> dict[str, float]:
     """The metrics of the module docstring for the run in ``outputs`` of ``recipe``."""
-    background = _image(recipe / "background.png")
+    background = read_image(recipe / "background.png")
     size = (background.shape[2], background.shape[1])
     inside = torch.from_numpy(np.asarray(Image.open(recipe / "mask.png").convert("L")) >= 128)
     keep = ~inside
-    samples = [_image(p, size) for p in sorted(outputs.glob("sample_*.png"))]
+    samples = [read_image(p, size) for p in sorted(outputs.glob("sample_*.png"))]
     if not samples:
         raise ValueError(f"{outputs}: no sample_NNN.png")
     outside = torch.cat([x[:, keep] for x in samples], 1)
     mse = float((outside - background[:, keep].repeat(1, len(samples))).square().mean())
     out = {"background_mse": mse, "background_psnr": _psnr(samples, background, keep)}
-    edits = [_image(p, size) for p in sorted(outputs.glob("edit_*.png"))]
+    edits = [read_image(p, size) for p in sorted(outputs.glob("edit_*.png"))]
     if edits:
         out["edit_background_psnr"] = _psnr(edits, background, keep)
     render = _render_rgb(recipe) * inside

@@ -38,7 +38,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from poegen.bench.paper_editing import _image
+from poegen.bench.paper_editing import read_image
 
 if TYPE_CHECKING:
     from poegen.expert_servers.vlm import VQAReward
@@ -171,7 +171,7 @@ def measure(
     paths = sorted(outputs.glob("sample_*.png"))
     if not paths:
         raise ValueError(f"{outputs}: no sample_NNN.png")
-    images = [_image(p).float() for p in paths]
+    images = [read_image(p).float() for p in paths]
     height, width = images[0].shape[1:]
     rows, columns = layout.latent_size
     if height % rows or width % columns or height // rows != width // columns:

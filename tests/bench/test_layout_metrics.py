@@ -109,9 +109,9 @@ def test_the_transformers_detector_on_a_tiny_owlvit(run: tuple[Path, Path], tmp_
     assert sure(image, "a red apple") is None
     figures = measure(recipe, out, detector=detector)
     layout = read_layout(recipe)
-    from poegen.bench.paper_editing import _image
+    from poegen.bench.paper_editing import read_image
 
-    images = [_image(p).float() for p in sorted(out.glob("sample_*.png"))]
+    images = [read_image(p).float() for p in sorted(out.glob("sample_*.png"))]
     by_hand = [
         box_iou(detector(x, b.phrase), tuple(float(v * LAYOUT_PIXELS) for v in b.box))
         for b in layout.boxes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.stack import BAR, MIX, REPO, alive, lines_until, wait_gone
+from helpers.stack import BAR, MIX, REPO, alive, stack_processes, wait_gone
 from helpers.timing import scaled
 
 from poegen.clients.endpoints import health
@@ -55,10 +54,7 @@ def test_up_serves_then_a_signal_stops_every_process(tmp_path: Path, sig: int) -
         )
     try:
         # two servers start at once; each imports torch (about 5 s idle, 10-30 s loaded)
-        lines = lines_until(up, "poegen: stack up", timeout=scaled(120))
-        rows = [re.fullmatch(r"(\S+)\s+(\S+)\s+pid (\d+)", line) for line in lines[:-1]]
-        assert all(rows), lines
-        processes = {m.group(1): (m.group(2), int(m.group(3))) for m in rows if m}
+        processes = stack_processes(up, scaled(120))
         assert set(processes) == {"mix", "sampler"}
         for address, pid in processes.values():
             assert alive(pid)

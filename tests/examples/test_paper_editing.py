@@ -14,14 +14,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import queue
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +28,7 @@ import pytest
 import torch
 import yaml
 from helpers.docs import REPO, docs_section
+from helpers.stack import stack_processes
 from helpers.timing import scaled
 from PIL import Image
 from safetensors.torch import load_file
@@ -165,21 +164,9 @@ def test_poegen_up_serves_the_three_experts_and_the_sampler(work: Path) -> None:
         _argv(_command("Run it", "poegen up")), cwd=work, env=ENV, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, text=True, process_group=0,
     )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        assert up.stdout is not None
-        for line in up.stdout:
-            lines.put(line.strip())
-
-    threading.Thread(target=read, daemon=True).start()
     try:
-        rows = []
-        while not (line := lines.get(timeout=scaled(180))).startswith("poegen: stack up"):
-            rows.append(line)
-        found = [re.fullmatch(r"(\S+)\s+(\S+)\s+pid (\d+)", row) for row in rows]
-        served = {m.group(1): m.group(2) for m in found if m}
-        assert set(served) == {"depth", "fill", "graphics", "sampler"}, rows
+        served = {name: address for name, (address, _) in stack_processes(up, scaled(180)).items()}
+        assert set(served) == {"depth", "fill", "graphics", "sampler"}, served
         assert all(health(address) == "SERVING" for address in served.values())
         os.killpg(up.pid, signal.SIGINT)  # the terminal's Ctrl-C
         assert up.wait(timeout=scaled(60)) == 0

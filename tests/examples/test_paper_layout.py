@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.app_outputs import shrink_layout_grid
 from helpers.docs import REPO, docs_section
-from helpers.stack import lines_until
+from helpers.stack import stack_processes
 from helpers.timing import scaled
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from poegen.clients.spec import GenerationSpec
 from poegen.clients.stack import LocalStack
@@ -41,17 +42,7 @@ FACTORS = ("scene", *BOX_FACTORS, "vqascore")
 
 def shrink(folder: Path) -> None:
     """The recipe at 1/8 of its latent grid, on CPU in float32, every port picked at start."""
-    spec_file = folder / "spec.yaml"
-    spec = yaml.safe_load(spec_file.read_text())
-    spec["sample_shape"] = [16, *(n // SCALE for n in spec["sample_shape"][1:])]
-    for expert in spec["experts"]:
-        if "region" in expert and "box" in expert["region"]:
-            assert all(v % (2 * SCALE) == 0 for span in expert["region"]["box"] for v in span)
-            expert["region"]["box"] = [[a // SCALE, b // SCALE] for a, b in expert["region"]["box"]]
-    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-    boxes = load_file(folder / "boxes.safetensors")
-    assert all((box % (2 * SCALE) == 0).all() for box in boxes.values())
-    save_file({k: v // SCALE for k, v in boxes.items()}, folder / "boxes.safetensors")
+    shrink_layout_grid(folder, SCALE)
     for name in ("stack.yaml", "stack.vllm.yaml"):
         stack = yaml.safe_load((folder / name).read_text())
         for expert in stack["experts"]:
@@ -189,10 +180,8 @@ def test_the_presets_run_on_one_stack_with_poegen_up_and_the_sdk(workdir: Path) 
         )
     try:
         # three servers import torch at once, two of them diffusers/transformers too
-        lines = lines_until(up, "poegen: stack up", timeout=scaled(180))
-        rows = [re.fullmatch(r"(\S+)\s+(\S+)\s+pid (\d+)", line) for line in lines[:-1]]
-        assert all(rows), f"{lines}\n{stderr.read_text()[-2000:]}"
-        actual = {m.group(1): m.group(2) for m in rows if m}
+        actual = {name: address for name, (address, _) in
+                  stack_processes(up, scaled(180), stderr).items()}  # fmt: skip
         assert set(actual) == set(ports)
         addresses = {f"127.0.0.1:{ports[name]}": actual[name] for name in ports}
         spec = GenerationSpec.from_file(workdir / "examples/paper/layout/spec.yaml")

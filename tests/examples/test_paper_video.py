@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 from helpers.docs import docs_section
-from helpers.stack import lines_until, wait_gone
+from helpers.stack import stack_processes, wait_gone
 from helpers.timing import scaled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,11 +195,7 @@ def up(recipe: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
         proc = subprocess.Popen(_argv(commands[0], recipe, tmp_path), env=ENV, text=True,
                                 stdout=subprocess.PIPE, stderr=err, process_group=0)  # fmt: skip
     try:
-        lines = lines_until(proc, "poegen: stack up", scaled(180), stderr)
-        assert lines and lines[-1].startswith("poegen: stack up"), stderr.read_text()[-2000:]
-        rows = [re.fullmatch(r"(\S+)\s+(\S+)\s+pid (\d+)", line) for line in lines[:-1]]
-        assert all(rows), lines
-        processes = {m.group(1): (m.group(2), int(m.group(3))) for m in rows if m}
+        processes = stack_processes(proc, scaled(180), stderr)
         assert set(processes) == {"vace", "i2v", "physics", "sampler"}
         yield {name: address for name, (address, _) in processes.items()}
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C

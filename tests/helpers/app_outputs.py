@@ -49,18 +49,23 @@ def copy_recipes(root: Path) -> Path:
     module = importlib.util.module_from_spec(loaded)
     loaded.loader.exec_module(module)
     module.write_mask(editing)  # the page's own step after changing the photo
-    layout = paper / "layout"
+    shrink_layout_grid(paper / "layout", LAYOUT_SCALE)
+    return paper
+
+
+def shrink_layout_grid(layout: Path, scale: int) -> None:
+    """The layout recipe's latent grid, regions and box tensors divided by ``scale`` (FLUX packs
+    2×2, so every box must stay a multiple of 2)."""
     spec = yaml.safe_load((layout / "spec.yaml").read_text())
-    spec["sample_shape"] = [16, *(n // LAYOUT_SCALE for n in spec["sample_shape"][1:])]
+    spec["sample_shape"] = [16, *(n // scale for n in spec["sample_shape"][1:])]
     for expert in spec["experts"]:
         if "box" in expert.get("region", {}):
-            expert["region"]["box"] = [
-                [a // LAYOUT_SCALE, b // LAYOUT_SCALE] for a, b in expert["region"]["box"]
-            ]
+            assert all(v % (2 * scale) == 0 for span in expert["region"]["box"] for v in span)
+            expert["region"]["box"] = [[a // scale, b // scale] for a, b in expert["region"]["box"]]
     (layout / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     boxes = load_file(layout / "boxes.safetensors")
-    save_file({k: v // LAYOUT_SCALE for k, v in boxes.items()}, layout / "boxes.safetensors")
-    return paper
+    assert all((box % (2 * scale) == 0).all() for box in boxes.values())
+    save_file({k: v // scale for k, v in boxes.items()}, layout / "boxes.safetensors")
 
 
 def write_run(out: Path, spec_file: Path, pixels: torch.Tensor) -> list[Path]:

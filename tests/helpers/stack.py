@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -119,3 +120,16 @@ def lines_until(
     except queue.Empty:
         tail = f":\n{log.read_text()[-3000:]}" if log is not None else ""
         raise AssertionError(f"no line {prefix!r} within {timeout:.0f} s{tail}") from None
+
+
+def stack_processes(
+    proc: subprocess.Popen[str], timeout: float, log: Path | None = None
+) -> dict[str, tuple[str, int]]:
+    """What ``poegen up`` printed before ``poegen: stack up``: name → (address, pid) per
+    process, read within ``timeout`` seconds (``log`` quoted when a line is missing)."""
+    lines = lines_until(proc, "poegen: stack up", timeout, log)
+    tail = log.read_text()[-2000:] if log is not None else ""
+    assert lines and lines[-1].startswith("poegen: stack up"), f"{lines}\n{tail}"
+    rows = [re.fullmatch(r"(\S+)\s+(\S+)\s+pid (\d+)", line) for line in lines[:-1]]
+    assert all(rows), f"{lines}\n{tail}"
+    return {m.group(1): (m.group(2), int(m.group(3))) for m in rows if m}
