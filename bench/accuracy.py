@@ -37,6 +37,7 @@ from poegen.bench.tasks import Task, build, task_names
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {
     "poegen": "poegen",
+    "euler": "Euler+MCMC",
     "fk_transition": "FK-SDE+MCMC",
     "summation": "summation",
     "best_of_k": "best-of-4",

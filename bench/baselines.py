@@ -13,6 +13,11 @@ particle count; :func:`evaluations` checks every run's count against the kernel'
 
 Baselines (configuration of :func:`poegen.kernel.sample`, not reimplementations):
 
+* ``euler``: poegen's own loop with ``transition="euler"`` (the default before
+  ``transition="auto"``): Euler on the averaged velocity, the same moves and weights.
+* ``fk_transition``: poegen's own loop with the FK transition without its control drift
+  (``fk_control=False``): the corrector weights as in Skreta et al. 2025.
+
 * ``summation``: Composable Diffusion (Liu et al. 2022): the kernel with the Euler transition,
   ``mcmc_steps=0`` and only the generative factors, i.e. Euler on the combined velocity and
   nothing else. It cannot use a black-box reward or a constraint, so it samples the generative
@@ -45,7 +50,7 @@ from poegen.bench.tasks import Task
 from poegen.kernel import Capability, ExpertKind, Factor, SamplerSettings, sample
 from poegen.kernel.schedule import sigmas_for
 
-METHODS = ("poegen", "fk_transition", "summation", "best_of_k", "fk")
+METHODS = ("poegen", "euler", "fk_transition", "summation", "best_of_k", "fk")
 BEST_OF_K = 4
 
 
@@ -177,7 +182,7 @@ def run_poegen(
         _checked(result, task, settings),
         settings.num_particles,
         seconds,
-        settings.transition == "fk",
+        result.transition == "fk",
     )
 
 
@@ -295,10 +300,18 @@ def run_fk(task: Task, seed: int, total: int, *, dtype=torch.float64) -> Run:
     )
 
 
+def run_euler(task: Task, seed: int, *, dtype=torch.float64) -> Run:
+    """poegen with the Euler transition (the default before ``transition="auto"``): the same
+    moves, weights and budget, no corrector weights on the generative product."""
+    settings = task.settings.model_copy(update={"transition": "euler"})
+    run = run_poegen(task, seed, settings, dtype=dtype)
+    return dataclasses.replace(run, method="euler")
+
+
 def run_fk_transition(task: Task, seed: int, *, dtype=torch.float64) -> Run:
-    """poegen with the FK transition instead of Euler: the same moves, weights and budget (the
-    corrector weights cost no call; the transition is the only difference)."""
-    settings = task.settings.model_copy(update={"transition": "fk"})
+    """poegen with the FK transition without its control drift (``fk_control=False``): the
+    same moves, weights and budget (the corrector weights cost no call)."""
+    settings = task.settings.model_copy(update={"transition": "fk", "fk_control": False})
     run = run_poegen(task, seed, settings, dtype=dtype)
     return dataclasses.replace(run, method="fk_transition")
 
@@ -316,6 +329,8 @@ def run(method: str, task: Task, seed: int, total: int, *, dtype=torch.float64) 
     match method:
         case "poegen":
             return run_poegen(task, seed, dtype=dtype)
+        case "euler":
+            return run_euler(task, seed, dtype=dtype)
         case "fk_transition":
             return run_fk_transition(task, seed, dtype=dtype)
         case "summation":

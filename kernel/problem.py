@@ -11,6 +11,7 @@ constraints ("ties") and how pixel-input potentials see x̂_0.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from poegen.kernel.coupling import Coupling
 from poegen.kernel.crop import CroppedExpert, check_window, window_mask, window_shape
 from poegen.kernel.experts import Capability, ExpertKind, KernelError, check_expert
 from poegen.kernel.schedule import checked_grid, sigmas_for
-from poegen.kernel.spec import Factor, SamplerSettings
+from poegen.kernel.spec import FK_PARTICLES_PER_COORDINATE, Factor, SamplerSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,22 @@ def check_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise KernelError("sample_shape", f"needs positive dimensions, got {tuple(sample_shape)}")
     return shape
+
+
+def resolve_transition(
+    settings: SamplerSettings, problem: Problem, shape: tuple[int, ...]
+) -> SamplerSettings:
+    """The settings with ``transition="auto"`` made "fk" or "euler" (``poegen.kernel.spec``):
+    FK for a product (several generative factors, or exponents ≠ 1) with
+    N ≥ ``FK_PARTICLES_PER_COORDINATE``·d and every scored constraint giving ``log_prob``."""
+    if settings.transition != "auto":
+        return settings
+    product = len(problem.generative) > 1 or bool((problem.total_weight != 1).any())
+    coordinates = math.prod(shape)
+    enough = settings.num_particles >= FK_PARTICLES_PER_COORDINATE * coordinates
+    weighable = all(b.info.supports(Capability.LOG_PROB) for b in problem.ties)
+    chosen = "fk" if product and enough and weighable else "euler"
+    return settings.model_copy(update={"transition": chosen})
 
 
 def noise_grid(settings: SamplerSettings, problem: Problem, shape: tuple[int, ...]) -> Tensor:

@@ -91,7 +91,13 @@ from poegen.kernel.potentials import (
     level_potential,
     violation_cost,
 )
-from poegen.kernel.problem import Problem, build_problem, check_shape, noise_grid
+from poegen.kernel.problem import (
+    Problem,
+    build_problem,
+    check_shape,
+    noise_grid,
+    resolve_transition,
+)
 from poegen.kernel.schedule import adaptive_scale, reward_scales
 from poegen.kernel.spec import Factor, SamplerSettings
 from poegen.kernel.target import target_factory
@@ -183,13 +189,16 @@ class SampleResult:
     Attributes:
         particles: clean samples x̂_0, shape ``(N, *S)``.
         log_weights: normalised log-weights (logsumexp = 0), shape ``(N,)``.
-        log_evidence: estimate of log E_q[Π_j exp(λ_j r_j)·Π_k 1[C_k]], q the generative
-            product as the chain reaches it (exact up to the Euler transport and, for ULA, the
-            O(η) bias of the moves; 0 without discriminative and constraint factors).
+        log_evidence: under Euler, an estimate of log E_q[Π_j exp(λ_j r_j)·Π_k 1[C_k]], q the
+            generative product as the chain reaches it (exact up to the Euler transport and,
+            for ULA, the O(η) bias of the moves; 0 without discriminative and constraint
+            factors); under FK, of log ∫ Π_i p_i^{w_i}·Π_j exp(λ_j r_j)·Π_k 1[C_k] (the whole
+            product's normaliser).
         best_index: the living particle with the highest total log-potential (the paper's
             output; not a sample from p).
         trace: one entry per level.
         experts: the experts that served the run.
+        transition: the transition that ran, "fk" or "euler" (``"auto"`` resolved).
     """
 
     particles: Tensor
@@ -198,6 +207,7 @@ class SampleResult:
     best_index: int
     trace: tuple[LevelTrace, ...]
     experts: tuple[ExpertRecord, ...]
+    transition: str = "euler"
 
     @property
     def best(self) -> Tensor:
@@ -259,6 +269,7 @@ def sample_iter(
     settings = settings or SamplerSettings()
     shape = check_shape(sample_shape)
     problem = build_problem(factors, shape, settings, dtype, device)
+    settings = resolve_transition(settings, problem, shape)  # "auto" → "fk" or "euler"
     levels = _levels([float(s) for s in noise_grid(settings, problem, shape) if s > 0])
     scales = reward_scales(settings, len(levels)).tolist()
     experts = [*problem.generative, *problem.ties, *problem.potentials]
@@ -285,7 +296,9 @@ def sample_iter(
     log_w = particles.normalize(state.log_w)
     x0 = x0_from_velocity(state.x, levels[-1][1], state.here.velocity)
     best = _best(state.potential, log_w)
-    return SampleResult(x0, log_w, state.log_z, best, tuple(trace), _records(problem))
+    return SampleResult(
+        x0, log_w, state.log_z, best, tuple(trace), _records(problem), settings.transition
+    )
 
 
 def _levels(sigmas: list[float]) -> list[tuple[float | None, float]]:
@@ -421,15 +434,25 @@ class _Run:
             return dataclasses.replace(state, x=x, here=self.target_at(sigma)(x), **reset)
         if self.fk:
             total = self.problem.total_weight
-            x = transition.fk_step(state.x, sigma_prev, sigma, here.velocity * total, total,
-                                   self.settings.sde_noise, generator=generator)  # fmt: skip
+            summed = here.velocity * total
+            score = transition.summed_score(state.x, sigma_prev, summed, total)
+            control = None
+            if self.settings.fk_control:  # δb of (3), fitted at the particles it moves
+                control = transition.fit_control_drift(state.x, score, here.log_rate)
+            x = transition.fk_step(state.x, sigma_prev, sigma, summed, total,
+                                   self.settings.sde_noise, generator=generator,
+                                   control=control)  # fmt: skip
         else:
             x = euler_step(state.x, sigma_prev, sigma, here.velocity)
         x = _propose(self.problem, x, sigma, generator)
         there = self.target_at(sigma)(x)
         if self.fk:
-            increment = transition.fk_log_increment(here.log_rate, there.log_rate,
-                                                    sigma_prev, sigma)  # fmt: skip
+            rate, rate_next = here.log_rate, there.log_rate
+            if control is not None:  # A_δ at both ends of the step, with the step's δb
+                rate = rate + control.rate(state.x, score).to(rate.device)
+                score_next = transition.summed_score(x, sigma, there.velocity * total, total)
+                rate_next = rate_next + control.rate(x, score_next).to(rate.device)
+            increment = transition.fk_log_increment(rate, rate_next, sigma_prev, sigma)
             if there.tie_log_prob is not None:  # ties: w_c·(log q_c,σ'(x') − log q_c,σ(x))
                 increment = increment + there.tie_log_prob - here.tie_log_prob
             reset["fk_increment"] = increment

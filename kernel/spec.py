@@ -7,17 +7,24 @@ YAML, the CLI and the wire). Every invalid value raises ``ValueError`` naming th
 
 Defaults and why (figures: ``bench/accuracy.py``, results in ``bench/results/accuracy.json``):
 
-* ``transition="euler"``: Euler on the averaged velocity, with the moves correcting what it
-  can. The FK transition (``"fk"``, ``poegen.kernel.transition``) is exact in continuous time
-  and fixes what Euler cannot, the masses of separated modes in low dimension (d = 2, 5 seeds,
-  100 levels × 5 ULA moves: T1 energy distance 6.3e-4 vs 2.4e-3 and mode TV 0.023 vs 0.092;
-  the mixture product P_d2 8.0e-4 vs 2.2e-3, its tilted form 1.6e-3 vs 3.5e-3), but its weights
-  degenerate as the dimension grows: 1.6× worse at d = 8, 2.3× at d = 32, 3.6× at d = 64 on P,
-  35× on T2_d64, also with exact MALA moves (P_d32: 0.0125 vs 0.006), so it is not yet the
-  default for latents of thousands of coordinates. Euler also keeps one flow expert, one
-  particle and no moves equal to a diffusers pipeline bit for bit.
+* ``transition="auto"``: the FK transition (``"fk"``, ``poegen.kernel.transition``) where its
+  weights have something to correct, a product (several generative factors, or exponents
+  ≠ 1), and the particles can keep them even: N ≥ ``FK_PARTICLES_PER_COORDINATE`` (32) × the
+  sample's coordinates; Euler on the averaged velocity otherwise (one expert at β = 1, where
+  FK has no weight and the model's own step is the natural one; latents of thousands of
+  coordinates with a few particles). The FK transition is exact in continuous time and fixes
+  what Euler cannot, the masses of separated modes; its control drift (``fk_control``) keeps
+  its weights from degenerating with the dimension, as they did without it. The accuracy
+  suite has both per task (``poegen``: this default, ``euler``, and ``fk_transition``: FK
+  without the drift); ``docs/sampler.md`` quotes it. Why 32: the drift's least-squares fit has
+  2 features per coordinate, and its in-sample fit flatters the weights by about
+  features/particles, so FK needs well over the 4 particles per feature the fit itself asks
+  for; 16 per feature is where the suite's largest products (d = 64, 1024 particles) sit, and
+  there the exploratory runs had Euler as good. A scored constraint without ``log_prob`` also
+  selects Euler (FK weighs it by its log-density). Euler keeps one flow expert, one particle
+  and no moves equal to a diffusers pipeline bit for bit.
 * ``sde_noise=1.0``: γ of the FK step's g(σ)² = 2γσ²; γ = 0 (the weighted ODE) leaves resampled
-  copies identical until a move separates them and was no better on the suite.
+  copies identical until a move separates them; γ = 0.25 and 1 measured alike at d = 2.
 * ``mcmc="ula"``: velocity models give no log-densities, so MH correction is optional.
 * ``schedule="linear"``: on the accuracy suite it beats FLUX's shifted grid at equal budget
   (T1 energy distance 4.4e-3 vs 1.2e-2 at 50 steps); flow models served at high resolution
@@ -41,8 +48,9 @@ Defaults and why (figures: ``bench/accuracy.py``, results in ``bench/results/acc
 * ``weighting="incremental"``: exact SMC bookkeeping (the telescoping potentials make the
   final target exact); ``"level"`` is the paper's sketch.
 
-``SamplerSettings.paper()`` is the preset of the paper's Algorithm 1: resample at every level on
-the current reward level, no tempering; the result's best particle is the paper's output.
+``SamplerSettings.paper()`` is the preset of the paper's Algorithm 1: the Euler transition,
+resample at every level on the current reward level, no tempering; the result's best particle
+is the paper's output.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from torch import Tensor
 from poegen.kernel.experts import Expert, KernelError
 
 MCMCKernel = Literal["ula", "mala", "hmc", "uhmc"]
+FK_PARTICLES_PER_COORDINATE = 32  # transition="auto" takes FK from N ≥ 32·d (module docstring)
 ResamplingScheme = Literal["systematic", "stratified", "residual", "multinomial", "ssp"]
 Tempering = Literal["constant", "linear", "exponential", "adaptive"]
 
@@ -118,8 +127,13 @@ class SamplerSettings(BaseModel):
     sigmas: tuple[float, ...] | None = Field(
         None, description="explicit decreasing noise grid; overrides schedule"
     )
-    transition: Literal["fk", "euler"] = Field(
-        "euler", description="level-to-level transport: Euler on v̄, or the FK-corrected SDE"
+    transition: Literal["auto", "fk", "euler"] = Field(
+        "auto",
+        description="level-to-level transport: Euler on v̄, the FK-corrected SDE, or 'auto' "
+        "(FK for a product with enough particles per coordinate, else Euler)",
+    )
+    fk_control: bool = Field(
+        True, description="FK transition: the control drift that keeps its weights even"
     )
     sde_noise: float = Field(
         1.0, ge=0, description="γ of the FK transition's noise g(σ)² = 2γσ (0: weighted ODE)"
@@ -173,8 +187,10 @@ class SamplerSettings(BaseModel):
 
     @classmethod
     def paper(cls, **overrides: Any) -> SamplerSettings:
-        """The paper's Algorithm 1: resample every level on the current reward level."""
+        """The paper's Algorithm 1: the flow's own (Euler) step, resample every level on the
+        current reward level."""
         base: dict[str, Any] = dict(
+            transition="euler",
             ess_threshold=1.0,
             weighting="level",
             tempering="constant",

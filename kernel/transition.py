@@ -44,17 +44,39 @@ weight gains w_c·(log q_c,σ'(x') − log q_c,σ(x)); by the same telescoping a
 ``sampler`` the weighted set then targets the whole product at every level, and the MCMC moves,
 whose score includes the ties, keep it invariant.
 
+**The control drift** (a Stein control variate that is also a better transport). (2) is the
+rate for the drift b of (1), but the weights are exact for *any* drift as long as A is the rate
+of the drift simulated. Add δb(x) = M x + c (M diagonal, M and c constant over one step): the
+rate gains ∇·δb + δb·∇ℓ,
+
+    A_δ = A + tr M + (M x + c)·S                                                (3)
+
+and by Stein's identity ∫ (∇·δb + δb·∇ℓ) e^ℓ = ∫ ∇·(δb e^ℓ) = 0 the added term has mean zero
+under π_σ: the rate of log Z is unchanged, only the spread of the weights changes. Each step
+picks (M, c) that minimise the empirical variance of A_δ over the particles (least squares on
+the features 1 + x⊙S and S, per coordinate, or summed to two scalars m, c when there are
+fewer than 8 particles per coordinate). For a product of Gaussians with diagonal covariances
+A is a quadratic per coordinate that (3) cancels exactly: δb then completes −V + (g²/2)S into
+the exact transport of π_σ and the weights stay equal. That is what keeps the FK weights from
+degenerating with the dimension, where coordinates with no separated modes carry most of
+their variance (``bench/accuracy.py`` runs the FK transition with and without it); the part of
+A that no affine drift absorbs, the masses of separated modes, stays in the weights. The fit uses the same particles it corrects (the adaptive choice usual in SMC
+samplers, e.g. adaptive tempering), a bias O(1/N).
+
 **Weights in discrete time.** Over one step [σ, σ'] the increment is the trapezoid
-½·(A(x, σ) + A(x', σ'))·(σ − σ'), on the particle's own path (the ends of the step, before any
+½·(A_δ(x, σ) + A_δ(x', σ'))·(σ − σ'), with the step's δb at both ends, on the particle's own path (the ends of the step, before any
 MCMC move: moves at a level keep its target invariant and need no weight).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+CONTROL_PARTICLES_PER_FEATURE = 4  # least squares with fewer particles per feature overfits
 
 
 def fk_log_rate(
@@ -93,21 +115,80 @@ def fk_step(
     noise: float,
     *,
     generator: torch.Generator,
+    control: ControlDrift | None = None,
 ) -> Tensor:
-    """One Euler–Maruyama step of (1) from σ to σ' < σ:
+    """One Euler–Maruyama step of (1) from σ to σ' < σ, with the control drift δb of (3):
 
-        x' = x + Δτ·(−V + (g²/2)·S) + g·√Δτ·ξ,   Δτ = σ − σ'
+        x' = x + Δτ·(−V + δb(x) + (g²/2)·S) + g·√Δτ·ξ,   Δτ = σ − σ'
 
-    with S = Σ_i β_i s_i = −(B·x + (1 − σ)·V)/σ, the path identity summed (−B·x at σ = 1).
+    with S the summed score (:func:`summed_score`).
     """
     dtau = sigma - sigma_next
     x_next = x - dtau * summed_velocity
+    if control is not None:
+        x_next = x_next + dtau * control.drift(x)
     if noise == 0:
         return x_next
     g2 = sde_noise_variance(sigma, noise)
-    score = -(total * x + (1 - sigma) * summed_velocity) / sigma
+    score = summed_score(x, sigma, summed_velocity, total)
     xi = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return x_next + (0.5 * g2 * dtau) * score + math.sqrt(g2 * dtau) * xi
+
+
+def summed_score(x: Tensor, sigma: float, summed_velocity: Tensor, total: Tensor) -> Tensor:
+    """S = Σ_i β_i s_i = −(B·x + (1 − σ)·V)/σ, the path identity v_i = −(x + σ s_i)/(1 − σ)
+    summed (−B·x at σ = 1)."""
+    return -(total * x + (1 - sigma) * summed_velocity) / sigma
+
+
+@dataclass(frozen=True, slots=True)
+class ControlDrift:
+    """δb(x) = m ⊙ x + c of (3) for one step: ``m`` and ``c`` of the sample shape (per
+    coordinate) or 0-d (the same for every coordinate)."""
+
+    m: Tensor
+    c: Tensor
+
+    def drift(self, x: Tensor) -> Tensor:
+        """δb(x), shape of ``x``."""
+        return self.m * x + self.c
+
+    def rate(self, x: Tensor, score: Tensor) -> Tensor:
+        """tr M + (M x + c)·S, the term (3) adds to A, shape ``(N,)`` float64."""
+        x, score = _cpu64(x), _cpu64(score)
+        m, c = _cpu64(self.m), _cpu64(self.c)
+        return (m * (1 + x * score) + c * score).flatten(1).sum(1)
+
+
+def fit_control_drift(x: Tensor, score: Tensor, rate: Tensor) -> ControlDrift | None:
+    """The (m, c) of (3) minimising the empirical variance of A_δ over the particles ``x``
+    (``score``: S at them, ``rate``: A at them); per coordinate with enough particles (a
+    least-squares fit of 2 features per coordinate), else two scalars; ``None`` when there is
+    nothing to fit (equal rates: one expert with β = 1, or a single particle) or the fit fails."""
+    n, d = x.shape[0], x[0].numel()
+    rate = rate.to("cpu", torch.float64)
+    if n < 2 * CONTROL_PARTICLES_PER_FEATURE or not bool((rate != rate[0]).any()):
+        return None
+    xs, s = _cpu64(1 + x * score).flatten(1), _cpu64(score).flatten(1)
+    per_coordinate = 2 * d * CONTROL_PARTICLES_PER_FEATURE <= n
+    features = torch.cat([xs, s], 1) if per_coordinate else torch.stack([xs.sum(1), s.sum(1)], 1)
+    centred = features - features.mean(0)
+    gram = centred.T @ centred
+    # a ridge far below the features' scale: only keeps constant features solvable
+    ridge = 1e-10 * float(gram.diagonal().mean()) + 1e-300
+    theta = -torch.linalg.solve(
+        gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), centred.T @ (rate - rate.mean())
+    )
+    if not bool(torch.isfinite(theta).all()):
+        return None
+    shape = x.shape[1:] if per_coordinate else ()
+    k = d if per_coordinate else 1
+    m, c = (t.reshape(shape).to(x.device, x.dtype) for t in (theta[:k], theta[k:]))
+    return ControlDrift(m, c)
+
+
+def _cpu64(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float64)
 
 
 def fk_log_increment(rate: Tensor, rate_next: Tensor, sigma: float, sigma_next: float) -> Tensor:

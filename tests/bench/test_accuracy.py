@@ -171,8 +171,8 @@ def test_t3_evidence_is_unbiased():
 
 
 def test_t3_evidence_of_the_default_kernel_carries_its_measured_ula_bias():
-    """The default kernel (ULA at c = 1, Euler transition, resample-move) on T3, at the MALA
-    test's settings: its weights assume moves that keep π_σ·exp(φ) invariant, which ULA does
+    """The default kernel (ULA at c = 1, resample-move; Euler, which "auto" takes for T3's one
+    expert) on T3, at the MALA test's settings: its weights assume moves that keep π_σ·exp(φ) invariant, which ULA does
     only to O(η), so Ẑ/Z is biased upward. Measured over seeds 0–15: 1.0377 ± 0.0032 (seeds
     0–31: 1.0352 ± 0.0026), the documented 1.038. Pinned within 3 of this run's own standard
     errors, and distinct from 1 (a kernel that lost or grew the bias fails).
@@ -181,7 +181,10 @@ def test_t3_evidence_of_the_default_kernel_carries_its_measured_ula_bias():
         num_particles=1024, num_steps=40, schedule="linear", mcmc_steps=3, step_size=1.0,
         ess_threshold=1.0,
     )  # fmt: skip
-    assert (settings.mcmc, settings.transition) == ("ula", "euler")  # the defaults
+    assert (settings.mcmc, settings.transition) == ("ula", "auto")  # the defaults
+    one_expert = sample(tasks.t3().factors, (2,), settings.model_copy(update={"num_steps": 2}),
+                        generator=gen(0), dtype=F64)  # fmt: skip
+    assert one_expert.transition == "euler"  # "auto" on one expert at β = 1
     ratios, se = _t3_evidence_ratios(settings)
     assert abs(ratios.mean() - 1.038) < 3 * se
     assert ratios.mean() - 1 > 3 * se + 0.005  # beyond MC error and the Euler bias bound

@@ -175,7 +175,7 @@ def test_the_sampler_with_hmc_kernels_reaches_the_gaussian_product(kernel):
     def z(mcmc_steps: int) -> torch.Tensor:
         settings = SamplerSettings(
             num_particles=4000, num_steps=40, mcmc_steps=mcmc_steps, mcmc=kernel,
-            schedule="linear",
+            schedule="linear", transition="euler",
         )  # fmt: skip
         result = sample(factors, (2,), settings, generator=gen(0), dtype=F64)
         return z_scores(result.particles, product_mu, product_cov, result.log_weights)

@@ -1,5 +1,6 @@
 """The sampler loop: determinism, traces, settings errors, regions, kernels, constraints."""
 
+import dataclasses
 import itertools
 import math
 
@@ -121,7 +122,7 @@ def test_product_of_two_gaussians_euler_needs_the_mcmc_fk_does_not(mcmc_steps):
     the step's small noise, so the weights alone are tested, to their Monte Carlo error."""
     factors = [Factor(gaussian([0.0, 0.0], name="a")), Factor(gaussian([2.0, 2.0], name="b"))]
     common = dict(num_particles=4000, num_steps=40, mcmc_steps=mcmc_steps, schedule="linear")
-    euler = weighted_moments(run(factors, **common))
+    euler = weighted_moments(run(factors, transition="euler", **common))
     fk_settings = common | {"transition": "fk"} | ({} if mcmc_steps else {"ess_threshold": 0.0})
     fk = run(factors, **fk_settings)
     ess = float(1 / fk.weights.square().sum())
@@ -427,3 +428,48 @@ class AnnouncesWithoutMethods:
 def test_announced_capabilities_need_their_methods():
     with pytest.raises(TypeError, match=r"announces 'autoencoder' but has no encode\(\)"):
         run([Factor(AnnouncesWithoutMethods())])
+
+
+# --- transition="auto" ------------------------------------------------------------------------
+
+
+def _transition(factors, shape=(2,), **settings) -> str:
+    return run(factors, shape, **(dict(num_particles=64, num_steps=4) | settings)).transition
+
+
+def test_auto_takes_fk_for_a_product_with_enough_particles_per_coordinate():
+    """FK where its weights correct something (a product) and N ≥ 32 per coordinate."""
+    pair = [Factor(gaussian([0.0, 0.0], name="a")), Factor(gaussian([2.0, 2.0], name="b"))]
+    assert SamplerSettings().transition == "auto"
+    assert _transition(pair) == "fk"  # 64 ≥ 32·2
+    assert _transition(pair, num_particles=63) == "euler"
+    triple = [Factor(gaussian([0.0] * 3, name="a")), Factor(gaussian([2.0] * 3, name="b"))]
+    assert _transition(triple, shape=(3,), num_particles=95) == "euler"  # 95 < 32·3
+    assert _transition(triple, shape=(3,), num_particles=96) == "fk"
+    assert _transition([Factor(gaussian([0.0, 0.0]), weight=0.5)]) == "fk"  # one expert, β ≠ 1
+    assert _transition([Factor(gaussian([0.0, 0.0]))]) == "euler"  # one expert, β = 1: A ≡ 0
+    assert _transition(pair, transition="euler") == "euler"
+    assert _transition(pair, num_particles=2, transition="fk") == "fk"
+
+
+def test_auto_is_euler_when_a_scored_constraint_has_no_log_density():
+    """FK weighs a scored constraint by its log_prob: without one, "auto" keeps Euler (and an
+    explicit "fk" is refused, naming the field)."""
+    from poegen.kernel import Capability
+    from poegen.kernel.experts import ExpertKind, KernelError
+
+    class ScoreOnlyTie(GaussianMixture):
+        def describe(self):
+            info = super().describe()
+            return dataclasses.replace(
+                info, kind=ExpertKind.CONSTRAINT, capabilities=frozenset({Capability.SCORE})
+            )
+
+        def log_potential(self, x0):
+            return torch.zeros(x0.shape[0], dtype=torch.float64)
+
+    tie = ScoreOnlyTie(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2), [1.0], name="t")
+    pair = [Factor(gaussian([0.0, 0.0], name="a")), Factor(gaussian([2.0, 2.0], name="b"))]
+    assert _transition([*pair, Factor(tie)], mcmc_steps=1) == "euler"
+    with pytest.raises(KernelError, match="transition"):
+        _transition([*pair, Factor(tie)], mcmc_steps=1, transition="fk")

@@ -111,16 +111,20 @@ def test_weighted_particles_reach_the_noised_product_at_an_intermediate_level(no
     assert abs(var - exact_var) < 4 * exact_var * math.sqrt(2 / ess) + 0.01
 
 
+@pytest.mark.parametrize("control", [True, False], ids=["control", "no-control"])
 @pytest.mark.parametrize(
     "weights", [(1.0, 1.0), (0.5, 0.5), (1.5, -0.5)], ids=["product", "geometric", "cfg"]
 )
-def test_fk_sampler_reaches_the_product_and_its_normaliser(weights):
+def test_fk_sampler_reaches_the_product_and_its_normaliser(weights, control):
     """The kernel's FK run without moves: moments of Π N^{w_i} (including a negative weight,
-    classifier-free guidance as a product) and log Z = log ∫ Π p_i^{w_i}, exact in closed form."""
+    classifier-free guidance as a product) and log Z = log ∫ Π p_i^{w_i}, exact in closed form,
+    with and without the control drift (its Stein term has mean zero: log Z is unchanged)."""
     a, b = gaussian_1d(1.0, 0.25, "a"), gaussian_1d(-1.0, 1.0, "b")
     factors = [Factor(a, weight=weights[0]), Factor(b, weight=weights[1])]
     target = exact_target(factors)
-    settings = SamplerSettings(num_particles=20_000, num_steps=200, mcmc_steps=0, transition="fk")
+    settings = SamplerSettings(
+        num_particles=20_000, num_steps=200, mcmc_steps=0, transition="fk", fk_control=control
+    )
     result = sample(factors, (1,), settings, generator=torch.Generator().manual_seed(1), dtype=F64)
     mean, var, ess = _weighted_moments(result.particles[:, 0], result.log_weights)
     exact_var = float(target.covariance.reshape(()))
@@ -175,3 +179,81 @@ def test_initial_draws_are_the_product_of_standard_normals():
         float(torch.logsumexp(b * log_density, 0) + math.log(24 / 48_000)) for b in total.tolist()
     )
     assert fk.initial_log_normalizer(total) == pytest.approx(numeric, abs=1e-9)
+
+
+# --- the control drift (3) ------------------------------------------------------------------
+
+
+def diagonal_gaussian(mean, var, name: str) -> GaussianMixture:
+    return GaussianMixture(
+        torch.tensor([mean], dtype=F64), torch.tensor([var], dtype=F64), [1.0], name=name
+    )
+
+
+def test_the_stein_term_has_mean_zero_under_the_target():
+    """E_π[tr M + (M x + c)·∇log π] = 0 for any diagonal M and c: on exact draws of a
+    Gaussian π with its exact score, to the Monte Carlo error."""
+    mean, var = torch.tensor([1.0, -2.0, 0.5], dtype=F64), torch.tensor([0.3, 2.0, 1.0], dtype=F64)
+    x = mean + var.sqrt() * torch.randn((400_000, 3), generator=torch.Generator().manual_seed(0),
+                                        dtype=F64)  # fmt: skip
+    score = -(x - mean) / var
+    drift = fk.ControlDrift(torch.tensor([0.7, -1.3, 2.0], dtype=F64),
+                            torch.tensor([0.4, 1.5, -0.8], dtype=F64))  # fmt: skip
+    term = drift.rate(x, score)
+    assert term.std() > 1  # not trivially zero
+    assert abs(float(term.mean())) < 4 * float(term.std()) / math.sqrt(x.shape[0])
+
+
+def test_the_fit_cancels_a_rate_in_the_span_of_its_features():
+    """A rate tr M* + (M* x + c*)·S + const is cancelled to rounding by the fitted drift, per
+    coordinate with ≥ 8 particles per coordinate and as two scalars below that."""
+    gen = torch.Generator().manual_seed(1)
+    x, score = torch.randn((256, 4), generator=gen, dtype=F64), torch.randn((256, 4), generator=gen,
+                                                                            dtype=F64)  # fmt: skip
+    m, c = torch.randn(4, generator=gen, dtype=F64), torch.randn(4, generator=gen, dtype=F64)
+    rate = 3.0 - fk.ControlDrift(m, c).rate(x, score)
+    fitted = fk.fit_control_drift(x, score, rate)
+    assert fitted is not None and fitted.m.shape == (4,)
+    torch.testing.assert_close(fitted.m, m, atol=1e-9, rtol=0)
+    assert float((rate + fitted.rate(x, score)).std()) < 1e-9
+    few = slice(0, 16)  # 16 < 8·4 particles: m and c are scalars
+    scalar_rate = 3.0 - fk.ControlDrift(m[:1], c[:1]).rate(x[few], score[few])
+    scalar = fk.fit_control_drift(x[few], score[few], scalar_rate.reshape(-1))
+    assert scalar is not None and scalar.m.shape == ()
+    assert float((scalar_rate + scalar.rate(x[few], score[few])).std()) < 1e-9
+
+
+def test_nothing_is_fitted_without_spread_or_particles():
+    x = torch.randn((64, 2), dtype=F64)
+    assert fk.fit_control_drift(x, -x, torch.zeros(64, dtype=F64)) is None  # one expert, β = 1
+    assert fk.fit_control_drift(x[:7], -x[:7], torch.randn(7, dtype=F64)) is None
+
+
+def test_the_control_drift_keeps_the_weights_of_a_gaussian_product_equal():
+    """A product of diagonal Gaussians with unequal variances in 3 coordinates, no moves, no
+    resampling: without the drift the weights degenerate (ESS/N 0.04 at 200 levels, log Z off
+    by 0.19); with it A is cancelled at every level (the drift completes the transport) up to
+    the discretisation: ESS/N 0.9999, log Z within 0.015, the particles on the exact product."""
+    factors = [
+        Factor(diagonal_gaussian([1.0, 0.0, -1.0], [0.2, 1.0, 3.0], "a")),
+        Factor(diagonal_gaussian([-1.0, 2.0, 0.0], [1.0, 0.3, 0.5], "b")),
+    ]
+    target = exact_target(factors)
+
+    def run(control: bool):
+        settings = SamplerSettings(num_particles=4000, num_steps=200, mcmc_steps=0,
+                                   transition="fk", fk_control=control, ess_threshold=0.0)  # fmt: skip
+        return sample(factors, (3,), settings, generator=torch.Generator().manual_seed(2),
+                      dtype=F64)  # fmt: skip
+
+    with_drift, without = run(True), run(False)
+    ess = [float(1 / r.weights.square().sum()) / 4000 for r in (with_drift, without)]
+    assert ess[0] > 0.999 and ess[1] < 0.2, ess
+    w = with_drift.weights[:, None]
+    mean = (w * with_drift.particles).sum(0)
+    var = (w * (with_drift.particles - mean) ** 2).sum(0)
+    exact_var = target.covariance.diagonal()
+    torch.testing.assert_close(mean, target.mean.reshape(-1), atol=4 * float(exact_var.max().sqrt())
+                               / math.sqrt(4000) + 0.01, rtol=0)  # fmt: skip
+    torch.testing.assert_close(var, exact_var, atol=0.03, rtol=0.05)
+    assert with_drift.log_evidence == pytest.approx(float(target.log_normalizer), abs=0.02)

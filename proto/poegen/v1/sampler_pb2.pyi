@@ -80,7 +80,7 @@ class ConditionSource(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., condition: _Optional[_Union[_expert_pb2.Condition, _Mapping]] = ...) -> None: ...
 
 class SamplerSettings(_message.Message):
-    __slots__ = ("num_particles", "num_steps", "mcmc_steps", "schedule", "shift", "sigmas", "mcmc", "step_size", "step_rule", "leapfrog_steps", "damping", "ess_threshold", "resampling", "tempering", "tempering_rate", "tempering_ess", "weighting", "max_batch", "preset", "constraint_penalty", "mcmc_rewards", "transition", "sde_noise", "adapt_step_size")
+    __slots__ = ("num_particles", "num_steps", "mcmc_steps", "schedule", "shift", "sigmas", "mcmc", "step_size", "step_rule", "leapfrog_steps", "damping", "ess_threshold", "resampling", "tempering", "tempering_rate", "tempering_ess", "weighting", "max_batch", "preset", "constraint_penalty", "mcmc_rewards", "transition", "sde_noise", "adapt_step_size", "fk_control")
     NUM_PARTICLES_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     MCMC_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class SamplerSettings(_message.Message):
     TRANSITION_FIELD_NUMBER: _ClassVar[int]
     SDE_NOISE_FIELD_NUMBER: _ClassVar[int]
     ADAPT_STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FK_CONTROL_FIELD_NUMBER: _ClassVar[int]
     num_particles: int
     num_steps: int
     mcmc_steps: int
@@ -129,7 +130,8 @@ class SamplerSettings(_message.Message):
     transition: str
     sde_noise: float
     adapt_step_size: bool
-    def __init__(self, num_particles: _Optional[int] = ..., num_steps: _Optional[int] = ..., mcmc_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., shift: _Optional[float] = ..., sigmas: _Optional[_Iterable[float]] = ..., mcmc: _Optional[str] = ..., step_size: _Optional[float] = ..., step_rule: _Optional[str] = ..., leapfrog_steps: _Optional[int] = ..., damping: _Optional[float] = ..., ess_threshold: _Optional[float] = ..., resampling: _Optional[str] = ..., tempering: _Optional[str] = ..., tempering_rate: _Optional[float] = ..., tempering_ess: _Optional[float] = ..., weighting: _Optional[str] = ..., max_batch: _Optional[int] = ..., preset: _Optional[str] = ..., constraint_penalty: _Optional[float] = ..., mcmc_rewards: _Optional[bool] = ..., transition: _Optional[str] = ..., sde_noise: _Optional[float] = ..., adapt_step_size: _Optional[bool] = ...) -> None: ...
+    fk_control: bool
+    def __init__(self, num_particles: _Optional[int] = ..., num_steps: _Optional[int] = ..., mcmc_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., shift: _Optional[float] = ..., sigmas: _Optional[_Iterable[float]] = ..., mcmc: _Optional[str] = ..., step_size: _Optional[float] = ..., step_rule: _Optional[str] = ..., leapfrog_steps: _Optional[int] = ..., damping: _Optional[float] = ..., ess_threshold: _Optional[float] = ..., resampling: _Optional[str] = ..., tempering: _Optional[str] = ..., tempering_rate: _Optional[float] = ..., tempering_ess: _Optional[float] = ..., weighting: _Optional[str] = ..., max_batch: _Optional[int] = ..., preset: _Optional[str] = ..., constraint_penalty: _Optional[float] = ..., mcmc_rewards: _Optional[bool] = ..., transition: _Optional[str] = ..., sde_noise: _Optional[float] = ..., adapt_step_size: _Optional[bool] = ..., fk_control: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("factors", "sample_shape", "settings", "seed", "preview", "sources", "job_id", "detach")
