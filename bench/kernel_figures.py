@@ -14,6 +14,8 @@ cite (``bench/results/kernel_figures.json``)::
   mean and standard error, with MALA and with ULA at c = 1.
 * ``t4_das``: |E_W[r] − E[r]| on DAS's T4 targets, seeds 0–5, N = 2048, 50 levels, FK-style
   settings.
+* ``moves_and_levels``: the default's energy distance on T1, P_d8 and T2_d8 (where it runs FK)
+  as the moves go 5 → 20 and the levels 50 → 200, 3 seeds, beside the noise floor.
 * ``t4_ring_floor``: T4_ring energy distance / noise floor, seeds 0–4, N = 512, 50 levels:
   resample-move with ULA (the default), with MALA, and moves on the generative product only
   (``mcmc_rewards=False``).
@@ -136,12 +138,34 @@ def t4_ring_floor() -> dict[str, Any]:
     return out
 
 
+def moves_and_levels() -> dict[str, Any]:
+    """The default on products where it runs FK (T1, P_d8, T2_d8; 1024 particles), 3 seeds, as
+    the moves grow 5 → 20 at 100 levels and the levels 50 → 200 at 5 moves: energy distance
+    (mean ± s.e.) beside the noise floor."""
+    out: dict[str, Any] = {}
+    grid = ((50, 5), (100, 5), (200, 5), (100, 10), (100, 20))
+    for name in ("T1", "P_d8", "T2_d8"):
+        task = tasks.build(name)
+        ref = accuracy.reference(task, 8192)
+        row: dict[str, Any] = {"floor": ref.self_term / task.settings.num_particles}
+        for levels, moves in grid:
+            variant = _small(task, num_steps=levels, mcmc_steps=moves)
+            values = []
+            for seed in range(3):
+                run = baselines.run_poegen(variant, seed=seed)
+                values.append(ref.energy_distance(run.particles, run.log_weights))
+            row[f"levels_{levels}_moves_{moves}"] = _mean_se(values)
+        out[name] = row
+    return out
+
+
 FIGURES = {
     "t1_ratio": t1_ratio,
     "t3_chain_law": t3_chain_law,
     "t3_evidence": t3_evidence,
     "t4_das": t4_das,
     "t4_ring_floor": t4_ring_floor,
+    "moves_and_levels": moves_and_levels,
 }
 
 
