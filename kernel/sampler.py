@@ -9,7 +9,8 @@ Pseudo-code of :func:`sample_iter` (N particles, noise levels 1 = σ_0 > σ_1 > 
 
     x ~ π_0 = N(0, I/B)    (FK; N(0, I) under Euler),  log w ← 0
     for k = 1 … L:
-        transition: x ← x − Δτ·V + (g²/2)·S·Δτ + g√Δτ·ξ, log w += ½(A_{k−1} + A_k)·Δτ   (FK)
+        transition: x ← x + Δτ·(−V + δb(x) + (g²/2)·S) + g√Δτ·ξ,
+                    log w += ½(A_δ,k−1 + A_δ,k)·Δτ,   δb = M x + c fitted to even A_δ   (FK)
                     x ← x + (σ_k − σ_{k−1})·v̄(x, σ_{k−1})                             (Euler)
         propose:    x ← propose/project(x, σ_k)           # constraint experts that move particles
         reweight:   φ_k ← s_k·Σ_j λ_j·r_j(x̂_0(x)) + Σ_c log C_c(x̂_0(x))   # s_k: tempering
@@ -18,7 +19,8 @@ Pseudo-code of :func:`sample_iter` (N particles, noise levels 1 = σ_0 > σ_1 > 
         move:       x ← MCMC^M(x; π_k·exp(φ_k))            # summed scores + a potential stage
     return x̂_0 at σ_L, normalised log w, log Z, the best particle, the trace
 
-(``poegen.kernel.transition`` derives the FK step, its rate A and V, S, g.) This is an SMC
+(``poegen.kernel.transition`` derives the FK step, its rate A, the control drift δb and V, S,
+g; ``transition="auto"`` picks FK or Euler per run, ``poegen.kernel.spec``.) This is an SMC
 sampler (Del Moral, Doucet & Jasra 2006): the corrected transition carries π_{k−1} to π_k, so
 exp(φ_k − φ_{k−1}) is the incremental weight from π_{k−1}·exp(φ_{k−1}) to π_k·exp(φ_k),
 taken *before* the moves; the moves then keep π_k·exp(φ_k) invariant and rejuvenate

@@ -166,10 +166,12 @@ def fit_control_drift(x: Tensor, score: Tensor, rate: Tensor) -> ControlDrift | 
     least-squares fit of 2 features per coordinate), else two scalars; ``None`` when there is
     nothing to fit (equal rates: one expert with β = 1, or a single particle) or the fit fails."""
     n, d = x.shape[0], x[0].numel()
+    device, dtype = x.device, x.dtype
     rate = rate.to("cpu", torch.float64)
     if n < 2 * CONTROL_PARTICLES_PER_FEATURE or not bool((rate != rate[0]).any()):
         return None
-    xs, s = _cpu64(1 + x * score).flatten(1), _cpu64(score).flatten(1)
+    x, score = _cpu64(x), _cpu64(score)  # the fit in float64 whatever the particles' dtype
+    xs, s = (1 + x * score).flatten(1), score.flatten(1)
     per_coordinate = 2 * d * CONTROL_PARTICLES_PER_FEATURE <= n
     features = torch.cat([xs, s], 1) if per_coordinate else torch.stack([xs.sum(1), s.sum(1)], 1)
     centred = features - features.mean(0)
@@ -183,7 +185,7 @@ def fit_control_drift(x: Tensor, score: Tensor, rate: Tensor) -> ControlDrift | 
         return None
     shape = x.shape[1:] if per_coordinate else ()
     k = d if per_coordinate else 1
-    m, c = (t.reshape(shape).to(x.device, x.dtype) for t in (theta[:k], theta[k:]))
+    m, c = (t.reshape(shape).to(device, dtype) for t in (theta[:k], theta[k:]))
     return ControlDrift(m, c)
 
 

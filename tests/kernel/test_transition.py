@@ -257,3 +257,18 @@ def test_the_control_drift_keeps_the_weights_of_a_gaussian_product_equal():
                                / math.sqrt(4000) + 0.01, rtol=0)  # fmt: skip
     torch.testing.assert_close(var, exact_var, atol=0.03, rtol=0.05)
     assert with_drift.log_evidence == pytest.approx(float(target.log_normalizer), abs=0.02)
+
+
+def test_the_control_drift_is_fitted_in_float64_for_float32_particles():
+    """Flow models run in float32: the drift is fitted in float64 and applied in the particles'
+    dtype; the weights of the diagonal Gaussian product still stay even."""
+    factors = [
+        Factor(diagonal_gaussian([1.0, 0.0], [0.2, 1.0], "a")),
+        Factor(diagonal_gaussian([-1.0, 2.0], [1.0, 0.3], "b")),
+    ]
+    settings = SamplerSettings(num_particles=512, num_steps=50, mcmc_steps=0, transition="fk",
+                               ess_threshold=0.0)  # fmt: skip
+    result = sample(factors, (2,), settings, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float32)  # fmt: skip
+    assert result.particles.dtype == torch.float32
+    assert float(1 / result.weights.square().sum()) / 512 > 0.99
