@@ -194,6 +194,7 @@ def trace_json(result: Any, spec: Any | None = None) -> dict[str, Any]:
         "sample_shape": list(result.sample_shape),
         "num_particles": int(result.particles.shape[0]),
         "seconds": result.seconds,
+        "transition": result.transition,
         "log_evidence": _finite(result.log_evidence),
         "best_index": result.best_index,
         "ess": result.ess,

@@ -213,7 +213,8 @@ class GenerationResult:
     Attributes:
         particles: ``(N, *S)``.
         log_weights: normalised log-weights ``(N,)`` (float64; logsumexp 0).
-        log_evidence: log Z estimate of the rewards and constraints.
+        log_evidence: log Z estimate: of the rewards and constraints under the generative
+            product (Euler), or of the whole product (FK).
         best_index: the best living particle.
         experts: per factor, the model and revisions that served it.
         trace: one :class:`ProgressEvent` per level.
@@ -224,6 +225,7 @@ class GenerationResult:
         images: PIL images of image samples.
         video: ``(K, F, H, W, 3)`` uint8 frames of video samples, or None.
         job_id: the job's id on the Sampler service ("" in-process).
+        transition: the transition the job ran, "fk" or "euler" ("auto" resolved).
     """
 
     particles: Tensor
@@ -239,6 +241,7 @@ class GenerationResult:
     images: tuple[Any, ...] = ()
     video: Any = None
     job_id: str = ""
+    transition: str = ""
 
     @property
     def weights(self) -> Tensor:
@@ -666,6 +669,7 @@ def _result(
         seconds,
         shape,
         job_id=job_id,
+        transition=raw.transition,
     )
 
 

@@ -619,6 +619,7 @@ def generate_result(
         log_evidence=result.log_evidence,
         best_index=result.best_index,
         experts=records,
+        transition=result.transition,
     )
     return sampler_pb2.GenerateResponse(result=out)
 

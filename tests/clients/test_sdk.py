@@ -121,6 +121,7 @@ def test_generate_through_the_sampler_equals_the_kernel_in_process(stack: LocalS
     assert torch.equal(result.particles, local.particles)
     torch.testing.assert_close(result.log_weights, local.log_weights.to(torch.float64))
     assert result.best_index == local.best_index
+    assert result.transition == local.transition == "euler"  # "auto": 32 particles < 32·2
     assert [r.name for r in result.experts] == ["mix", "bar", "right"]
     assert len(result.trace) == len(local.trace)
     torch.testing.assert_close(result.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
@@ -128,11 +129,31 @@ def test_generate_through_the_sampler_equals_the_kernel_in_process(stack: LocalS
     assert result.images == () and result.video is None  # 2-D samples: nothing to decode
 
 
+def test_a_job_on_the_fk_transition_over_the_wire_equals_the_kernel(stack: LocalStack) -> None:
+    """64 particles for 2 coordinates: "auto" takes FK (with its control drift) in the Sampler
+    as in the kernel, bit for bit, and the result says so."""
+    settings = SETTINGS | {"num_particles": 64}
+    with Client.from_stack(stack) as client:
+        result = client.generate(_spec(settings=settings), timeout=scaled(60))
+    factors = [
+        Factor(GaussianMixture(**MIX)),
+        Factor(GaussianMixture(**BAR)),
+        Factor(LinearReward(**REWARD), weight=2.0),
+    ]
+    local = sample(factors, (2,), SamplerSettings(**settings),
+                   generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert result.transition == local.transition == "fk"
+    assert torch.equal(result.particles, local.particles)
+    assert torch.equal(result.log_weights, local.log_weights.to(torch.float64))
+    assert result.log_evidence == local.log_evidence
+
+
 def test_in_process_mode_gives_the_same_particles(stack: LocalStack) -> None:
     with Client.from_stack(stack, in_process=True) as client:
         assert client.sampler is None
         result = client.generate(_spec(), timeout=scaled(60))
     assert torch.equal(result.particles, _local_reference().particles)
+    assert result.transition == "euler"
     assert [r.name for r in result.experts] == ["mix", "bar", "right"]
 
 

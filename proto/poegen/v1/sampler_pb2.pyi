@@ -278,18 +278,20 @@ class ExpertRecord(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., revision: _Optional[str] = ..., revisions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
-    __slots__ = ("particles", "log_weights", "log_evidence", "best_index", "experts")
+    __slots__ = ("particles", "log_weights", "log_evidence", "best_index", "experts", "transition")
     PARTICLES_FIELD_NUMBER: _ClassVar[int]
     LOG_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     LOG_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     BEST_INDEX_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSITION_FIELD_NUMBER: _ClassVar[int]
     particles: _tensor_pb2.Tensor
     log_weights: _tensor_pb2.Tensor
     log_evidence: float
     best_index: int
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRecord]
-    def __init__(self, particles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_evidence: _Optional[float] = ..., best_index: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRecord, _Mapping]]] = ...) -> None: ...
+    transition: str
+    def __init__(self, particles: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_evidence: _Optional[float] = ..., best_index: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRecord, _Mapping]]] = ..., transition: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("level", "result", "job")
