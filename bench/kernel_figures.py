@@ -139,9 +139,6 @@ def t4_ring_floor() -> dict[str, Any]:
 
 
 def moves_and_levels() -> dict[str, Any]:
-    """The default on products where it runs FK (T1, P_d8, T2_d8; 1024 particles), 3 seeds, as
-    the moves grow 5 → 20 at 100 levels and the levels 50 → 200 at 5 moves: energy distance
-    (mean ± s.e.) beside the noise floor."""
     out: dict[str, Any] = {}
     grid = ((50, 5), (100, 5), (200, 5), (100, 10), (100, 20))
     for name in ("T1", "P_d8", "T2_d8"):

@@ -71,14 +71,17 @@ def _spec(**overrides) -> GenerationSpec:
     return GenerationSpec.from_mapping(spec_data(**overrides))
 
 
-def _local_reference(seed: int = 3):
+def _local_reference(seed: int = 3, settings: dict | None = None):
     factors = [
         Factor(GaussianMixture(**MIX)),
         Factor(GaussianMixture(**BAR)),
         Factor(LinearReward(**REWARD), weight=2.0),
     ]
     return sample(
-        factors, (2,), SamplerSettings(**SETTINGS), generator=torch.Generator().manual_seed(seed)
+        factors,
+        (2,),
+        SamplerSettings(**(settings or SETTINGS)),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -135,13 +138,7 @@ def test_a_job_on_the_fk_transition_over_the_wire_equals_the_kernel(stack: Local
     settings = SETTINGS | {"num_particles": 64}
     with Client.from_stack(stack) as client:
         result = client.generate(_spec(settings=settings), timeout=scaled(60))
-    factors = [
-        Factor(GaussianMixture(**MIX)),
-        Factor(GaussianMixture(**BAR)),
-        Factor(LinearReward(**REWARD), weight=2.0),
-    ]
-    local = sample(factors, (2,), SamplerSettings(**settings),
-                   generator=torch.Generator().manual_seed(3))  # fmt: skip
+    local = _local_reference(settings=settings)
     assert result.transition == local.transition == "fk"
     assert torch.equal(result.particles, local.particles)
     assert torch.equal(result.log_weights, local.log_weights.to(torch.float64))
